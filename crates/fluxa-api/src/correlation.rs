@@ -1,0 +1,127 @@
+//! The outermost middleware: settles the request's correlation id (contract section 1), opens
+//! the request's root span, turns a panic into a 500 `internal`, and stamps `X-Correlation-ID`
+//! on every response.
+
+use std::panic::AssertUnwindSafe;
+use std::time::Instant;
+
+use axum::extract::Request;
+use axum::http::{HeaderName, HeaderValue, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use fluxa_core::CorrelationId;
+use futures::FutureExt;
+use tracing::Instrument;
+
+use crate::error::ApiError;
+
+pub const HEADER: HeaderName = HeaderName::from_static("x-correlation-id");
+
+tokio::task_local! {
+    /// The current request's correlation id, so an [`ApiError`] can put it in its body wherever
+    /// it is created.
+    static CURRENT: CorrelationId;
+}
+
+/// The correlation id of the request being handled, if any.
+pub fn current() -> Option<String> {
+    CURRENT.try_with(|id| id.to_string()).ok()
+}
+
+pub async fn middleware(request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let method = request.method().clone();
+    let path = request.uri().path().to_owned();
+    let (correlation_id, header_error) = match request.headers().get(&HEADER) {
+        None => (CorrelationId::generate(), None),
+        Some(value) => match value.to_str().ok().map(CorrelationId::parse) {
+            Some(Ok(id)) => (id, None),
+            _ => (
+                CorrelationId::generate(),
+                Some(ApiError::validation(
+                    "X-Correlation-ID: must be 1 to 128 characters of [A-Za-z0-9._:-]",
+                )),
+            ),
+        },
+    };
+    let span = tracing::info_span!(
+        "http_request",
+        correlation_id = %correlation_id,
+        http.method = %method,
+        http.path = %path,
+    );
+
+    let handled = CURRENT.scope(correlation_id.clone(), async move {
+        if let Some(error) = header_error {
+            return error.into_response();
+        }
+        match AssertUnwindSafe(next.run(request)).catch_unwind().await {
+            Ok(response) => response,
+            Err(_) => {
+                // The panic hook has already logged the panic message and location.
+                tracing::error!("request handler panicked");
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal",
+                    "an internal error occurred",
+                )
+                .into_response()
+            }
+        }
+    });
+    let mut response = handled.instrument(span.clone()).await;
+    if let Ok(value) = HeaderValue::from_str(correlation_id.as_str()) {
+        response.headers_mut().insert(HEADER, value);
+    }
+
+    let status = response.status();
+    let elapsed = started.elapsed();
+    metrics::counter!("fluxa_http_requests_total",
+        "method" => method.to_string(), "status" => status.as_u16().to_string())
+    .increment(1);
+    metrics::histogram!("fluxa_http_request_duration_seconds").record(elapsed);
+    span.in_scope(|| {
+        tracing::info!(
+            http.status = status.as_u16(),
+            duration_ms = u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX),
+            "request completed"
+        );
+    });
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::body::Body;
+    use axum::http::Request;
+    use axum::routing::get;
+    use axum::Router;
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+
+    use super::*;
+
+    /// Seed invariant 8: a panicking handler becomes a 500 `internal` with the contract's body,
+    /// and the message of the panic is not sent to the client.
+    #[tokio::test]
+    async fn a_panicking_handler_answers_500_internal_with_the_correlation_id() {
+        let app = Router::new()
+            .route(
+                "/boom",
+                get(|| async { panic!("secret detail") as &'static str }),
+            )
+            .layer(axum::middleware::from_fn(middleware));
+        let request = Request::get("/boom")
+            .header("x-correlation-id", "panic-1")
+            .body(Body::empty())
+            .unwrap();
+        let response = app.oneshot(request).await.unwrap();
+        assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(response.headers()["x-correlation-id"], "panic-1");
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(body["error"]["code"], "internal");
+        assert_eq!(body["error"]["correlation_id"], "panic-1");
+        assert!(!body.to_string().contains("secret detail"));
+    }
+}

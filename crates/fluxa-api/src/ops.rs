@@ -1,0 +1,60 @@
+//! Operations endpoints: `/healthz` (liveness), `/readyz` (store, queue and blob store reachable)
+//! and `/metrics` (Prometheus text). Open to all, like a load balancer expects.
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde_json::json;
+
+use crate::error::ApiError;
+use crate::AppState;
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics_text))
+}
+
+async fn healthz() -> Response {
+    Json(json!({"status": "ok"})).into_response()
+}
+
+async fn readyz(State(state): State<AppState>) -> Response {
+    let (store, queue, blobs) =
+        tokio::join!(state.reader.ping(), state.queue.ping(), state.blobs.check());
+    let checks = json!({
+        "store": if store.is_ok() { "ok" } else { "unavailable" },
+        "queue": if queue.is_ok() { "ok" } else { "unavailable" },
+        "blob_store": if blobs.is_ok() { "ok" } else { "unavailable" },
+    });
+    if store.is_ok() && queue.is_ok() && blobs.is_ok() {
+        Json(json!({"status": "ready", "checks": checks})).into_response()
+    } else {
+        let mut response = ApiError::unavailable("store, queue or blob store").into_response();
+        *response.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+        response
+    }
+}
+
+async fn metrics_text(State(state): State<AppState>) -> Response {
+    // Depths are read at scrape time so they are never stale.
+    match state.queue.depth().await {
+        Ok(depth) => {
+            metrics::gauge!("fluxa_queue_depth").set(depth.pending as f64);
+            metrics::gauge!("fluxa_queue_in_flight").set(depth.in_flight as f64);
+            metrics::gauge!("fluxa_dlq_depth").set(depth.dead_letters as f64);
+        }
+        Err(e) => tracing::warn!(error.message = %e, "could not read queue depth for metrics"),
+    }
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        state.metrics.render(),
+    )
+        .into_response()
+}

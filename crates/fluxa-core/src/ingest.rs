@@ -1,0 +1,362 @@
+//! Ingest validation: a request body in, a [`ValidatedEvent`] (borrowing the exact payload
+//! bytes) or a contract error out. Shared by the single and batch endpoints and every host.
+
+use chrono::{DateTime, Utc};
+use serde::de::IgnoredAny;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use crate::task::EventHeader;
+use crate::{
+    payload_mode_for, CorrelationId, EventId, EventType, PayloadHash, PayloadMode, Source,
+};
+
+/// Why an event was refused at the door. Each variant is one of the contract's error codes.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IngestError {
+    /// `invalid_json`: the body is not syntactically JSON.
+    #[error("request body is not valid JSON: {0}")]
+    InvalidJson(String),
+    /// `validation_error`: the message names the field.
+    #[error("{field}: {message}")]
+    Validation { field: String, message: String },
+    /// `hash_mismatch`: the producer's `payload_sha256` is not the hash of the payload bytes.
+    #[error("payload_sha256: the given hash {given} does not match the payload's hash {actual}")]
+    HashMismatch { given: String, actual: String },
+    /// `payload_too_large`.
+    #[error("payload: {size} bytes is more than the maximum of {max} bytes")]
+    PayloadTooLarge { size: usize, max: usize },
+}
+
+impl IngestError {
+    pub fn validation(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self::Validation {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+
+    /// The contract's error code for this error.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::InvalidJson(_) => "invalid_json",
+            Self::Validation { .. } => "validation_error",
+            Self::HashMismatch { .. } => "hash_mismatch",
+            Self::PayloadTooLarge { .. } => "payload_too_large",
+        }
+    }
+}
+
+/// An event that passed every ingest rule. `payload` borrows the request body.
+#[derive(Debug)]
+pub struct ValidatedEvent<'body> {
+    pub event_id: EventId,
+    pub event_type: EventType,
+    pub source: Option<Source>,
+    pub occurred_at: Option<DateTime<Utc>>,
+    pub payload: &'body RawValue,
+    pub payload_sha256: PayloadHash,
+}
+
+impl ValidatedEvent<'_> {
+    pub fn payload_size(&self) -> usize {
+        self.payload.get().len()
+    }
+
+    pub fn payload_mode(&self) -> PayloadMode {
+        payload_mode_for(self.payload_size())
+    }
+
+    /// The message header for this event as received now under `correlation_id`.
+    pub fn header(&self, correlation_id: CorrelationId, received_at: DateTime<Utc>) -> EventHeader {
+        EventHeader {
+            event_id: self.event_id.clone(),
+            event_type: self.event_type.clone(),
+            source: self.source.clone(),
+            occurred_at: self.occurred_at,
+            correlation_id,
+            received_at,
+            payload_sha256: self.payload_sha256.clone(),
+            payload_size: self.payload_size() as u64,
+        }
+    }
+}
+
+/// The wire shape of one event. Unknown members are refused so typos never drop data silently.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EventIn<'body> {
+    event_id: String,
+    event_type: String,
+    #[serde(default)]
+    source: Option<String>,
+    #[serde(default)]
+    occurred_at: Option<String>,
+    #[serde(borrow)]
+    payload: &'body RawValue,
+    #[serde(default)]
+    payload_sha256: Option<String>,
+}
+
+/// Checks that `body` is syntactically JSON, without building anything.
+pub fn check_json_syntax(body: &[u8]) -> Result<(), IngestError> {
+    // JSON text is UTF-8 (RFC 8259), and skipping over values does not check that.
+    std::str::from_utf8(body)
+        .map_err(|e| IngestError::InvalidJson(format!("the body is not UTF-8: {e}")))?;
+    serde_json::from_slice::<IgnoredAny>(body)
+        .map(|_| ())
+        .map_err(|e| IngestError::InvalidJson(e.to_string()))
+}
+
+/// Validates one event body (syntax is checked first, so a syntax error anywhere is always
+/// `invalid_json` even if a type error comes earlier in the text).
+pub fn parse_event(
+    body: &[u8],
+    max_payload_bytes: usize,
+) -> Result<ValidatedEvent<'_>, IngestError> {
+    check_json_syntax(body)?;
+    parse_checked_event(body, max_payload_bytes)
+}
+
+/// Validates one event whose JSON syntax is already known to be fine (a batch item).
+pub fn parse_checked_event(
+    body: &[u8],
+    max_payload_bytes: usize,
+) -> Result<ValidatedEvent<'_>, IngestError> {
+    // serde would happily read a struct from a JSON array, so insist on an object first.
+    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(IngestError::validation(
+            "body",
+            "the event must be a JSON object with the event's members",
+        ));
+    }
+    let mut deserializer = serde_json::Deserializer::from_slice(body);
+    let event_in: EventIn<'_> = serde_path_to_error::deserialize(&mut deserializer)
+        .map_err(|e| data_error(e.path().to_string(), e.into_inner()))?;
+    validate(event_in, max_payload_bytes)
+}
+
+fn data_error(path: String, error: serde_json::Error) -> IngestError {
+    // serde_json appends " at line L column C"; the field name is the useful part.
+    let text = error.to_string();
+    let text = match text.rfind(" at line ") {
+        Some(at) => text[..at].to_owned(),
+        None => text,
+    };
+    if path == "." || path.is_empty() {
+        let field = text
+            .split('`')
+            .nth(1)
+            .filter(|_| text.contains("field"))
+            .unwrap_or("body")
+            .to_owned();
+        let message = if field == "body" {
+            format!("the request body must be a JSON object with the event's members ({text})")
+        } else {
+            text
+        };
+        IngestError::validation(field, message)
+    } else {
+        IngestError::validation(path, text)
+    }
+}
+
+fn validate(
+    event_in: EventIn<'_>,
+    max_payload_bytes: usize,
+) -> Result<ValidatedEvent<'_>, IngestError> {
+    let event_id =
+        EventId::parse(&event_in.event_id).map_err(|m| IngestError::validation("event_id", m))?;
+    let event_type = EventType::parse(&event_in.event_type)
+        .map_err(|m| IngestError::validation("event_type", m))?;
+    let source = event_in
+        .source
+        .as_deref()
+        .map(Source::parse)
+        .transpose()
+        .map_err(|m| IngestError::validation("source", m))?;
+    let occurred_at = event_in
+        .occurred_at
+        .as_deref()
+        .map(|text| {
+            DateTime::parse_from_rfc3339(text)
+                .map(|at| at.with_timezone(&Utc))
+                .map_err(|_| {
+                    IngestError::validation(
+                        "occurred_at",
+                        "must be an RFC 3339 timestamp such as 2026-11-23T10:00:00Z",
+                    )
+                })
+        })
+        .transpose()?;
+    let given_hash = event_in
+        .payload_sha256
+        .as_deref()
+        .map(PayloadHash::parse)
+        .transpose()
+        .map_err(|m| IngestError::validation("payload_sha256", m))?;
+
+    let payload = event_in.payload;
+    let payload_size = payload.get().len();
+    if payload_size > max_payload_bytes {
+        return Err(IngestError::PayloadTooLarge {
+            size: payload_size,
+            max: max_payload_bytes,
+        });
+    }
+    let payload_sha256 = PayloadHash::of(payload.get().as_bytes());
+    if let Some(given) = given_hash {
+        if given != payload_sha256 {
+            return Err(IngestError::HashMismatch {
+                given: given.to_string(),
+                actual: payload_sha256.to_string(),
+            });
+        }
+    }
+    Ok(ValidatedEvent {
+        event_id,
+        event_type,
+        source,
+        occurred_at,
+        payload,
+        payload_sha256,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MAX: usize = 10 * 1024 * 1024;
+
+    fn field_of(result: Result<ValidatedEvent<'_>, IngestError>) -> String {
+        match result {
+            Err(IngestError::Validation { field, .. }) => field,
+            other => panic!("expected a validation error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_payload_bytes_are_exactly_the_value_text_without_surrounding_whitespace() {
+        let body = br#"{"event_id":"e","event_type":"t","payload":  { "b" : [1, 2.50] }  }"#;
+        let event = parse_event(body, MAX).unwrap();
+        assert_eq!(event.payload.get(), r#"{ "b" : [1, 2.50] }"#);
+        assert_eq!(
+            event.payload_sha256,
+            PayloadHash::of(br#"{ "b" : [1, 2.50] }"#)
+        );
+        assert_eq!(event.payload_size(), 19);
+    }
+
+    #[test]
+    fn every_json_value_kind_is_a_valid_payload() {
+        for payload in ["null", "true", "0", "\"s\"", "[]", "{}", "-1.5e3"] {
+            let body = format!(r#"{{"event_id":"e","event_type":"t","payload":{payload}}}"#);
+            assert_eq!(
+                parse_event(body.as_bytes(), MAX).unwrap().payload.get(),
+                payload
+            );
+        }
+    }
+
+    #[test]
+    fn a_syntax_error_is_invalid_json_even_after_a_type_error() {
+        let body = br#"{"event_id": 5, "event_type": "t", "payload": {]}"#;
+        assert_eq!(parse_event(body, MAX).unwrap_err().code(), "invalid_json");
+        assert_eq!(parse_event(b"", MAX).unwrap_err().code(), "invalid_json");
+        assert_eq!(
+            parse_event(b"{} trailing", MAX).unwrap_err().code(),
+            "invalid_json"
+        );
+        let not_utf8 = b"{\"event_id\":\"a\xff\",\"event_type\":\"t\",\"payload\":1}";
+        assert_eq!(
+            parse_event(not_utf8, MAX).unwrap_err().code(),
+            "invalid_json"
+        );
+    }
+
+    #[test]
+    fn validation_errors_name_the_field() {
+        let cases: &[(&str, &str)] = &[
+            (r#"{"event_type":"t","payload":1}"#, "event_id"),
+            (r#"{"event_id":"e","payload":1}"#, "event_type"),
+            (r#"{"event_id":"e","event_type":"t"}"#, "payload"),
+            (r#"{"event_id":5,"event_type":"t","payload":1}"#, "event_id"),
+            (
+                r#"{"event_id":"e","event_type":["t"],"payload":1}"#,
+                "event_type",
+            ),
+            (
+                r#"{"event_id":"e","event_type":"t","payload":1,"extra":1}"#,
+                "extra",
+            ),
+            (
+                r#"{"event_id":"a/b","event_type":"t","payload":1}"#,
+                "event_id",
+            ),
+            (
+                r#"{"event_id":"e","event_type":"","payload":1}"#,
+                "event_type",
+            ),
+            (
+                r#"{"event_id":"e","event_type":"t","source":"a\u0001","payload":1}"#,
+                "source",
+            ),
+            (
+                r#"{"event_id":"e","event_type":"t","occurred_at":"yesterday","payload":1}"#,
+                "occurred_at",
+            ),
+            (
+                r#"{"event_id":"e","event_type":"t","payload":1,"payload_sha256":"ABC"}"#,
+                "payload_sha256",
+            ),
+            (r#"[1,2]"#, "body"),
+            (r#""just a string""#, "body"),
+        ];
+        for (body, field) in cases {
+            assert_eq!(
+                &field_of(parse_event(body.as_bytes(), MAX)),
+                field,
+                "body: {body}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_wrong_client_hash_is_a_hash_mismatch_and_a_right_one_is_accepted() {
+        let wrong = format!(
+            r#"{{"event_id":"e","event_type":"t","payload":{{"a":1}},"payload_sha256":"{}"}}"#,
+            "0".repeat(64)
+        );
+        assert_eq!(
+            parse_event(wrong.as_bytes(), MAX).unwrap_err().code(),
+            "hash_mismatch"
+        );
+        let right = format!(
+            r#"{{"event_id":"e","event_type":"t","payload":{{"a":1}},"payload_sha256":"{}"}}"#,
+            PayloadHash::of(br#"{"a":1}"#)
+        );
+        assert!(parse_event(right.as_bytes(), MAX).is_ok());
+    }
+
+    #[test]
+    fn a_payload_over_the_maximum_is_too_large() {
+        let body = br#"{"event_id":"e","event_type":"t","payload":"12345678"}"#;
+        assert_eq!(
+            parse_event(body, 9).unwrap_err().code(),
+            "payload_too_large"
+        );
+        assert!(parse_event(body, 10).is_ok());
+    }
+
+    #[test]
+    fn occurred_at_is_normalised_to_utc_and_null_optionals_are_absent() {
+        let body = br#"{"event_id":"e","event_type":"t","source":null,"occurred_at":"2026-11-23T12:00:00+02:00","payload":1}"#;
+        let event = parse_event(body, MAX).unwrap();
+        assert_eq!(
+            crate::time::format_rfc3339(&event.occurred_at.unwrap()),
+            "2026-11-23T10:00:00Z"
+        );
+        assert!(event.source.is_none());
+    }
+}

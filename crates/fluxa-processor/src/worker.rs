@@ -1,0 +1,66 @@
+//! The self-hosted worker pool: N tasks that receive, process and settle one message at a time
+//! until shutdown, finishing the message in hand before they stop.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use fluxa_queue::Queue;
+use tokio_util::sync::CancellationToken;
+
+use crate::{settle, Processor};
+
+/// How long one receive waits for a message; also the worst-case delay before a worker notices
+/// shutdown while idle (we never abandon a receive midway, so no message is left hidden).
+const RECEIVE_WAIT: Duration = Duration::from_millis(500);
+
+/// Pause after a failed receive, so a down queue is not hammered.
+const RECEIVE_ERROR_PAUSE: Duration = Duration::from_secs(1);
+
+/// Runs `n_workers` workers until `shutdown` is cancelled and each has finished its message.
+pub async fn run_workers(
+    processor: Processor,
+    queue: Arc<dyn Queue>,
+    n_workers: usize,
+    shutdown: CancellationToken,
+) {
+    let mut workers = tokio::task::JoinSet::new();
+    for worker_idx in 0..n_workers {
+        let processor = processor.clone();
+        let queue = Arc::clone(&queue);
+        let shutdown = shutdown.clone();
+        workers.spawn(async move {
+            run_worker(worker_idx, &processor, queue.as_ref(), &shutdown).await;
+        });
+    }
+    while let Some(joined) = workers.join_next().await {
+        if let Err(e) = joined {
+            tracing::error!(error.message = %e, "a worker task ended abnormally");
+        }
+    }
+}
+
+async fn run_worker(
+    worker_idx: usize,
+    processor: &Processor,
+    queue: &dyn Queue,
+    shutdown: &CancellationToken,
+) {
+    tracing::debug!(worker_idx, "worker started");
+    while !shutdown.is_cancelled() {
+        let deliveries = match queue.receive(1, RECEIVE_WAIT).await {
+            Ok(deliveries) => deliveries,
+            Err(e) => {
+                tracing::warn!(worker_idx, error.cause_chain = ?e, error.message = %e, "receive failed");
+                tokio::select! {
+                    () = shutdown.cancelled() => break,
+                    () = tokio::time::sleep(RECEIVE_ERROR_PAUSE) => continue,
+                }
+            }
+        };
+        for delivery in deliveries {
+            let outcome = processor.process(&delivery).await;
+            settle(queue, &delivery, &outcome).await;
+        }
+    }
+    tracing::debug!(worker_idx, "worker stopped");
+}

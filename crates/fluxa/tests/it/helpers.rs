@@ -1,0 +1,388 @@
+//! `TestApp`: spawns `fluxa serve` on port 0, captures its JSON logs, and offers typed request
+//! helpers plus the few backend-level hooks black-box tests need (peeking at the queue,
+//! injecting a fault into the store).
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use fluxa_queue::Queue;
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+/// How long a test waits for something asynchronous (processing, redelivery) before failing.
+pub const PATIENCE: Duration = Duration::from_secs(20);
+
+/// The backends a test run targets. One switch for the whole suite.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// SQLite store and queue, local-folder blobs.
+    Embedded,
+}
+
+impl Backend {
+    pub fn from_env() -> Self {
+        match std::env::var("FLUXA_TEST_BACKEND").as_deref() {
+            Ok("embedded") | Ok("sqlite") | Err(_) => Self::Embedded,
+            Ok(other) => panic!("unknown FLUXA_TEST_BACKEND {other:?}"),
+        }
+    }
+
+    /// The `fluxa serve` options that select this backend.
+    fn server_args(self) -> Vec<String> {
+        match self {
+            // The default: nothing to say.
+            Self::Embedded => Vec::new(),
+        }
+    }
+}
+
+/// A data directory shared by one or more server processes in a test.
+pub struct TestData {
+    pub dir: tempfile::TempDir,
+    pub backend: Backend,
+}
+
+impl TestData {
+    pub fn new() -> Self {
+        Self {
+            dir: tempfile::tempdir().expect("temp dir"),
+            backend: Backend::from_env(),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Starts a server on this data with the suite's fast defaults plus `args`.
+    pub async fn spawn(&self, args: &[&str]) -> TestApp {
+        self.spawn_with_env(args, &[]).await
+    }
+
+    pub async fn spawn_with_env(&self, args: &[&str], envs: &[(&str, &str)]) -> TestApp {
+        TestApp::start(self.path(), &self.backend.server_args(), args, envs).await
+    }
+
+    /// The queue, opened from the test process (SQLite allows several processes).
+    pub async fn queue(&self) -> Arc<dyn Queue> {
+        let backends = fluxa_sqlite::open(
+            self.path(),
+            fluxa_sqlite::QueueConfig {
+                visibility_timeout: Duration::from_secs(1),
+                max_receives: 3,
+            },
+        )
+        .await
+        .expect("open backends");
+        Arc::new(backends.queue)
+    }
+
+    /// The store's processor side, opened from the test process.
+    pub async fn store(&self) -> fluxa_sqlite::SqliteStore {
+        fluxa_sqlite::open(
+            self.path(),
+            fluxa_sqlite::QueueConfig {
+                visibility_timeout: Duration::from_secs(1),
+                max_receives: 3,
+            },
+        )
+        .await
+        .expect("open backends")
+        .store
+    }
+
+    /// Runs one SQL statement against the store database, to inject faults.
+    pub async fn store_sql(&self, sql: &str) {
+        let url = format!("sqlite://{}", self.path().join("store.db").display());
+        let pool = sqlx::SqlitePool::connect(&url)
+            .await
+            .expect("connect store.db");
+        sqlx::query(sql).execute(&pool).await.expect("store SQL");
+        pool.close().await;
+    }
+
+    /// Counts rows in the events table for `event_id`, straight from the database.
+    pub async fn count_event_rows(&self, event_id: &str) -> i64 {
+        let url = format!(
+            "sqlite://{}?mode=ro",
+            self.path().join("store.db").display()
+        );
+        let pool = sqlx::SqlitePool::connect(&url)
+            .await
+            .expect("connect store.db");
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM events WHERE event_id = ?1")
+            .bind(event_id)
+            .fetch_one(&pool)
+            .await
+            .expect("count");
+        pool.close().await;
+        n
+    }
+
+    /// Files currently in the blob store.
+    pub fn blob_files(&self) -> Vec<PathBuf> {
+        fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
+            let Ok(entries) = std::fs::read_dir(dir) else {
+                return;
+            };
+            for entry in entries.flatten() {
+                let path = entry.path();
+                if path.is_dir() {
+                    walk(&path, out);
+                } else {
+                    out.push(path);
+                }
+            }
+        }
+        let mut files = Vec::new();
+        walk(&self.path().join("blobs"), &mut files);
+        files
+    }
+}
+
+/// A running `fluxa serve` process.
+pub struct TestApp {
+    pub addr: String,
+    pub client: reqwest::Client,
+    child: Child,
+    stdout: Arc<Mutex<Vec<String>>>,
+    stderr: Arc<Mutex<Vec<String>>>,
+}
+
+fn collect_lines(
+    stream: impl tokio::io::AsyncRead + Unpin + Send + 'static,
+    echo: bool,
+) -> Arc<Mutex<Vec<String>>> {
+    let lines = Arc::new(Mutex::new(Vec::new()));
+    let sink = Arc::clone(&lines);
+    tokio::spawn(async move {
+        let mut reader = BufReader::new(stream).lines();
+        while let Ok(Some(line)) = reader.next_line().await {
+            if echo {
+                eprintln!("[fluxa] {line}");
+            }
+            sink.lock().unwrap().push(line);
+        }
+    });
+    lines
+}
+
+pub fn fluxa_command() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_fluxa"))
+}
+
+impl TestApp {
+    async fn start(
+        data_dir: &Path,
+        backend_args: &[String],
+        args: &[&str],
+        envs: &[(&str, &str)],
+    ) -> TestApp {
+        let mut command = fluxa_command();
+        command.arg("serve");
+        if !args.contains(&"--bind") {
+            command.args(["--bind", "127.0.0.1:0"]);
+        }
+        command
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args(["--retry-backoff", "100ms", "--retry-backoff-max", "1s"])
+            .args(backend_args)
+            .args(args)
+            .env_remove("RUST_LOG")
+            .envs(envs.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        let mut child = command.spawn().expect("spawn fluxa");
+        let echo = std::env::var_os("TEST_LOG").is_some();
+        let stdout = collect_lines(child.stdout.take().unwrap(), echo);
+        let stderr = collect_lines(child.stderr.take().unwrap(), echo);
+        let deadline = Instant::now() + PATIENCE;
+        let addr = loop {
+            let started = stdout.lock().unwrap().iter().find_map(|line| {
+                let value: Value = serde_json::from_str(line).ok()?;
+                (value["message"] == "fluxa started")
+                    .then(|| value["addr"].as_str().unwrap().to_owned())
+            });
+            if let Some(addr) = started {
+                break addr;
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!(
+                    "fluxa exited with {status} before starting; stderr: {:?}",
+                    stderr.lock().unwrap()
+                );
+            }
+            assert!(Instant::now() < deadline, "fluxa did not start in time");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        TestApp {
+            addr,
+            client: reqwest::Client::new(),
+            child,
+            stdout,
+            stderr,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    /// POSTs a JSON value as an event.
+    pub async fn post_event(&self, event: &Value) -> reqwest::Response {
+        self.post_raw(
+            "/v1/events",
+            serde_json::to_vec(event).unwrap(),
+            Some("application/json"),
+        )
+        .await
+    }
+
+    pub async fn post_raw(
+        &self,
+        path: &str,
+        body: impl Into<reqwest::Body>,
+        content_type: Option<&str>,
+    ) -> reqwest::Response {
+        let mut request = self.client.post(self.url(path)).body(body);
+        if let Some(content_type) = content_type {
+            request = request.header("content-type", content_type);
+        }
+        request.send().await.expect("request")
+    }
+
+    pub async fn get(&self, path: &str) -> reqwest::Response {
+        self.client
+            .get(self.url(path))
+            .send()
+            .await
+            .expect("request")
+    }
+
+    pub async fn get_json(&self, path: &str) -> (u16, Value) {
+        let response = self.get(path).await;
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Waits until the event's status is `status` and returns the status body.
+    #[track_caller]
+    pub fn wait_for_status<'a>(
+        &'a self,
+        event_id: &'a str,
+        status: &'a str,
+    ) -> impl std::future::Future<Output = Value> + 'a {
+        let caller = std::panic::Location::caller();
+        async move {
+            let deadline = Instant::now() + PATIENCE;
+            loop {
+                let (code, body) = self
+                    .get_json(&format!("/v1/events/{event_id}/status"))
+                    .await;
+                if code == 200 && body["status"] == status {
+                    return body;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "{caller}: event {event_id} never reached {status}; last: {code} {body}"
+                );
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+        }
+    }
+
+    /// Waits until the DLQ holds an entry for `event_id` and returns it.
+    pub async fn wait_for_dead_letter(&self, event_id: &str) -> Value {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let (_, body) = self
+                .get_json(&format!("/v1/admin/dlq?event_id={event_id}"))
+                .await;
+            if let Some(entry) = body["dead_letters"].as_array().and_then(|a| a.first()) {
+                return entry.clone();
+            }
+            assert!(Instant::now() < deadline, "no dead letter for {event_id}");
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// The value of an unlabelled metric (0 when absent).
+    pub async fn metric(&self, name: &str) -> f64 {
+        let text = self.get("/metrics").await.text().await.unwrap();
+        text.lines()
+            .filter(|line| !line.starts_with('#'))
+            .find_map(|line| {
+                let (key, value) = line.rsplit_once(' ')?;
+                (key == name).then(|| value.parse().unwrap())
+            })
+            .unwrap_or(0.0)
+    }
+
+    /// Everything the process wrote to stdout so far, one JSON log line each.
+    pub fn log_lines(&self) -> Vec<String> {
+        self.stdout.lock().unwrap().clone()
+    }
+
+    /// Parsed log lines whose top-level `key` equals `value`.
+    pub fn logs_with(&self, key: &str, value: &str) -> Vec<Value> {
+        self.log_lines()
+            .iter()
+            .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+            .filter(|v| v[key] == value)
+            .collect()
+    }
+
+    /// Sends SIGTERM and waits for the exit code.
+    pub async fn terminate(mut self) -> Exited {
+        let pid = self.child.id().expect("running") as i32;
+        let status = std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success());
+        let exit = tokio::time::timeout(PATIENCE, self.child.wait())
+            .await
+            .expect("fluxa did not stop after SIGTERM")
+            .expect("wait");
+        // Let the line collectors drain.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        Exited {
+            code: exit.code().unwrap_or(-1),
+            stdout: self.stdout.lock().unwrap().clone(),
+            stderr: self.stderr.lock().unwrap().clone(),
+        }
+    }
+
+    /// SIGKILL: the process gets no chance to clean up.
+    pub async fn kill(mut self) {
+        self.child.kill().await.expect("kill");
+    }
+}
+
+/// How a server process ended.
+pub struct Exited {
+    pub code: i32,
+    pub stdout: Vec<String>,
+    pub stderr: Vec<String>,
+}
+
+/// A minimal valid event.
+pub fn event(event_id: &str, payload: Value) -> Value {
+    serde_json::json!({
+        "event_id": event_id,
+        "event_type": "order.created",
+        "payload": payload,
+    })
+}
+
+/// SHA-256 of bytes as lower-case hex.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(bytes))
+}

@@ -1,0 +1,113 @@
+//! Operations (contract section 7) and process lifecycle: health, readiness, metrics, graceful
+//! shutdown, migrations.
+
+use serde_json::{json, Value};
+
+use crate::helpers::{event, fluxa_command, TestData};
+
+#[tokio::test]
+async fn health_readiness_and_metrics_answer() {
+    let data = TestData::new();
+    let app = data.spawn(&[]).await;
+    let (code, health) = app.get_json("/healthz").await;
+    assert_eq!((code, health), (200, json!({"status": "ok"})));
+    let (code, ready) = app.get_json("/readyz").await;
+    assert_eq!(code, 200);
+    assert_eq!(
+        ready["checks"],
+        json!({"store": "ok", "queue": "ok", "blob_store": "ok"})
+    );
+
+    app.post_event(&event("m-1", json!(1))).await;
+    app.wait_for_status("m-1", "processed").await;
+    let response = app.get("/metrics").await;
+    assert!(response.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/plain"));
+    let text = response.text().await.unwrap();
+    for name in [
+        "fluxa_events_ingested_total",
+        "fluxa_events_processed_total",
+        "fluxa_queue_depth",
+        "fluxa_dlq_depth",
+        "fluxa_process_duration_seconds_bucket",
+        "fluxa_http_request_duration_seconds_bucket",
+    ] {
+        assert!(text.contains(name), "{name} missing from /metrics");
+    }
+}
+
+#[tokio::test]
+async fn sigterm_stops_the_server_with_exit_code_0_and_loses_no_accepted_event() {
+    let data = TestData::new();
+    let app = data.spawn(&["--workers", "2"]).await;
+    let events: Vec<Value> = (0..200)
+        .map(|i| event(&format!("grace-{i}"), json!({"i": i})))
+        .collect();
+    let response = app
+        .client
+        .post(app.url("/v1/events/batch"))
+        .json(&json!({ "events": events }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let exited = app.terminate().await;
+    assert_eq!(exited.code, 0, "stderr: {:?}", exited.stderr);
+
+    // Whatever was not processed before the stop is still queued and is processed after it.
+    let app = data.spawn(&[]).await;
+    for i in 0..200 {
+        app.wait_for_status(&format!("grace-{i}"), "processed")
+            .await;
+    }
+}
+
+#[tokio::test]
+async fn migrate_creates_the_schema_and_is_idempotent() {
+    let data = TestData::new();
+    let data_dir = data.path().to_str().unwrap().to_owned();
+    for _ in 0..2 {
+        let output = fluxa_command()
+            .args(["migrate", "--data-dir", &data_dir])
+            .output()
+            .await
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    assert!(data.path().join("store.db").exists());
+    assert!(data.path().join("queue.db").exists());
+    assert_eq!(data.count_event_rows("x").await, 0);
+}
+
+#[tokio::test]
+async fn invalid_options_are_refused_with_a_message_and_a_nonzero_exit() {
+    for args in [
+        vec!["serve", "--workers", "many"],
+        vec!["serve", "--visibility-timeout", "soon"],
+        vec!["serve", "--bind", "not-an-address"],
+        vec!["serve", "--max-receives", "0", "--bind", "127.0.0.1:0"],
+        vec![
+            "serve",
+            "--api-tokens",
+            "read=short",
+            "--bind",
+            "127.0.0.1:0",
+        ],
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let output = fluxa_command()
+            .args(&args)
+            .args(["--data-dir", dir.path().to_str().unwrap()])
+            .output()
+            .await
+            .unwrap();
+        assert!(!output.status.success(), "args {args:?} must fail");
+        assert!(!output.stderr.is_empty(), "args {args:?} must explain why");
+    }
+}
