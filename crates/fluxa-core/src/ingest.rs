@@ -1,7 +1,7 @@
 //! Ingest validation: a request body in, a [`ValidatedEvent`] (borrowing the exact payload
 //! bytes) or a contract error out. Shared by the single and batch endpoints and every host.
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, SubsecRound, Utc};
 use serde::de::IgnoredAny;
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -179,8 +179,10 @@ fn validate(
         .occurred_at
         .as_deref()
         .map(|text| {
+            // Normalised to UTC and to microseconds, the precision every store keeps, so an
+            // event reads back the same from every backend.
             DateTime::parse_from_rfc3339(text)
-                .map(|at| at.with_timezone(&Utc))
+                .map(|at| at.with_timezone(&Utc).trunc_subsecs(6))
                 .map_err(|_| {
                     IngestError::validation(
                         "occurred_at",
@@ -358,5 +360,15 @@ mod tests {
             "2026-11-23T10:00:00Z"
         );
         assert!(event.source.is_none());
+    }
+
+    #[test]
+    fn occurred_at_keeps_microseconds_and_drops_finer_digits() {
+        let body = br#"{"event_id":"e","event_type":"t","occurred_at":"2026-11-23T10:00:00.123456789Z","payload":1}"#;
+        let event = parse_event(body, MAX).unwrap();
+        assert_eq!(
+            crate::time::format_rfc3339(&event.occurred_at.unwrap()),
+            "2026-11-23T10:00:00.123456Z"
+        );
     }
 }

@@ -1,5 +1,6 @@
-//! The self-hosted worker pool: N tasks that receive, process and settle one message at a time
-//! until shutdown, finishing the message in hand before they stop.
+//! The self-hosted worker pool: N tasks that receive a small batch, process it message by
+//! message, delete the successes in one round trip, and stop at shutdown only after finishing
+//! the batch in hand.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -7,11 +8,15 @@ use std::time::Duration;
 use fluxa_queue::Queue;
 use tokio_util::sync::CancellationToken;
 
-use crate::{settle, Processor};
+use crate::{settle, Outcome, Processor};
 
 /// How long one receive waits for a message; also the worst-case delay before a worker notices
 /// shutdown while idle (we never abandon a receive midway, so no message is left hidden).
 const RECEIVE_WAIT: Duration = Duration::from_millis(500);
+
+/// Messages one worker receives at once: claims and deletes are batched, and a batch is small
+/// enough to finish quickly at shutdown.
+const RECEIVE_BATCH: usize = 8;
 
 /// Pause after a failed receive, so a down queue is not hammered.
 const RECEIVE_ERROR_PAUSE: Duration = Duration::from_secs(1);
@@ -47,7 +52,7 @@ async fn run_worker(
 ) {
     tracing::debug!(worker_idx, "worker started");
     while !shutdown.is_cancelled() {
-        let deliveries = match queue.receive(1, RECEIVE_WAIT).await {
+        let deliveries = match queue.receive(RECEIVE_BATCH, RECEIVE_WAIT).await {
             Ok(deliveries) => deliveries,
             Err(e) => {
                 tracing::warn!(worker_idx, error.cause_chain = ?e, error.message = %e, "receive failed");
@@ -57,9 +62,18 @@ async fn run_worker(
                 }
             }
         };
+        let mut done = Vec::with_capacity(deliveries.len());
         for delivery in deliveries {
             let outcome = processor.process(&delivery).await;
-            settle(queue, &delivery, &outcome).await;
+            if matches!(outcome, Outcome::Processed | Outcome::Duplicate) {
+                done.push(delivery);
+            } else {
+                settle(queue, &delivery, &outcome).await;
+            }
+        }
+        if let Err(e) = queue.delete_many(&done).await {
+            // The store already holds the outcome; redelivery will be a harmless duplicate.
+            tracing::warn!(worker_idx, error.cause_chain = ?e, error.message = %e, "batch delete failed");
         }
     }
     tracing::debug!(worker_idx, "worker stopped");

@@ -10,6 +10,9 @@
 //! - `delete`, `retry_later` and `dead_letter` act only if the delivery's receipt is still the
 //!   current one, so a slow worker can never settle a message someone else now holds.
 
+#[cfg(feature = "conformance")]
+pub mod conformance;
+
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -117,6 +120,14 @@ pub trait Queue: Send + Sync + 'static {
 
     /// Settles a delivery as done.
     async fn delete(&self, delivery: &Delivery) -> Result<()>;
+
+    /// Settles several deliveries as done; backends override this with one round trip.
+    async fn delete_many(&self, deliveries: &[Delivery]) -> Result<()> {
+        for delivery in deliveries {
+            self.delete(delivery).await?;
+        }
+        Ok(())
+    }
 
     /// Makes a delivery visible again after `delay`, remembering why it failed.
     async fn retry_later(

@@ -14,7 +14,7 @@ use fluxa_api::{ApiToken, AppState, Limits};
 use fluxa_blob::BlobStore;
 use fluxa_processor::{Processor, ProcessorConfig};
 use fluxa_queue::Queue;
-use fluxa_sqlite::QueueConfig;
+use fluxa_store::{EventReader, Store};
 use secrecy::SecretString;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -45,8 +45,12 @@ impl Role {
 pub struct Config {
     /// Where the API listens.
     pub bind: SocketAddr,
-    /// Folder of the embedded backends: `store.db`, `queue.db` and `blobs/`.
+    /// Folder of the embedded backends: `store.db`, `queue.db` and `blobs/` (with PostgreSQL,
+    /// only `blobs/`).
     pub data_dir: PathBuf,
+    /// A `postgres://` URL puts the store and the queue on PostgreSQL; `None` keeps them
+    /// embedded in SQLite.
+    pub database_url: Option<SecretString>,
     pub role: Role,
     /// Concurrent processor workers in this process.
     pub workers: usize,
@@ -73,6 +77,7 @@ impl Config {
         Self {
             bind: SocketAddr::from(([127, 0, 0, 1], 8080)),
             data_dir: data_dir.into(),
+            database_url: None,
             role: Role::All,
             workers: 4,
             limits: Limits::default(),
@@ -101,6 +106,12 @@ impl Config {
             self.limits.max_payload_bytes >= 1 && self.limits.max_batch_bytes >= 1,
             "--max-payload-bytes and --max-batch-bytes must be positive"
         );
+        if let Some(url) = &self.database_url {
+            anyhow::ensure!(
+                fluxa_postgres::is_postgres_url(url),
+                "--database-url must be a postgres:// or postgresql:// URL"
+            );
+        }
         let tokens = match &self.api_tokens {
             Some(spec) => ApiToken::parse_list(spec)?,
             None => Vec::new(),
@@ -122,8 +133,8 @@ impl Config {
 
 /// The opened backends.
 pub struct Backends {
-    pub store: Arc<dyn fluxa_store::Store>,
-    pub reader: Arc<dyn fluxa_store::EventReader>,
+    pub store: Arc<dyn Store>,
+    pub reader: Arc<dyn EventReader>,
     pub queue: Arc<dyn Queue>,
     pub blobs: BlobStore,
 }
@@ -136,21 +147,53 @@ pub async fn open_backends(config: &Config) -> anyhow::Result<Backends> {
             config.data_dir.display()
         )
     })?;
-    let queue_config = QueueConfig {
-        visibility_timeout: config.visibility_timeout,
-        max_receives: config.max_receives,
-    };
-    let sqlite = fluxa_sqlite::open(&config.data_dir, queue_config)
-        .await
-        .context("failed to open the embedded store and queue")?;
+    let (store, reader, queue): (Arc<dyn Store>, Arc<dyn EventReader>, Arc<dyn Queue>) =
+        match &config.database_url {
+            None => {
+                let queue_config = fluxa_sqlite::QueueConfig {
+                    visibility_timeout: config.visibility_timeout,
+                    max_receives: config.max_receives,
+                };
+                let sqlite = fluxa_sqlite::open(&config.data_dir, queue_config)
+                    .await
+                    .context("failed to open the embedded store and queue")?;
+                (
+                    Arc::new(sqlite.store),
+                    Arc::new(sqlite.reader),
+                    Arc::new(sqlite.queue),
+                )
+            }
+            Some(url) => {
+                let queue_config = fluxa_postgres::QueueConfig {
+                    visibility_timeout: config.visibility_timeout,
+                    max_receives: config.max_receives,
+                };
+                // Every worker may hold a connection, plus room for API requests.
+                let pool_size = u32::try_from(config.workers)
+                    .unwrap_or(u32::MAX)
+                    .saturating_add(8);
+                let pg = fluxa_postgres::open(url, pool_size, queue_config)
+                    .await
+                    .context("failed to open the PostgreSQL store and queue")?;
+                (Arc::new(pg.store), Arc::new(pg.reader), Arc::new(pg.queue))
+            }
+        };
     let blobs = BlobStore::local(&config.data_dir.join("blobs"))
         .context("failed to open the local blob store")?;
     Ok(Backends {
-        store: Arc::new(sqlite.store),
-        reader: Arc::new(sqlite.reader),
-        queue: Arc::new(sqlite.queue),
+        store,
+        reader,
+        queue,
         blobs,
     })
+}
+
+/// Names the store/queue backend for logs: never the URL itself (it may hold a password).
+pub fn backend_name(config: &Config) -> String {
+    match &config.database_url {
+        None => "sqlite".to_owned(),
+        Some(url) => format!("postgres ({})", fluxa_postgres::describe_url(url)),
+    }
 }
 
 /// Binds the configured address.
@@ -215,6 +258,7 @@ pub async fn run(
         role = ?config.role,
         workers = if config.role.runs_workers() { config.workers } else { 0 },
         data_dir = %config.data_dir.display(),
+        backend = backend_name(&config),
         "fluxa started"
     );
     let api_task = async {

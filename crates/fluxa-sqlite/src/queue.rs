@@ -195,6 +195,23 @@ impl Queue for SqliteQueue {
         Ok(())
     }
 
+    async fn delete_many(&self, deliveries: &[Delivery]) -> Result<()> {
+        if deliveries.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.begin().await?;
+        for delivery in deliveries {
+            sqlx::query("DELETE FROM queue_messages WHERE message_id = ?1 AND receipt = ?2")
+                .bind(&delivery.message_id)
+                .bind(&delivery.receipt)
+                .execute(&mut *tx)
+                .await
+                .map_err(unavailable)?;
+        }
+        tx.commit().await.map_err(unavailable)?;
+        Ok(())
+    }
+
     async fn retry_later(
         &self,
         delivery: &Delivery,

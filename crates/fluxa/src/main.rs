@@ -37,9 +37,23 @@ enum Command {
 
 #[derive(Args, Debug, Clone)]
 struct DataArgs {
-    /// Folder holding the embedded backends (store.db, queue.db, blobs/).
+    /// Folder holding the embedded backends (store.db, queue.db) and the local blob store
+    /// (blobs/).
     #[arg(long, env = "FLUXA_DATA_DIR", default_value = "./fluxa-data")]
     data_dir: PathBuf,
+    /// PostgreSQL URL (postgres://user:password@host:port/db) for the store and the queue,
+    /// shared by any number of replicas. Unset: embedded SQLite under --data-dir. Prefer the
+    /// environment variable, which keeps the password off the command line.
+    #[arg(long, env = "FLUXA_DATABASE_URL", hide_env_values = true)]
+    database_url: Option<String>,
+}
+
+impl DataArgs {
+    fn config(self) -> Config {
+        let mut config = Config::with_data_dir(self.data_dir);
+        config.database_url = self.database_url.map(SecretString::from);
+        config
+    }
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy)]
@@ -138,6 +152,7 @@ impl ServeArgs {
         Config {
             bind: self.bind,
             data_dir: self.data.data_dir,
+            database_url: self.data.database_url.map(SecretString::from),
             role: match self.role {
                 RoleArg::All => Role::All,
                 RoleArg::Api => Role::Api,
@@ -195,7 +210,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             fluxa_server::run(config, listener, shutdown).await
         }
         Command::Migrate(data) => {
-            fluxa_server::open_backends(&Config::with_data_dir(data.data_dir)).await?;
+            fluxa_server::open_backends(&data.config()).await?;
             eprintln!("migrations applied");
             Ok(())
         }
@@ -204,12 +219,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 async fn run_dlq(command: DlqCommand) -> anyhow::Result<()> {
-    let data_dir = match &command {
+    let data = match &command {
         DlqCommand::List { data, .. }
         | DlqCommand::Show { data, .. }
-        | DlqCommand::Redrive { data, .. } => data.data_dir.clone(),
+        | DlqCommand::Redrive { data, .. } => data.clone(),
     };
-    let backends = fluxa_server::open_backends(&Config::with_data_dir(data_dir)).await?;
+    let backends = fluxa_server::open_backends(&data.config()).await?;
     let queue = backends.queue;
     match command {
         DlqCommand::List {

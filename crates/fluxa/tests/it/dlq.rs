@@ -2,11 +2,11 @@
 
 use serde_json::{json, Value};
 
-use crate::helpers::{event, fluxa_command, TestData};
+use crate::helpers::{event, TestData};
 
 #[tokio::test]
 async fn dead_letters_can_be_listed_shown_and_redriven_from_the_cli() {
-    let data = TestData::new();
+    let data = TestData::new().await;
     let app = data.spawn(&[]).await;
     app.post_event(&event("cli-1", json!({"v": 1}))).await;
     app.wait_for_status("cli-1", "processed").await;
@@ -32,7 +32,8 @@ async fn dead_letters_can_be_listed_shown_and_redriven_from_the_cli() {
     assert_eq!(app.get("/v1/admin/dlq/no-such-id").await.status(), 404);
     let data_dir = data.path().to_str().unwrap().to_owned();
 
-    let output = fluxa_command()
+    let output = data
+        .command()
         .args(["dlq", "list", "--data-dir", &data_dir])
         .output()
         .await
@@ -46,7 +47,8 @@ async fn dead_letters_can_be_listed_shown_and_redriven_from_the_cli() {
     assert_eq!(listed.len(), 1);
     assert_eq!(listed[0]["error"]["code"], "event_id_conflict");
 
-    let output = fluxa_command()
+    let output = data
+        .command()
         .args(["dlq", "show", &id, "--data-dir", &data_dir])
         .output()
         .await
@@ -55,7 +57,8 @@ async fn dead_letters_can_be_listed_shown_and_redriven_from_the_cli() {
     let shown: Value = serde_json::from_slice(&output.stdout).unwrap();
     assert_eq!(shown["id"], id.as_str());
 
-    let output = fluxa_command()
+    let output = data
+        .command()
         .args(["dlq", "show", "nope", "--data-dir", &data_dir])
         .output()
         .await
@@ -63,7 +66,8 @@ async fn dead_letters_can_be_listed_shown_and_redriven_from_the_cli() {
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("no dead letter"));
 
-    let output = fluxa_command()
+    let output = data
+        .command()
         .args(["dlq", "redrive", "--data-dir", &data_dir])
         .output()
         .await
@@ -74,7 +78,8 @@ async fn dead_letters_can_be_listed_shown_and_redriven_from_the_cli() {
     );
 
     // Redriving a conflict is harmless: it conflicts again and the stored event is untouched.
-    let output = fluxa_command()
+    let output = data
+        .command()
         .args([
             "dlq",
             "redrive",
@@ -97,7 +102,7 @@ async fn dead_letters_can_be_listed_shown_and_redriven_from_the_cli() {
 
 #[tokio::test]
 async fn redriving_an_event_that_was_processed_meanwhile_is_a_harmless_duplicate() {
-    let data = TestData::new();
+    let data = TestData::new().await;
     let app = data.spawn(&[]).await;
     data.store_sql("ALTER TABLE events RENAME TO events_away")
         .await;
@@ -134,7 +139,7 @@ async fn redriving_an_event_that_was_processed_meanwhile_is_a_harmless_duplicate
 
 #[tokio::test]
 async fn redrive_requests_must_name_exactly_one_selector() {
-    let data = TestData::new();
+    let data = TestData::new().await;
     let app = data.spawn(&[]).await;
     for body in [
         json!({}),

@@ -15,46 +15,78 @@ use tokio::process::{Child, Command};
 /// How long a test waits for something asynchronous (processing, redelivery) before failing.
 pub const PATIENCE: Duration = Duration::from_secs(20);
 
-/// The backends a test run targets. One switch for the whole suite.
+/// The backends a test run targets. One switch for the whole suite: env `FLUXA_TEST_BACKEND`
+/// (`embedded`, the default, or `postgres`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Backend {
     /// SQLite store and queue, local-folder blobs.
     Embedded,
+    /// PostgreSQL store and queue (a fresh database per test), local-folder blobs.
+    Postgres,
 }
 
 impl Backend {
     pub fn from_env() -> Self {
         match std::env::var("FLUXA_TEST_BACKEND").as_deref() {
-            Ok("embedded") | Ok("sqlite") | Err(_) => Self::Embedded,
+            Ok("embedded") | Ok("sqlite") | Ok("") | Err(_) => Self::Embedded,
+            Ok("postgres") => Self::Postgres,
             Ok(other) => panic!("unknown FLUXA_TEST_BACKEND {other:?}"),
         }
     }
-
-    /// The `fluxa serve` options that select this backend.
-    fn server_args(self) -> Vec<String> {
-        match self {
-            // The default: nothing to say.
-            Self::Embedded => Vec::new(),
-        }
-    }
 }
 
-/// A data directory shared by one or more server processes in a test.
+/// The PostgreSQL server tests create their databases on (`FLUXA_TEST_PG_URL`, default the
+/// local server with trust authentication); `./test` makes sure it is running.
+pub fn pg_admin_url() -> String {
+    std::env::var("FLUXA_TEST_PG_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
+}
+
+/// The same server, another database.
+fn pg_url_for(database: &str) -> String {
+    let admin = pg_admin_url();
+    let (server, _) = admin.rsplit_once('/').expect("a URL with a database");
+    format!("{server}/{database}")
+}
+
+/// A data directory (and, for PostgreSQL, a database) shared by the server processes of one
+/// test, dropped with it.
 pub struct TestData {
     pub dir: tempfile::TempDir,
-    pub backend: Backend,
+    database: Option<String>,
 }
 
 impl TestData {
-    pub fn new() -> Self {
+    pub async fn new() -> Self {
+        let backend = Backend::from_env();
+        let database = match backend {
+            Backend::Embedded => None,
+            Backend::Postgres => {
+                let name = format!("fluxa_test_{}", uuid::Uuid::new_v4().simple());
+                let admin = sqlx::PgPool::connect(&pg_admin_url()).await.expect(
+                    "PostgreSQL for the tests is not reachable; run ./test, which starts it",
+                );
+                sqlx::query(&format!("CREATE DATABASE {name}"))
+                    .execute(&admin)
+                    .await
+                    .expect("create test database");
+                admin.close().await;
+                Some(name)
+            }
+        };
         Self {
             dir: tempfile::tempdir().expect("temp dir"),
-            backend: Backend::from_env(),
+            database,
         }
     }
 
     pub fn path(&self) -> &Path {
         self.dir.path()
+    }
+
+    /// The database URL servers of this test use, if any.
+    pub fn database_url(&self) -> Option<String> {
+        self.database.as_deref().map(pg_url_for)
     }
 
     /// Starts a server on this data with the suite's fast defaults plus `args`.
@@ -63,63 +95,106 @@ impl TestData {
     }
 
     pub async fn spawn_with_env(&self, args: &[&str], envs: &[(&str, &str)]) -> TestApp {
-        TestApp::start(self.path(), &self.backend.server_args(), args, envs).await
+        let database_url = self.database_url();
+        let mut all_envs: Vec<(&str, &str)> = envs.to_vec();
+        if let Some(url) = &database_url {
+            // The environment, not the command line: that is where a DSN belongs.
+            all_envs.push(("FLUXA_DATABASE_URL", url));
+        }
+        TestApp::start(self.path(), args, &all_envs).await
     }
 
-    /// The queue, opened from the test process (SQLite allows several processes).
+    /// `fluxa` with this test's backend selected (for CLI commands).
+    pub fn command(&self) -> Command {
+        let mut command = fluxa_command();
+        command.env_remove("FLUXA_DATABASE_URL");
+        if let Some(url) = self.database_url() {
+            command.env("FLUXA_DATABASE_URL", url);
+        }
+        command
+    }
+
+    fn config(&self) -> fluxa_server::Config {
+        let mut config = fluxa_server::Config::with_data_dir(self.path());
+        config.database_url = self.database_url().map(secrecy::SecretString::from);
+        config.visibility_timeout = Duration::from_secs(1);
+        config
+    }
+
+    /// The queue, opened from the test process with a 1 s visibility timeout.
     pub async fn queue(&self) -> Arc<dyn Queue> {
-        let backends = fluxa_sqlite::open(
-            self.path(),
-            fluxa_sqlite::QueueConfig {
-                visibility_timeout: Duration::from_secs(1),
-                max_receives: 3,
-            },
-        )
-        .await
-        .expect("open backends");
-        Arc::new(backends.queue)
+        fluxa_server::open_backends(&self.config())
+            .await
+            .expect("open backends")
+            .queue
     }
 
     /// The store's processor side, opened from the test process.
-    pub async fn store(&self) -> fluxa_sqlite::SqliteStore {
-        fluxa_sqlite::open(
-            self.path(),
-            fluxa_sqlite::QueueConfig {
-                visibility_timeout: Duration::from_secs(1),
-                max_receives: 3,
-            },
-        )
-        .await
-        .expect("open backends")
-        .store
+    pub async fn store(&self) -> Arc<dyn fluxa_store::Store> {
+        fluxa_server::open_backends(&self.config())
+            .await
+            .expect("open backends")
+            .store
     }
 
-    /// Runs one SQL statement against the store database, to inject faults.
+    /// Runs one SQL statement against the store's database, to inject faults.
     pub async fn store_sql(&self, sql: &str) {
-        let url = format!("sqlite://{}", self.path().join("store.db").display());
-        let pool = sqlx::SqlitePool::connect(&url)
-            .await
-            .expect("connect store.db");
-        sqlx::query(sql).execute(&pool).await.expect("store SQL");
-        pool.close().await;
+        match &self.database_url() {
+            None => {
+                let url = format!("sqlite://{}", self.path().join("store.db").display());
+                let pool = sqlx::SqlitePool::connect(&url)
+                    .await
+                    .expect("connect store.db");
+                sqlx::query(sql).execute(&pool).await.expect("store SQL");
+                pool.close().await;
+            }
+            Some(url) => {
+                let pool = sqlx::PgPool::connect(url).await.expect("connect");
+                sqlx::query(sql).execute(&pool).await.expect("store SQL");
+                pool.close().await;
+            }
+        }
     }
 
     /// Counts rows in the events table for `event_id`, straight from the database.
     pub async fn count_event_rows(&self, event_id: &str) -> i64 {
-        let url = format!(
-            "sqlite://{}?mode=ro",
-            self.path().join("store.db").display()
-        );
-        let pool = sqlx::SqlitePool::connect(&url)
-            .await
-            .expect("connect store.db");
-        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM events WHERE event_id = ?1")
-            .bind(event_id)
-            .fetch_one(&pool)
-            .await
-            .expect("count");
-        pool.close().await;
-        n
+        self.count(
+            "SELECT COUNT(*) FROM events WHERE event_id = $1",
+            Some(event_id),
+        )
+        .await
+    }
+
+    /// Runs a `SELECT COUNT(*)` with an optional single text parameter (`$1`).
+    pub async fn count(&self, sql: &str, param: Option<&str>) -> i64 {
+        match &self.database_url() {
+            None => {
+                let url = format!(
+                    "sqlite://{}?mode=ro",
+                    self.path().join("store.db").display()
+                );
+                let pool = sqlx::SqlitePool::connect(&url)
+                    .await
+                    .expect("connect store.db");
+                let n = sqlx::query_scalar(&sql.replace("$1", "?1"))
+                    .bind(param)
+                    .fetch_one(&pool)
+                    .await
+                    .expect("count");
+                pool.close().await;
+                n
+            }
+            Some(url) => {
+                let pool = sqlx::PgPool::connect(url).await.expect("connect");
+                let mut query = sqlx::query_scalar(sql);
+                if param.is_some() {
+                    query = query.bind(param);
+                }
+                let n = query.fetch_one(&pool).await.expect("count");
+                pool.close().await;
+                n
+            }
+        }
     }
 
     /// Files currently in the blob store.
@@ -140,6 +215,23 @@ impl TestData {
         let mut files = Vec::new();
         walk(&self.path().join("blobs"), &mut files);
         files
+    }
+}
+
+impl Drop for TestData {
+    fn drop(&mut self) {
+        if let Some(name) = &self.database {
+            // Best effort; ./test also sweeps leftover fluxa_test_ databases.
+            let _ = std::process::Command::new("psql")
+                .arg(pg_admin_url())
+                .args([
+                    "-qc",
+                    &format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
+                ])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
     }
 }
 
@@ -175,12 +267,7 @@ pub fn fluxa_command() -> Command {
 }
 
 impl TestApp {
-    async fn start(
-        data_dir: &Path,
-        backend_args: &[String],
-        args: &[&str],
-        envs: &[(&str, &str)],
-    ) -> TestApp {
+    async fn start(data_dir: &Path, args: &[&str], envs: &[(&str, &str)]) -> TestApp {
         let mut command = fluxa_command();
         command.arg("serve");
         if !args.contains(&"--bind") {
@@ -190,9 +277,9 @@ impl TestApp {
             .arg("--data-dir")
             .arg(data_dir)
             .args(["--retry-backoff", "100ms", "--retry-backoff-max", "1s"])
-            .args(backend_args)
             .args(args)
             .env_remove("RUST_LOG")
+            .env_remove("FLUXA_DATABASE_URL")
             .envs(envs.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

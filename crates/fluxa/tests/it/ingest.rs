@@ -17,7 +17,7 @@ pub fn raw_payload(body: &str) -> String {
 
 #[tokio::test]
 async fn an_accepted_event_is_stored_with_a_byte_identical_payload_and_the_same_hash() {
-    let data = TestData::new();
+    let data = TestData::new().await;
     let app = data.spawn(&[]).await;
     let payload = r#"{ "b" : [1, 2.50, 1e3],  "s": "caf\u00e9 \"q\"", "n" : null }"#;
     let body = format!(
@@ -54,7 +54,7 @@ async fn an_accepted_event_is_stored_with_a_byte_identical_payload_and_the_same_
 
 #[tokio::test]
 async fn every_kind_of_json_value_is_a_payload_that_round_trips_exactly() {
-    let data = TestData::new();
+    let data = TestData::new().await;
     let app = data.spawn(&[]).await;
     let payloads = [
         "null",
@@ -99,7 +99,7 @@ fn payload_of_size(size: usize) -> String {
 
 #[tokio::test]
 async fn a_262144_byte_payload_stays_inline_and_never_touches_the_blob_store() {
-    let data = TestData::new();
+    let data = TestData::new().await;
     // API only: the message stays in the queue where the test can look at it.
     let app = data.spawn(&["--role", "api"]).await;
     let payload = payload_of_size(262_144);
@@ -125,7 +125,7 @@ async fn a_262144_byte_payload_stays_inline_and_never_touches_the_blob_store() {
 
 #[tokio::test]
 async fn a_262145_byte_payload_goes_to_the_blob_store_and_its_message_carries_only_the_key() {
-    let data = TestData::new();
+    let data = TestData::new().await;
     let api = data.spawn(&["--role", "api"]).await;
     let payload = payload_of_size(262_145);
     let body = format!(r#"{{"event_id":"edge-blob","event_type":"t","payload":{payload}}}"#);
@@ -173,7 +173,7 @@ async fn worker_wait(api: &crate::helpers::TestApp, event_id: &str) -> Value {
 
 #[tokio::test]
 async fn a_payload_over_max_payload_bytes_is_refused_with_413() {
-    let data = TestData::new();
+    let data = TestData::new().await;
     let app = data.spawn(&["--max-payload-bytes", "1000"]).await;
     // A JSON string of 998 characters serialises to exactly 1000 bytes.
     let ok = app.post_event(&event("fits", json!("x".repeat(998)))).await;
@@ -197,7 +197,7 @@ async fn a_payload_over_max_payload_bytes_is_refused_with_413() {
 
 #[tokio::test]
 async fn sending_the_same_event_twice_is_accepted_twice_and_stored_once() {
-    let data = TestData::new();
+    let data = TestData::new().await;
     let app = data.spawn(&[]).await;
     let first = event("twice", json!({"n": 1}));
     assert_eq!(app.post_event(&first).await.status(), 202);
@@ -247,7 +247,7 @@ fn bad(
 
 #[tokio::test]
 async fn bad_input_gets_the_right_4xx_and_error_code_and_is_never_stored() {
-    let data = TestData::new();
+    let data = TestData::new().await;
     let app = data.spawn(&["--max-payload-bytes", "4096"]).await;
     let long_id = "i".repeat(129);
     let long_type = "t".repeat(129);
@@ -533,7 +533,7 @@ fn uuid_like(text: &str) -> bool {
 
 #[tokio::test]
 async fn a_valid_correlation_id_is_echoed_and_a_missing_one_is_generated() {
-    let data = TestData::new();
+    let data = TestData::new().await;
     let app = data.spawn(&[]).await;
     let response = app
         .client
@@ -560,7 +560,7 @@ async fn a_valid_correlation_id_is_echoed_and_a_missing_one_is_generated() {
 
 #[tokio::test]
 async fn a_batch_accepts_good_items_reports_bad_ones_in_order_and_stores_the_good_ones() {
-    let data = TestData::new();
+    let data = TestData::new().await;
     let app = data.spawn(&["--max-payload-bytes", "300000"]).await;
     let big = payload_of_size(262_145);
     let body = format!(
@@ -614,7 +614,7 @@ async fn a_batch_accepts_good_items_reports_bad_ones_in_order_and_stores_the_goo
 
 #[tokio::test]
 async fn whole_batch_problems_answer_like_a_single_ingest_and_accept_nothing() {
-    let data = TestData::new();
+    let data = TestData::new().await;
     let app = data
         .spawn(&["--role", "api", "--max-batch-bytes", "100000"])
         .await;

@@ -7,7 +7,7 @@ use chrono::Utc;
 use fluxa_core::task::EventHeader;
 use fluxa_core::{CorrelationId, EventId, EventMessageV1, EventType, FluxaTask, PayloadHash};
 use fluxa_queue::{MessageAttributes, NewMessage};
-use fluxa_store::{Claim, ClaimRequest, Store};
+use fluxa_store::{Claim, ClaimRequest};
 use serde_json::value::RawValue;
 use serde_json::{json, Value};
 
@@ -17,7 +17,7 @@ use crate::ingest::raw_payload;
 /// Invariants 1 and 2: twenty concurrent deliveries of one event give exactly one row.
 #[tokio::test]
 async fn the_same_event_delivered_many_times_concurrently_is_stored_exactly_once() {
-    let data = TestData::new();
+    let data = TestData::new().await;
     let app = data.spawn(&["--workers", "8"]).await;
     let body = event("dup-1", json!({"same": true}));
     let posts = (0..20).map(|_| app.post_event(&body));
@@ -47,7 +47,7 @@ async fn the_same_event_delivered_many_times_concurrently_is_stored_exactly_once
 /// Invariant 2, the conflict row of the contract's outcome table.
 #[tokio::test]
 async fn the_same_id_with_a_different_payload_ends_as_event_id_conflict_and_keeps_the_first() {
-    let data = TestData::new();
+    let data = TestData::new().await;
     let app = data.spawn(&[]).await;
     assert_eq!(
         app.post_event(&event("conf-1", json!({"v": 1})))
@@ -89,7 +89,7 @@ fn header_for(event_id: &str, claimed_payload: &[u8]) -> EventHeader {
 /// Invariant 3: an inline payload that does not match its hash is dead-lettered, never stored.
 #[tokio::test]
 async fn an_inline_payload_that_does_not_match_its_hash_goes_to_the_dlq_and_writes_no_row() {
-    let data = TestData::new();
+    let data = TestData::new().await;
     let app = data.spawn(&[]).await;
     // A message whose payload was altered after hashing (what corruption in transit looks like).
     let message = EventMessageV1::inline(
@@ -124,7 +124,7 @@ async fn an_inline_payload_that_does_not_match_its_hash_goes_to_the_dlq_and_writ
 /// Invariants 3 and 5: a blob corrupted at rest is caught by the processor.
 #[tokio::test]
 async fn a_blob_corrupted_before_processing_goes_to_the_dlq_as_hash_mismatch() {
-    let data = TestData::new();
+    let data = TestData::new().await;
     let api = data.spawn(&["--role", "api"]).await;
     let payload = format!("\"{}\"", "z".repeat(300_000));
     let body = format!(r#"{{"event_id":"corrupt-blob","event_type":"t","payload":{payload}}}"#);
@@ -150,7 +150,7 @@ async fn a_blob_corrupted_before_processing_goes_to_the_dlq_as_hash_mismatch() {
 /// Contract section 3: a missing blob can never succeed.
 #[tokio::test]
 async fn a_message_whose_blob_is_gone_is_dead_lettered_as_blob_missing() {
-    let data = TestData::new();
+    let data = TestData::new().await;
     let api = data.spawn(&["--role", "api"]).await;
     let payload = format!("\"{}\"", "m".repeat(300_000));
     let body = format!(r#"{{"event_id":"lost-blob","event_type":"t","payload":{payload}}}"#);
@@ -173,7 +173,7 @@ async fn a_message_whose_blob_is_gone_is_dead_lettered_as_blob_missing() {
 /// Invariant 6: an unparsable message is permanent, dead-lettered on its first receive.
 #[tokio::test]
 async fn an_unparsable_message_is_dead_lettered_at_once_with_its_original_bytes() {
-    let data = TestData::new();
+    let data = TestData::new().await;
     let app = data.spawn(&[]).await;
     data.queue()
         .await
@@ -201,7 +201,7 @@ async fn an_unparsable_message_is_dead_lettered_at_once_with_its_original_bytes(
 /// after three receives; once fixed, a redrive processes it.
 #[tokio::test]
 async fn a_store_error_is_retried_and_after_three_receives_is_dead_lettered_as_retries_exhausted() {
-    let data = TestData::new();
+    let data = TestData::new().await;
     let app = data.spawn(&[]).await;
     // Break the store: inserts into `events` now fail, like a database refusing writes.
     data.store_sql("ALTER TABLE events RENAME TO events_away")
@@ -249,7 +249,7 @@ async fn a_store_error_is_retried_and_after_three_receives_is_dead_lettered_as_r
 /// Invariant 2 with a crashed worker: its claim expires and the next delivery takes over.
 #[tokio::test]
 async fn a_worker_that_dies_holding_an_event_does_not_leave_it_stuck() {
-    let data = TestData::new();
+    let data = TestData::new().await;
     let api = data.spawn(&["--role", "api"]).await;
     assert_eq!(
         api.post_event(&event("crash-1", json!({"c": 1})))
@@ -299,7 +299,7 @@ async fn a_worker_that_dies_holding_an_event_does_not_leave_it_stuck() {
 /// Invariants 1 and 2 under a real crash: SIGKILL mid-burst, restart, nothing lost or doubled.
 #[tokio::test]
 async fn a_server_killed_mid_burst_loses_nothing_and_duplicates_nothing_after_restart() {
-    let data = TestData::new();
+    let data = TestData::new().await;
     let fast = ["--visibility-timeout", "1s", "--lease", "1s"];
     let app = data.spawn(&fast).await;
     let n_events = 150;
@@ -334,7 +334,7 @@ async fn a_server_killed_mid_burst_loses_nothing_and_duplicates_nothing_after_re
 /// Invariant 9: the correlation id reaches the queue message, the row and every log line.
 #[tokio::test]
 async fn the_correlation_id_reaches_the_events_row_and_every_log_line_about_the_event() {
-    let data = TestData::new();
+    let data = TestData::new().await;
     let app = data.spawn(&[]).await;
     let response = app
         .client
@@ -370,7 +370,7 @@ async fn the_correlation_id_reaches_the_events_row_and_every_log_line_about_the_
 /// Invariant 8: every log line is one JSON object with the contract's top-level fields.
 #[tokio::test]
 async fn every_log_line_is_a_json_object_with_timestamp_level_and_message() {
-    let data = TestData::new();
+    let data = TestData::new().await;
     let app = data.spawn(&[]).await;
     app.post_event(&event("log-1", json!(1))).await;
     app.wait_for_status("log-1", "processed").await;

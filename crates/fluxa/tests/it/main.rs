@@ -6,6 +6,7 @@
 
 mod helpers;
 
+mod cluster;
 mod dlq;
 mod ingest;
 mod invariants;

@@ -7,7 +7,7 @@ use crate::helpers::{event, fluxa_command, TestData};
 
 #[tokio::test]
 async fn health_readiness_and_metrics_answer() {
-    let data = TestData::new();
+    let data = TestData::new().await;
     let app = data.spawn(&[]).await;
     let (code, health) = app.get_json("/healthz").await;
     assert_eq!((code, health), (200, json!({"status": "ok"})));
@@ -40,7 +40,7 @@ async fn health_readiness_and_metrics_answer() {
 
 #[tokio::test]
 async fn sigterm_stops_the_server_with_exit_code_0_and_loses_no_accepted_event() {
-    let data = TestData::new();
+    let data = TestData::new().await;
     let app = data.spawn(&["--workers", "2"]).await;
     let events: Vec<Value> = (0..200)
         .map(|i| event(&format!("grace-{i}"), json!({"i": i})))
@@ -66,10 +66,11 @@ async fn sigterm_stops_the_server_with_exit_code_0_and_loses_no_accepted_event()
 
 #[tokio::test]
 async fn migrate_creates_the_schema_and_is_idempotent() {
-    let data = TestData::new();
+    let data = TestData::new().await;
     let data_dir = data.path().to_str().unwrap().to_owned();
     for _ in 0..2 {
-        let output = fluxa_command()
+        let output = data
+            .command()
             .args(["migrate", "--data-dir", &data_dir])
             .output()
             .await
@@ -80,9 +81,12 @@ async fn migrate_creates_the_schema_and_is_idempotent() {
             String::from_utf8_lossy(&output.stderr)
         );
     }
-    assert!(data.path().join("store.db").exists());
-    assert!(data.path().join("queue.db").exists());
     assert_eq!(data.count_event_rows("x").await, 0);
+    assert_eq!(
+        data.count("SELECT COUNT(*) FROM idempotency_keys", None)
+            .await,
+        0
+    );
 }
 
 #[tokio::test]

@@ -6,7 +6,7 @@ use crate::helpers::{event, TestData};
 
 #[tokio::test]
 async fn unknown_and_invalid_ids_are_not_found_and_looking_creates_nothing() {
-    let data = TestData::new();
+    let data = TestData::new().await;
     let app = data.spawn(&[]).await;
     for path in [
         "/v1/events/never-sent",
@@ -26,7 +26,7 @@ async fn unknown_and_invalid_ids_are_not_found_and_looking_creates_nothing() {
 
 #[tokio::test]
 async fn the_status_endpoint_reports_the_idempotency_record() {
-    let data = TestData::new();
+    let data = TestData::new().await;
     let app = data.spawn(&[]).await;
     app.post_event(&event("st-1", json!([1]))).await;
     let status = app.wait_for_status("st-1", "processed").await;
@@ -38,7 +38,7 @@ async fn the_status_endpoint_reports_the_idempotency_record() {
 
 #[tokio::test]
 async fn unknown_routes_and_wrong_methods_answer_with_the_contract_error_body() {
-    let data = TestData::new();
+    let data = TestData::new().await;
     let app = data.spawn(&[]).await;
     let response = app.get("/v2/nothing").await;
     assert_eq!(response.status(), 404);

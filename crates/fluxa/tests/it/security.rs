@@ -14,7 +14,7 @@ fn tokens_spec() -> String {
 
 #[tokio::test]
 async fn tokens_are_required_and_scoped_when_configured() {
-    let data = TestData::new();
+    let data = TestData::new().await;
     let app = data
         .spawn_with_env(&[], &[("FLUXA_API_TOKENS", &tokens_spec())])
         .await;
@@ -64,7 +64,7 @@ async fn tokens_are_required_and_scoped_when_configured() {
 /// Invariant 10: configured secrets appear in no log line, error body or help text.
 #[tokio::test]
 async fn configured_secrets_never_appear_in_logs_error_bodies_or_help() {
-    let data = TestData::new();
+    let data = TestData::new().await;
     let app = data
         .spawn_with_env(&[], &[("FLUXA_API_TOKENS", &tokens_spec())])
         .await;
@@ -152,7 +152,7 @@ async fn without_tokens_the_server_refuses_a_non_loopback_address_unless_told_it
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("--insecure-no-auth"));
 
-    let data = TestData::new();
+    let data = TestData::new().await;
     let app = data
         .spawn(&["--bind", "0.0.0.0:0", "--insecure-no-auth"])
         .await;

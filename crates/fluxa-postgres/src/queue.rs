@@ -1,0 +1,340 @@
+//! The queue on PostgreSQL: SQS semantics over `queue_messages` and `dead_letters`, with
+//! receives that skip rows other replicas are claiming (`FOR UPDATE SKIP LOCKED`).
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use fluxa_core::FailureInfo;
+use fluxa_queue::{
+    DeadLetter, Delivery, Error, MessageAttributes, NewMessage, PendingMessage, Queue, QueueDepth,
+    RedriveSelector, Result,
+};
+use sqlx::postgres::PgRow;
+use sqlx::{PgPool, Row};
+
+use crate::{seconds, QueueConfig};
+
+/// How often an idle receiver looks again for visible messages.
+const IDLE_POLL: Duration = Duration::from_millis(100);
+
+/// Most expired messages one receive moves to the dead-letter queue, so a receive stays short.
+const REDRIVE_BATCH: i64 = 100;
+
+fn unavailable(error: sqlx::Error) -> Error {
+    Error::unavailable(error)
+}
+
+/// The shared queue.
+#[derive(Clone, Debug)]
+pub struct PgQueue {
+    pool: PgPool,
+    config: QueueConfig,
+}
+
+impl PgQueue {
+    pub(crate) fn new(pool: PgPool, config: QueueConfig) -> Self {
+        Self { pool, config }
+    }
+
+    async fn receive_now(&self, max_messages: usize) -> Result<Vec<Delivery>> {
+        let mut tx = self.pool.begin().await.map_err(unavailable)?;
+        // SQS redrive: messages already received max_receives times go to the DLQ.
+        sqlx::query(
+            r#"WITH exhausted AS (
+                 DELETE FROM queue_messages
+                 WHERE seq IN (SELECT seq FROM queue_messages
+                               WHERE visible_at <= now() AND receive_count >= $1
+                               ORDER BY seq LIMIT $2 FOR UPDATE SKIP LOCKED)
+                 RETURNING *)
+               INSERT INTO dead_letters
+                 (message_id, body, event_id, correlation_id, error_class, error_code,
+                  error_message, receive_count, enqueued_at, first_failure_at, last_failure_at,
+                  dead_lettered_at)
+               SELECT message_id, body, event_id, correlation_id, 'retries_exhausted',
+                      'retries_exhausted',
+                      'gave up after ' || receive_count || ' receives; last error: ' ||
+                        COALESCE(last_error_code || ': ' || last_error_message, 'none recorded'),
+                      receive_count, enqueued_at, COALESCE(first_failure_at, now()),
+                      COALESCE(last_failure_at, now()), now()
+               FROM exhausted"#,
+        )
+        .bind(i32::try_from(self.config.max_receives).unwrap_or(i32::MAX))
+        .bind(REDRIVE_BATCH)
+        .execute(&mut *tx)
+        .await
+        .map_err(unavailable)?;
+
+        let receipt = uuid::Uuid::new_v4().to_string();
+        let rows = sqlx::query(
+            r#"UPDATE queue_messages
+               SET receive_count = receive_count + 1, receipt = $1,
+                   visible_at = now() + make_interval(secs => $2)
+               WHERE seq IN (SELECT seq FROM queue_messages
+                             WHERE visible_at <= now() AND receive_count < $3
+                             ORDER BY seq LIMIT $4 FOR UPDATE SKIP LOCKED)
+               RETURNING seq, message_id, body, event_id, correlation_id, receive_count,
+                         enqueued_at"#,
+        )
+        .bind(&receipt)
+        .bind(seconds(self.config.visibility_timeout))
+        .bind(i32::try_from(self.config.max_receives).unwrap_or(i32::MAX))
+        .bind(i64::try_from(max_messages).unwrap_or(i64::MAX))
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(unavailable)?;
+        tx.commit().await.map_err(unavailable)?;
+
+        let mut deliveries: Vec<(i64, Delivery)> = rows
+            .iter()
+            .map(|row| {
+                let delivery = Delivery {
+                    message_id: row.get("message_id"),
+                    receipt: receipt.clone(),
+                    body: row.get("body"),
+                    attributes: attributes(row),
+                    receive_count: u32::try_from(row.get::<i32, _>("receive_count")).unwrap_or(0),
+                    enqueued_at: row.get("enqueued_at"),
+                };
+                (row.get("seq"), delivery)
+            })
+            .collect();
+        deliveries.sort_by_key(|(seq, _)| *seq);
+        Ok(deliveries.into_iter().map(|(_, d)| d).collect())
+    }
+}
+
+fn attributes(row: &PgRow) -> MessageAttributes {
+    MessageAttributes {
+        event_id: row.get("event_id"),
+        correlation_id: row.get("correlation_id"),
+    }
+}
+
+#[async_trait]
+impl Queue for PgQueue {
+    async fn send(&self, messages: Vec<NewMessage>) -> Result<Vec<String>> {
+        let n_messages = messages.len();
+        let mut message_ids = Vec::with_capacity(n_messages);
+        let mut bodies = Vec::with_capacity(n_messages);
+        let mut event_ids = Vec::with_capacity(n_messages);
+        let mut correlation_ids = Vec::with_capacity(n_messages);
+        for message in messages {
+            message_ids.push(uuid::Uuid::new_v4().to_string());
+            bodies.push(message.body);
+            event_ids.push(message.attributes.event_id);
+            correlation_ids.push(message.attributes.correlation_id);
+        }
+        // One statement for the whole batch: atomic and one round trip.
+        sqlx::query(
+            r#"INSERT INTO queue_messages
+                 (message_id, body, event_id, correlation_id, enqueued_at, visible_at)
+               SELECT message_id, body, event_id, correlation_id, now(), now()
+               FROM UNNEST($1::text[], $2::bytea[], $3::text[], $4::text[])
+                 WITH ORDINALITY AS m(message_id, body, event_id, correlation_id, ord)
+               ORDER BY ord"#,
+        )
+        .bind(&message_ids)
+        .bind(&bodies)
+        .bind(&event_ids)
+        .bind(&correlation_ids)
+        .execute(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        Ok(message_ids)
+    }
+
+    async fn receive(&self, max_messages: usize, wait: Duration) -> Result<Vec<Delivery>> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let deliveries = self.receive_now(max_messages).await?;
+            let now = tokio::time::Instant::now();
+            if !deliveries.is_empty() || now >= deadline {
+                return Ok(deliveries);
+            }
+            tokio::time::sleep((deadline - now).min(IDLE_POLL)).await;
+        }
+    }
+
+    async fn delete(&self, delivery: &Delivery) -> Result<()> {
+        self.delete_many(std::slice::from_ref(delivery)).await
+    }
+
+    async fn delete_many(&self, deliveries: &[Delivery]) -> Result<()> {
+        if deliveries.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<&str> = deliveries.iter().map(|d| d.message_id.as_str()).collect();
+        let receipts: Vec<&str> = deliveries.iter().map(|d| d.receipt.as_str()).collect();
+        sqlx::query(
+            r#"DELETE FROM queue_messages q
+               USING UNNEST($1::text[], $2::text[]) AS s(message_id, receipt)
+               WHERE q.message_id = s.message_id AND q.receipt = s.receipt"#,
+        )
+        .bind(&ids)
+        .bind(&receipts)
+        .execute(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn retry_later(
+        &self,
+        delivery: &Delivery,
+        delay: Duration,
+        error: &FailureInfo,
+    ) -> Result<()> {
+        sqlx::query(
+            r#"UPDATE queue_messages
+               SET visible_at = now() + make_interval(secs => $3), receipt = NULL,
+                   first_failure_at = COALESCE(first_failure_at, now()),
+                   last_failure_at = now(), last_error_code = $4, last_error_message = $5
+               WHERE message_id = $1 AND receipt = $2"#,
+        )
+        .bind(&delivery.message_id)
+        .bind(&delivery.receipt)
+        .bind(seconds(delay))
+        .bind(&error.code)
+        .bind(&error.message)
+        .execute(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn dead_letter(&self, delivery: &Delivery, error: &FailureInfo) -> Result<()> {
+        sqlx::query(
+            r#"WITH failed AS (
+                 DELETE FROM queue_messages WHERE message_id = $1 AND receipt = $2
+                 RETURNING *)
+               INSERT INTO dead_letters
+                 (message_id, body, event_id, correlation_id, error_class, error_code,
+                  error_message, receive_count, enqueued_at, first_failure_at, last_failure_at,
+                  dead_lettered_at)
+               SELECT message_id, body, event_id, correlation_id, 'permanent', $3, $4,
+                      receive_count, enqueued_at, COALESCE(first_failure_at, now()), now(), now()
+               FROM failed"#,
+        )
+        .bind(&delivery.message_id)
+        .bind(&delivery.receipt)
+        .bind(&error.code)
+        .bind(&error.message)
+        .execute(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn depth(&self) -> Result<QueueDepth> {
+        let row = sqlx::query(
+            r#"SELECT
+                 (SELECT COUNT(*) FROM queue_messages
+                    WHERE receipt IS NULL OR visible_at <= now()) AS pending,
+                 (SELECT COUNT(*) FROM queue_messages
+                    WHERE receipt IS NOT NULL AND visible_at > now()) AS in_flight,
+                 (SELECT COUNT(*) FROM dead_letters) AS dead"#,
+        )
+        .fetch_one(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        let count = |name: &str| u64::try_from(row.get::<i64, _>(name)).unwrap_or(0);
+        Ok(QueueDepth {
+            pending: count("pending"),
+            in_flight: count("in_flight"),
+            dead_letters: count("dead"),
+        })
+    }
+
+    async fn peek(&self, limit: usize) -> Result<Vec<PendingMessage>> {
+        let rows = sqlx::query(
+            r#"SELECT message_id, body, event_id, correlation_id, receive_count, enqueued_at
+               FROM queue_messages ORDER BY seq LIMIT $1"#,
+        )
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        Ok(rows
+            .iter()
+            .map(|row| PendingMessage {
+                message_id: row.get("message_id"),
+                body: row.get("body"),
+                attributes: attributes(row),
+                receive_count: u32::try_from(row.get::<i32, _>("receive_count")).unwrap_or(0),
+                enqueued_at: row.get("enqueued_at"),
+            })
+            .collect())
+    }
+
+    async fn list_dead_letters(
+        &self,
+        limit: usize,
+        event_id: Option<&str>,
+    ) -> Result<Vec<DeadLetter>> {
+        let rows = sqlx::query(
+            r#"SELECT * FROM dead_letters WHERE $1::text IS NULL OR event_id = $1
+               ORDER BY seq LIMIT $2"#,
+        )
+        .bind(event_id)
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        Ok(rows.iter().map(dead_letter).collect())
+    }
+
+    async fn get_dead_letter(&self, id: &str) -> Result<Option<DeadLetter>> {
+        let row = sqlx::query("SELECT * FROM dead_letters WHERE message_id = $1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        Ok(row.as_ref().map(dead_letter))
+    }
+
+    async fn redrive(&self, selector: &RedriveSelector) -> Result<u64> {
+        let (event_id, message_id) = match selector {
+            RedriveSelector::All => (None, None),
+            RedriveSelector::EventId(event_id) => (Some(event_id.as_str()), None),
+            RedriveSelector::Id(id) => (None, Some(id.as_str())),
+        };
+        let moved = sqlx::query(
+            r#"WITH chosen AS (
+                 DELETE FROM dead_letters
+                 WHERE ($1::text IS NULL OR event_id = $1) AND ($2::text IS NULL OR message_id = $2)
+                 RETURNING *)
+               INSERT INTO queue_messages
+                 (message_id, body, event_id, correlation_id, enqueued_at, visible_at)
+               SELECT message_id, body, event_id, correlation_id, now(), now()
+               FROM chosen ORDER BY seq"#,
+        )
+        .bind(event_id)
+        .bind(message_id)
+        .execute(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        Ok(moved.rows_affected())
+    }
+
+    async fn ping(&self) -> Result<()> {
+        crate::ping(&self.pool).await.map_err(unavailable)
+    }
+}
+
+fn dead_letter(row: &PgRow) -> DeadLetter {
+    DeadLetter {
+        id: row.get("message_id"),
+        attributes: attributes(row),
+        error_class: row.get("error_class"),
+        error: FailureInfo {
+            code: row.get("error_code"),
+            message: row.get("error_message"),
+        },
+        receive_count: u32::try_from(row.get::<i32, _>("receive_count")).unwrap_or(0),
+        enqueued_at: row.get("enqueued_at"),
+        first_failure_at: row.get("first_failure_at"),
+        last_failure_at: row.get("last_failure_at"),
+        dead_lettered_at: row.get("dead_lettered_at"),
+        body: row.get("body"),
+    }
+}

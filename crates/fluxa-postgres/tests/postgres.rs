@@ -1,0 +1,152 @@
+//! The PostgreSQL backends against the shared conformance checks (`fluxa_queue::conformance`),
+//! each test on a fresh database of the server in `FLUXA_TEST_PG_URL` (default: the local
+//! server; `./test` starts it).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use fluxa_postgres::{Backends, QueueConfig};
+use fluxa_queue::conformance;
+use secrecy::{ExposeSecret, SecretString};
+
+fn admin_url() -> String {
+    std::env::var("FLUXA_TEST_PG_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
+}
+
+/// A database that lives as long as the test.
+struct TestDatabase {
+    name: String,
+}
+
+impl TestDatabase {
+    async fn create() -> Self {
+        let name = format!("fluxa_test_{}", uuid::Uuid::new_v4().simple());
+        let admin = sqlx::PgPool::connect(&admin_url())
+            .await
+            .expect("PostgreSQL for the tests is not reachable; run ./test, which starts it");
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&admin)
+            .await
+            .unwrap();
+        admin.close().await;
+        Self { name }
+    }
+
+    fn url(&self) -> SecretString {
+        let admin = admin_url();
+        let (server, _) = admin.rsplit_once('/').unwrap();
+        SecretString::from(format!("{server}/{}", self.name))
+    }
+
+    async fn open(&self, visibility: Duration) -> Backends {
+        let config = QueueConfig {
+            visibility_timeout: visibility,
+            max_receives: 3,
+        };
+        fluxa_postgres::open(&self.url(), 8, config).await.unwrap()
+    }
+}
+
+impl Drop for TestDatabase {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("psql")
+            .arg(admin_url())
+            .args([
+                "-qc",
+                &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name),
+            ])
+            .output();
+    }
+}
+
+#[tokio::test]
+async fn concurrent_receivers_never_get_the_same_message() {
+    let db = TestDatabase::create().await;
+    let first = db.open(Duration::from_secs(60)).await.queue;
+    let second = db.open(Duration::from_secs(60)).await.queue;
+    conformance::concurrent_receivers_never_get_the_same_message(Arc::new(first), Arc::new(second))
+        .await;
+}
+
+#[tokio::test]
+async fn a_message_reappears_after_its_visibility_timeout_and_a_stale_receipt_settles_nothing() {
+    let db = TestDatabase::create().await;
+    let queue = db.open(Duration::from_millis(100)).await.queue;
+    conformance::a_message_reappears_after_its_visibility_timeout_and_a_stale_receipt_settles_nothing(
+        Arc::new(queue),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn after_max_receives_the_next_receive_dead_letters_the_message_as_retries_exhausted() {
+    let db = TestDatabase::create().await;
+    let queue = db.open(Duration::from_secs(60)).await.queue;
+    conformance::after_max_receives_the_next_receive_dead_letters_the_message_as_retries_exhausted(
+        Arc::new(queue),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_dead_lettered_message_keeps_its_reason_and_leaves_the_queue() {
+    let db = TestDatabase::create().await;
+    let queue = db.open(Duration::from_secs(60)).await.queue;
+    conformance::a_dead_lettered_message_keeps_its_reason_and_leaves_the_queue(Arc::new(queue))
+        .await;
+}
+
+#[tokio::test]
+async fn only_one_of_many_concurrent_claims_on_an_event_wins() {
+    let db = TestDatabase::create().await;
+    let store = db.open(Duration::from_secs(1)).await.store;
+    conformance::only_one_of_many_concurrent_claims_on_an_event_wins(Arc::new(store)).await;
+}
+
+#[tokio::test]
+async fn an_expired_lease_is_taken_over_and_the_old_holder_cannot_complete() {
+    let db = TestDatabase::create().await;
+    let store = db.open(Duration::from_secs(1)).await.store;
+    conformance::an_expired_lease_is_taken_over_and_the_old_holder_cannot_complete(Arc::new(store))
+        .await;
+}
+
+/// Seed invariant 7 at the session level: the query API's reader refuses writes.
+#[tokio::test]
+async fn the_query_readers_sessions_refuse_writes() {
+    let db = TestDatabase::create().await;
+    let backends = db.open(Duration::from_secs(1)).await;
+    let attempt = sqlx::query("DELETE FROM idempotency_keys")
+        .execute(backends.reader.pool())
+        .await;
+    let error = attempt.expect_err("the reader accepted a write");
+    assert!(
+        error.to_string().contains("read-only"),
+        "unexpected error: {error}"
+    );
+}
+
+#[tokio::test]
+async fn replicas_starting_at_once_migrate_exactly_once() {
+    let db = TestDatabase::create().await;
+    let opens = (0..4).map(|_| db.open(Duration::from_secs(1)));
+    futures::future::join_all(opens).await;
+    let pool = sqlx::PgPool::connect(db.url().expose_secret())
+        .await
+        .unwrap();
+    let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM _sqlx_migrations")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(n, 1);
+}
+
+#[test]
+fn a_urls_password_never_appears_in_its_description() {
+    let url =
+        SecretString::from("postgres://fluxa:hunter2-secret@db.internal:6543/events".to_owned());
+    let described = fluxa_postgres::describe_url(&url);
+    assert_eq!(described, "db.internal:6543/events");
+    assert!(!format!("{url:?}").contains("hunter2"));
+}
