@@ -58,7 +58,16 @@ pub struct TestData {
 
 impl TestData {
     pub async fn new() -> Self {
-        let backend = Backend::from_env();
+        Self::with_backend(Backend::from_env()).await
+    }
+
+    /// A test's own data directory with no database (for tests that bring their own).
+    #[allow(dead_code)] // Used by tests/postgres_outage.rs, which shares this module.
+    pub async fn new_embedded() -> Self {
+        Self::with_backend(Backend::Embedded).await
+    }
+
+    async fn with_backend(backend: Backend) -> Self {
         let database = match backend {
             Backend::Embedded => None,
             Backend::Postgres => {

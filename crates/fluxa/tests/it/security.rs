@@ -158,3 +158,50 @@ async fn without_tokens_the_server_refuses_a_non_loopback_address_unless_told_it
         .await;
     assert_eq!(app.get("/healthz").await.status(), 200);
 }
+
+/// Invariant 10 for the database password: not in startup errors, logs or `--help`.
+#[tokio::test]
+async fn a_database_password_never_appears_in_errors_logs_or_help() {
+    let dir = tempfile::tempdir().unwrap();
+    // Nothing listens on port 1: the server must fail to start and say why, without the password.
+    let url = "postgres://fluxa:hunter2-db-secret@127.0.0.1:1/fluxa";
+    let output = fluxa_command()
+        .args([
+            "serve",
+            "--bind",
+            "127.0.0.1:0",
+            "--data-dir",
+            dir.path().to_str().unwrap(),
+        ])
+        .env("FLUXA_DATABASE_URL", url)
+        .output()
+        .await
+        .unwrap();
+    assert!(!output.status.success());
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        text.contains("127.0.0.1:1/fluxa"),
+        "the error must say which database: {text}"
+    );
+    assert!(!text.contains("hunter2"), "the password leaked: {text}");
+
+    for args in [
+        vec!["serve", "--help"],
+        vec!["dlq", "list", "--help"],
+        vec!["migrate", "--help"],
+    ] {
+        let output = fluxa_command()
+            .args(&args)
+            .env("FLUXA_DATABASE_URL", url)
+            .output()
+            .await
+            .unwrap();
+        let help = String::from_utf8(output.stdout).unwrap();
+        assert!(help.contains("--database-url"));
+        assert!(!help.contains("hunter2"), "{args:?} shows the password");
+    }
+}
