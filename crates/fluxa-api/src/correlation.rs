@@ -56,7 +56,7 @@ pub async fn middleware(request: Request, next: Next) -> Response {
             return error.into_response();
         }
         match AssertUnwindSafe(next.run(request)).catch_unwind().await {
-            Ok(response) => response,
+            Ok(response) => into_contract_error(response).await,
             Err(_) => {
                 // The panic hook has already logged the panic message and location.
                 tracing::error!("request handler panicked");
@@ -88,6 +88,41 @@ pub async fn middleware(request: Request, next: Next) -> Response {
         );
     });
     response
+}
+
+/// Safety net for errors answered by axum itself (an extractor's rejection, say) rather than
+/// through [`ApiError`]: every error body must be the contract's JSON.
+async fn into_contract_error(response: Response) -> Response {
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if is_json || !(status.is_client_error() || status.is_server_error()) {
+        return response;
+    }
+    let code = match status.as_u16() {
+        401 => "unauthorized",
+        403 => "forbidden",
+        404 => "not_found",
+        405 => "method_not_allowed",
+        413 => "payload_too_large",
+        415 => "unsupported_media_type",
+        503 => "unavailable",
+        500..=599 => "internal",
+        _ => "validation_error",
+    };
+    let message = if status.is_server_error() {
+        "an internal error occurred".to_owned()
+    } else {
+        // Rejection texts are axum's own words about the request, never secrets.
+        let body = axum::body::to_bytes(response.into_body(), 4096)
+            .await
+            .unwrap_or_default();
+        String::from_utf8_lossy(&body).trim().to_owned()
+    };
+    ApiError::new(status, code, message).into_response()
 }
 
 #[cfg(test)]

@@ -86,8 +86,12 @@ pub fn is_postgres_url(url: &SecretString) -> bool {
     text.starts_with("postgres://") || text.starts_with("postgresql://")
 }
 
-/// Connects (lazily: the pools open connections on first use and re-open them after an outage),
-/// migrates, and returns the backends.
+/// Read-only connections for the query API; lookups are single index reads.
+const READER_POOL_SIZE: u32 = 4;
+
+/// Connects (the pools re-open connections by themselves after an outage), migrates, and
+/// returns the backends. `pool_size` bounds the writing connections; with the readers and the
+/// `LISTEN` connection a replica holds at most `pool_size + 5` connections.
 pub async fn open(
     url: &SecretString,
     pool_size: u32,
@@ -115,7 +119,7 @@ pub async fn open(
             source,
         })?;
     let reader = PgPoolOptions::new()
-        .max_connections(pool_size.max(2))
+        .max_connections(READER_POOL_SIZE)
         .acquire_timeout(ACQUIRE_TIMEOUT)
         .after_connect(|connection, _| {
             Box::pin(async move {
@@ -139,10 +143,16 @@ pub async fn open(
             target: target.clone(),
             source,
         })?;
+    let queue = PgQueue::new(writer.clone(), queue_config)
+        .await
+        .map_err(|source| Error::Connect {
+            target: target.clone(),
+            source,
+        })?;
     Ok(Backends {
-        store: PgStore::new(writer.clone()),
+        store: PgStore::new(writer),
         reader: PgReader::new(reader),
-        queue: PgQueue::new(writer, queue_config),
+        queue,
     })
 }
 

@@ -1,6 +1,7 @@
 //! The queue on PostgreSQL: SQS semantics over `queue_messages` and `dead_letters`, with
 //! receives that skip rows other replicas are claiming (`FOR UPDATE SKIP LOCKED`).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -9,13 +10,18 @@ use fluxa_queue::{
     DeadLetter, Delivery, Error, MessageAttributes, NewMessage, PendingMessage, Queue, QueueDepth,
     RedriveSelector, Result,
 };
-use sqlx::postgres::PgRow;
+use sqlx::postgres::{PgListener, PgRow};
 use sqlx::{PgPool, Row};
+use tokio::sync::Notify;
 
 use crate::{seconds, QueueConfig};
 
-/// How often an idle receiver looks again for visible messages.
-const IDLE_POLL: Duration = Duration::from_millis(100);
+/// How often an idle receiver looks again for messages whose retry delay or visibility timeout
+/// has passed (new messages wake it at once through `LISTEN`/`NOTIFY`).
+const IDLE_POLL: Duration = Duration::from_millis(250);
+
+/// The `NOTIFY` channel on which every send and redrive announces new messages.
+pub(crate) const ENQUEUED_CHANNEL: &str = "fluxa_enqueued";
 
 /// Most expired messages one receive moves to the dead-letter queue, so a receive stays short.
 const REDRIVE_BATCH: i64 = 100;
@@ -29,11 +35,34 @@ fn unavailable(error: sqlx::Error) -> Error {
 pub struct PgQueue {
     pool: PgPool,
     config: QueueConfig,
+    /// Woken whenever any replica enqueues (relayed from `LISTEN`).
+    enqueued: Arc<Notify>,
+    /// Stops the relay (and frees its connection) when the last clone of this queue is dropped.
+    _relay: Arc<AbortOnDrop>,
+}
+
+/// Aborts a background task when dropped.
+#[derive(Debug)]
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 impl PgQueue {
-    pub(crate) fn new(pool: PgPool, config: QueueConfig) -> Self {
-        Self { pool, config }
+    pub(crate) async fn new(pool: PgPool, config: QueueConfig) -> Result<Self, sqlx::Error> {
+        let enqueued = Arc::new(Notify::new());
+        let mut listener = PgListener::connect_with(&pool).await?;
+        listener.listen(ENQUEUED_CHANNEL).await?;
+        let relay = tokio::spawn(relay_notifications(listener, Arc::clone(&enqueued)));
+        Ok(Self {
+            pool,
+            config,
+            enqueued,
+            _relay: Arc::new(AbortOnDrop(relay)),
+        })
     }
 
     async fn receive_now(&self, max_messages: usize) -> Result<Vec<Delivery>> {
@@ -103,6 +132,20 @@ impl PgQueue {
     }
 }
 
+/// Wakes this replica's idle receivers on every `NOTIFY`. `PgListener` reconnects by itself
+/// after an outage; while it is down, receivers fall back to polling.
+async fn relay_notifications(mut listener: PgListener, enqueued: Arc<Notify>) {
+    loop {
+        match listener.recv().await {
+            Ok(_) => enqueued.notify_waiters(),
+            Err(e) => {
+                tracing::debug!(error.message = %e, "queue notification listener interrupted");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+}
+
 fn attributes(row: &PgRow) -> MessageAttributes {
     MessageAttributes {
         event_id: row.get("event_id"),
@@ -124,14 +167,17 @@ impl Queue for PgQueue {
             event_ids.push(message.attributes.event_id);
             correlation_ids.push(message.attributes.correlation_id);
         }
-        // One statement for the whole batch: atomic and one round trip.
+        // One statement for the whole batch: atomic, one round trip, and the NOTIFY is
+        // delivered when (and only if) the insert commits.
         sqlx::query(
-            r#"INSERT INTO queue_messages
-                 (message_id, body, event_id, correlation_id, enqueued_at, visible_at)
-               SELECT message_id, body, event_id, correlation_id, now(), now()
-               FROM UNNEST($1::text[], $2::bytea[], $3::text[], $4::text[])
-                 WITH ORDINALITY AS m(message_id, body, event_id, correlation_id, ord)
-               ORDER BY ord"#,
+            r#"WITH inserted AS (
+                 INSERT INTO queue_messages
+                   (message_id, body, event_id, correlation_id, enqueued_at, visible_at)
+                 SELECT message_id, body, event_id, correlation_id, now(), now()
+                 FROM UNNEST($1::text[], $2::bytea[], $3::text[], $4::text[])
+                   WITH ORDINALITY AS m(message_id, body, event_id, correlation_id, ord)
+                 ORDER BY ord)
+               SELECT pg_notify('fluxa_enqueued', '')"#,
         )
         .bind(&message_ids)
         .bind(&bodies)
@@ -146,12 +192,20 @@ impl Queue for PgQueue {
     async fn receive(&self, max_messages: usize, wait: Duration) -> Result<Vec<Delivery>> {
         let deadline = tokio::time::Instant::now() + wait;
         loop {
+            // Register interest before looking, so a NOTIFY between the look and the wait still
+            // wakes us.
+            let enqueued = self.enqueued.notified();
+            tokio::pin!(enqueued);
+            enqueued.as_mut().enable();
             let deliveries = self.receive_now(max_messages).await?;
             let now = tokio::time::Instant::now();
             if !deliveries.is_empty() || now >= deadline {
                 return Ok(deliveries);
             }
-            tokio::time::sleep((deadline - now).min(IDLE_POLL)).await;
+            tokio::select! {
+                () = &mut enqueued => {}
+                () = tokio::time::sleep((deadline - now).min(IDLE_POLL)) => {}
+            }
         }
     }
 
@@ -298,22 +352,25 @@ impl Queue for PgQueue {
             RedriveSelector::EventId(event_id) => (Some(event_id.as_str()), None),
             RedriveSelector::Id(id) => (None, Some(id.as_str())),
         };
-        let moved = sqlx::query(
+        let n_moved: i64 = sqlx::query_scalar(
             r#"WITH chosen AS (
                  DELETE FROM dead_letters
                  WHERE ($1::text IS NULL OR event_id = $1) AND ($2::text IS NULL OR message_id = $2)
-                 RETURNING *)
-               INSERT INTO queue_messages
-                 (message_id, body, event_id, correlation_id, enqueued_at, visible_at)
-               SELECT message_id, body, event_id, correlation_id, now(), now()
-               FROM chosen ORDER BY seq"#,
+                 RETURNING *),
+               inserted AS (
+                 INSERT INTO queue_messages
+                   (message_id, body, event_id, correlation_id, enqueued_at, visible_at)
+                 SELECT message_id, body, event_id, correlation_id, now(), now()
+                 FROM chosen ORDER BY seq
+                 RETURNING 1)
+               SELECT COUNT(*) FROM inserted, (SELECT pg_notify('fluxa_enqueued', '')) AS n"#,
         )
         .bind(event_id)
         .bind(message_id)
-        .execute(&self.pool)
+        .fetch_one(&self.pool)
         .await
         .map_err(unavailable)?;
-        Ok(moved.rows_affected())
+        Ok(u64::try_from(n_moved).unwrap_or(0))
     }
 
     async fn ping(&self) -> Result<()> {

@@ -22,7 +22,7 @@ use fluxa_queue::{
 };
 use sqlx::sqlite::SqliteRow;
 use sqlx::Row;
-use tokio::sync::Notify;
+use tokio::sync::{mpsc, oneshot, Notify};
 
 use crate::{millis, now_millis, Pools, QueueConfig};
 
@@ -34,6 +34,18 @@ fn unavailable(error: sqlx::Error) -> Error {
     Error::unavailable(error)
 }
 
+/// Most messages one group commit writes; more waiting senders go in the next commit.
+const GROUP_COMMIT_MAX_MESSAGES: usize = 2000;
+
+/// Senders waiting for the group-commit writer; beyond this, `send` waits for room.
+const GROUP_COMMIT_QUEUE: usize = 4096;
+
+/// One caller's messages and where to tell it how their commit went.
+struct SendRequest {
+    messages: Vec<NewMessage>,
+    reply: oneshot::Sender<Result<Vec<String>>>,
+}
+
 /// The embedded queue.
 #[derive(Clone, Debug)]
 pub struct SqliteQueue {
@@ -41,14 +53,24 @@ pub struct SqliteQueue {
     config: QueueConfig,
     /// Wakes this process's idle receivers when this process enqueues.
     enqueued: Arc<Notify>,
+    /// Hands messages to the group-commit writer (see [`run_group_commit`]).
+    sends: mpsc::Sender<SendRequest>,
 }
 
 impl SqliteQueue {
     pub(crate) fn new(pools: Pools, config: QueueConfig) -> Self {
+        let enqueued = Arc::new(Notify::new());
+        let (sends, requests) = mpsc::channel(GROUP_COMMIT_QUEUE);
+        tokio::spawn(run_group_commit(
+            pools.writer.clone(),
+            requests,
+            Arc::clone(&enqueued),
+        ));
         Self {
             pools,
             config,
-            enqueued: Arc::new(Notify::new()),
+            enqueued,
+            sends,
         }
     }
 
@@ -129,20 +151,56 @@ impl SqliteQueue {
     }
 }
 
-fn attributes(row: &SqliteRow) -> MessageAttributes {
-    MessageAttributes {
-        event_id: row.get("event_id"),
-        correlation_id: row.get("correlation_id"),
+/// Group commit: every `send` waiting when the writer is free goes into one transaction, so
+/// concurrent producers share one fsync instead of queueing for one each. Each caller is
+/// answered only after the commit, so a 202 still means "on disk". A failed commit fails every
+/// caller in it (their messages are all rolled back together), and they answer 503.
+async fn run_group_commit(
+    writer: sqlx::SqlitePool,
+    mut requests: mpsc::Receiver<SendRequest>,
+    enqueued: Arc<Notify>,
+) {
+    while let Some(first) = requests.recv().await {
+        let mut n_messages = first.messages.len();
+        let mut group = vec![first];
+        while n_messages < GROUP_COMMIT_MAX_MESSAGES {
+            match requests.try_recv() {
+                Ok(request) => {
+                    n_messages += request.messages.len();
+                    group.push(request);
+                }
+                Err(_) => break,
+            }
+        }
+        let outcome = insert_group(&writer, &mut group).await;
+        match outcome {
+            Ok(ids) => {
+                enqueued.notify_waiters();
+                for (request, ids) in group.into_iter().zip(ids) {
+                    let _ = request.reply.send(Ok(ids));
+                }
+            }
+            Err(e) => {
+                let text = e.to_string();
+                for request in group {
+                    let error = Error::unavailable(std::io::Error::other(text.clone()));
+                    let _ = request.reply.send(Err(error));
+                }
+            }
+        }
     }
 }
 
-#[async_trait]
-impl Queue for SqliteQueue {
-    async fn send(&self, messages: Vec<NewMessage>) -> Result<Vec<String>> {
-        let now = now_millis();
-        let mut tx = self.begin().await?;
-        let mut message_ids = Vec::with_capacity(messages.len());
-        for message in messages {
+async fn insert_group(
+    writer: &sqlx::SqlitePool,
+    group: &mut [SendRequest],
+) -> std::result::Result<Vec<Vec<String>>, sqlx::Error> {
+    let now = now_millis();
+    let mut tx = writer.begin_with("BEGIN IMMEDIATE").await?;
+    let mut ids_per_request = Vec::with_capacity(group.len());
+    for request in group.iter_mut() {
+        let mut message_ids = Vec::with_capacity(request.messages.len());
+        for message in std::mem::take(&mut request.messages) {
             let message_id = uuid::Uuid::new_v4().to_string();
             sqlx::query(
                 r#"INSERT INTO queue_messages
@@ -155,13 +213,32 @@ impl Queue for SqliteQueue {
             .bind(message.attributes.correlation_id)
             .bind(now)
             .execute(&mut *tx)
-            .await
-            .map_err(unavailable)?;
+            .await?;
             message_ids.push(message_id);
         }
-        tx.commit().await.map_err(unavailable)?;
-        self.enqueued.notify_waiters();
-        Ok(message_ids)
+        ids_per_request.push(message_ids);
+    }
+    tx.commit().await?;
+    Ok(ids_per_request)
+}
+
+fn attributes(row: &SqliteRow) -> MessageAttributes {
+    MessageAttributes {
+        event_id: row.get("event_id"),
+        correlation_id: row.get("correlation_id"),
+    }
+}
+
+#[async_trait]
+impl Queue for SqliteQueue {
+    async fn send(&self, messages: Vec<NewMessage>) -> Result<Vec<String>> {
+        let (reply, answer) = oneshot::channel();
+        let writer_gone = || Error::Corrupt("the queue's writer task has stopped".to_owned());
+        self.sends
+            .send(SendRequest { messages, reply })
+            .await
+            .map_err(|_| writer_gone())?;
+        answer.await.map_err(|_| writer_gone())?
     }
 
     async fn receive(&self, max_messages: usize, wait: Duration) -> Result<Vec<Delivery>> {

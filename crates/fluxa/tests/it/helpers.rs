@@ -54,6 +54,9 @@ fn pg_url_for(database: &str) -> String {
 pub struct TestData {
     pub dir: tempfile::TempDir,
     database: Option<String>,
+    /// Opened on first use and kept: each opening holds database connections.
+    backends: tokio::sync::OnceCell<fluxa_server::Backends>,
+    pg_pool: tokio::sync::OnceCell<sqlx::PgPool>,
 }
 
 impl TestData {
@@ -86,6 +89,8 @@ impl TestData {
         Self {
             dir: tempfile::tempdir().expect("temp dir"),
             database,
+            backends: tokio::sync::OnceCell::new(),
+            pg_pool: tokio::sync::OnceCell::new(),
         }
     }
 
@@ -130,20 +135,36 @@ impl TestData {
         config
     }
 
+    async fn backends(&self) -> &fluxa_server::Backends {
+        self.backends
+            .get_or_init(|| async {
+                fluxa_server::open_backends(&self.config())
+                    .await
+                    .expect("open backends")
+            })
+            .await
+    }
+
+    async fn pg_pool(&self, url: &str) -> &sqlx::PgPool {
+        self.pg_pool
+            .get_or_init(|| async {
+                sqlx::postgres::PgPoolOptions::new()
+                    .max_connections(2)
+                    .connect(url)
+                    .await
+                    .expect("connect")
+            })
+            .await
+    }
+
     /// The queue, opened from the test process with a 1 s visibility timeout.
     pub async fn queue(&self) -> Arc<dyn Queue> {
-        fluxa_server::open_backends(&self.config())
-            .await
-            .expect("open backends")
-            .queue
+        Arc::clone(&self.backends().await.queue)
     }
 
     /// The store's processor side, opened from the test process.
     pub async fn store(&self) -> Arc<dyn fluxa_store::Store> {
-        fluxa_server::open_backends(&self.config())
-            .await
-            .expect("open backends")
-            .store
+        Arc::clone(&self.backends().await.store)
     }
 
     /// Runs one SQL statement against the store's database, to inject faults.
@@ -158,9 +179,8 @@ impl TestData {
                 pool.close().await;
             }
             Some(url) => {
-                let pool = sqlx::PgPool::connect(url).await.expect("connect");
-                sqlx::query(sql).execute(&pool).await.expect("store SQL");
-                pool.close().await;
+                let pool = self.pg_pool(url).await;
+                sqlx::query(sql).execute(pool).await.expect("store SQL");
             }
         }
     }
@@ -194,14 +214,12 @@ impl TestData {
                 n
             }
             Some(url) => {
-                let pool = sqlx::PgPool::connect(url).await.expect("connect");
+                let pool = self.pg_pool(url).await;
                 let mut query = sqlx::query_scalar(sql);
                 if param.is_some() {
                     query = query.bind(param);
                 }
-                let n = query.fetch_one(&pool).await.expect("count");
-                pool.close().await;
-                n
+                query.fetch_one(pool).await.expect("count")
             }
         }
     }

@@ -59,3 +59,30 @@ async fn unknown_routes_and_wrong_methods_answer_with_the_contract_error_body() 
     let response = app.client.get(app.url("/v1/events")).send().await.unwrap();
     assert_eq!(response.status(), 405);
 }
+
+#[tokio::test]
+async fn errors_raised_by_the_framework_still_use_the_contract_error_body() {
+    let data = TestData::new().await;
+    let app = data.spawn(&[]).await;
+    let response = app.get("/v1/events/%FF").await;
+    assert_eq!(response.status(), 400);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "validation_error");
+    assert!(body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("event_id"));
+
+    let response = app
+        .client
+        .post(app.url("/v1/admin/dlq/redrive"))
+        .header("content-type", "application/json")
+        .body(" ".repeat(3_000_000))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 413);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "payload_too_large");
+    assert!(body["error"]["correlation_id"].is_string());
+}
