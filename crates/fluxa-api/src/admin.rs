@@ -1,11 +1,11 @@
 //! `/v1/admin/dlq…`: list, show and redrive dead letters (contract section 4).
 
+use axum::body::Body;
 use axum::extract::{Path, Query, State};
-use axum::http::{header, HeaderMap};
+use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use bytes::Bytes;
 use fluxa_core::time::format_rfc3339;
 use fluxa_queue::{DeadLetter, RedriveSelector};
 use serde::{Deserialize, Serialize};
@@ -13,6 +13,7 @@ use serde_json::json;
 use serde_json::value::RawValue;
 
 use crate::auth::{self, Scope};
+use crate::body::{read_body, require_json};
 use crate::error::ApiError;
 use crate::AppState;
 
@@ -151,28 +152,16 @@ struct RedriveIn {
     id: Option<String>,
 }
 
+/// Largest accepted redrive request body; the real ones are a few dozen bytes.
+const MAX_REDRIVE_BODY: usize = 64 * 1024;
+
 async fn redrive(
     State(state): State<AppState>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Result<Response, ApiError> {
-    let is_json = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| {
-            v.split(';')
-                .next()
-                .unwrap_or("")
-                .trim()
-                .eq_ignore_ascii_case("application/json")
-        });
-    if !is_json {
-        return Err(ApiError::new(
-            axum::http::StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "unsupported_media_type",
-            "Content-Type must be application/json",
-        ));
-    }
+    require_json(&headers)?;
+    let body = read_body(&headers, body, MAX_REDRIVE_BODY).await?;
     fluxa_core::ingest::check_json_syntax(&body)?;
     let request: RedriveIn =
         serde_json::from_slice(&body).map_err(|e| ApiError::validation(format!("body: {e}")))?;

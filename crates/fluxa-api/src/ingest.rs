@@ -3,21 +3,21 @@
 
 use axum::body::Body;
 use axum::extract::State;
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use chrono::Utc;
 use fluxa_core::ingest::{check_json_syntax, parse_checked_event, parse_event, ValidatedEvent};
 use fluxa_core::{CorrelationId, EventMessageV1, FluxaTask, PayloadMode};
 use fluxa_queue::{MessageAttributes, NewMessage};
-use http_body_util::BodyExt;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{json, Value};
 
 use crate::auth::{self, Scope};
+use crate::body::{read_body, require_json};
 use crate::error::ApiError;
 use crate::{correlation, AppState};
 
@@ -35,66 +35,6 @@ pub fn router(state: &AppState) -> Router<AppState> {
             state.clone(),
             |s, r, n| auth::require(Scope::Ingest, s, r, n),
         ))
-}
-
-/// Checks `Content-Type: application/json` (parameters such as charset allowed).
-fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
-    let is_json = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .map(|v| v.split(';').next().unwrap_or("").trim())
-        .is_some_and(|mime| mime.eq_ignore_ascii_case("application/json"));
-    if is_json {
-        Ok(())
-    } else {
-        Err(ApiError::new(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "unsupported_media_type",
-            "Content-Type must be application/json",
-        ))
-    }
-}
-
-/// Past the limit we keep reading (and discarding) up to this much more, so the client gets a
-/// clean 413 instead of a connection reset mid-upload; beyond it we stop reading.
-const DRAIN_CAP: usize = 64 * 1024 * 1024;
-
-/// Reads the whole body, refusing (413) anything over `limit` bytes without keeping it.
-async fn read_body(headers: &HeaderMap, mut body: Body, limit: usize) -> Result<Bytes, ApiError> {
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    let mut too_large = declared.is_some_and(|n| n > limit as u64);
-    let mut buffer = BytesMut::new();
-    let mut n_read: usize = 0;
-    while let Some(frame) = body.frame().await {
-        let Ok(frame) = frame else {
-            return Err(ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "invalid_json",
-                "the request body could not be read completely",
-            ));
-        };
-        let Ok(data) = frame.into_data() else {
-            continue;
-        };
-        n_read = n_read.saturating_add(data.len());
-        too_large |= n_read > limit;
-        if too_large {
-            if n_read > limit.saturating_add(DRAIN_CAP) {
-                break;
-            }
-        } else {
-            buffer.extend_from_slice(&data);
-        }
-    }
-    if too_large {
-        return Err(ApiError::payload_too_large(format!(
-            "the request body is over {limit} bytes"
-        )));
-    }
-    Ok(buffer.freeze())
 }
 
 /// What ingest knows about one accepted event once its message is built.
@@ -150,7 +90,7 @@ async fn prepare(
 
 /// Enqueues the prepared messages as one atomic send. On failure the blobs written for them are
 /// deleted (best effort; a leftover blob is unreferenced and harmless) and the caller answers 503.
-async fn enqueue(state: &AppState, prepared: &[Prepared]) -> Result<(), ApiError> {
+async fn enqueue(state: &AppState, prepared: &[&Prepared]) -> Result<(), ApiError> {
     let messages = prepared.iter().map(|p| p.message.clone()).collect();
     if let Err(e) = state.queue.send(messages).await {
         tracing::warn!(error.cause_chain = ?e, error.message = %e, "enqueue failed");
@@ -211,7 +151,7 @@ async fn ingest_one_inner(
     let event = parse_event(&bytes, state.limits.max_payload_bytes)?;
     let correlation_id = current_correlation_id();
     let prepared = prepare(state, &event, &correlation_id).await?;
-    enqueue(state, std::slice::from_ref(&prepared)).await?;
+    enqueue(state, &[&prepared]).await?;
     tracing::info!(
         event_id = event.event_id.as_str(),
         payload_size = event.payload_size(),
@@ -262,45 +202,47 @@ async fn ingest_batch_inner(
         )));
     }
     let correlation_id = current_correlation_id();
-    let mut results: Vec<Value> = Vec::with_capacity(batch.events.len());
-    let mut prepared: Vec<Prepared> = Vec::new();
-    let mut accepted_idx: Vec<usize> = Vec::new();
-    for (event_idx, raw) in batch.events.iter().enumerate() {
-        let outcome =
-            match parse_checked_event(raw.get().as_bytes(), state.limits.max_payload_bytes) {
-                Ok(event) => prepare(state, &event, &correlation_id).await,
-                Err(e) => Err(ApiError::from(e)),
-            };
-        match outcome {
-            Ok(p) => {
-                accepted_idx.push(results.len());
-                results.push(Value::Null);
-                prepared.push(p);
+    let mut items: Vec<Result<Prepared, ApiError>> = Vec::with_capacity(batch.events.len());
+    for raw in &batch.events {
+        let item = match parse_checked_event(raw.get().as_bytes(), state.limits.max_payload_bytes) {
+            Ok(event) => prepare(state, &event, &correlation_id).await,
+            Err(e) => Err(ApiError::from(e)),
+        };
+        // A blob store outage is the whole request's problem, not this item's.
+        if let Err(error) = &item {
+            if error.status == StatusCode::SERVICE_UNAVAILABLE {
+                let written = items.iter().flatten().filter_map(|p| p.blob_key.as_deref());
+                delete_blobs(state, written).await;
+                return Err(error.clone());
             }
-            Err(error) if error.status == StatusCode::SERVICE_UNAVAILABLE => {
-                delete_blobs(state, prepared.iter().filter_map(|p| p.blob_key.as_deref())).await;
-                return Err(error);
+        }
+        items.push(item);
+    }
+    let accepted: Vec<&Prepared> = items.iter().flatten().collect();
+    if !accepted.is_empty() {
+        enqueue(state, &accepted).await?;
+    }
+    let n_accepted = accepted.len();
+    let results: Vec<Value> = items
+        .into_iter()
+        .enumerate()
+        .map(|(event_idx, item)| match item {
+            Ok(prepared) => {
+                let mut result = prepared.result;
+                result["index"] = json!(event_idx);
+                result["status"] = json!(202);
+                result
             }
             Err(error) => {
                 count_rejection(&error);
-                results.push(json!({
+                json!({
                     "index": event_idx,
                     "status": error.status.as_u16(),
                     "error": {"code": error.code, "message": error.message},
-                }));
+                })
             }
-        }
-    }
-    if !prepared.is_empty() {
-        enqueue(state, &prepared).await?;
-    }
-    for (p, slot) in prepared.into_iter().zip(accepted_idx.iter().copied()) {
-        let mut item = p.result;
-        item["index"] = json!(slot);
-        item["status"] = json!(202);
-        results[slot] = item;
-    }
-    let n_accepted = accepted_idx.len();
+        })
+        .collect();
     tracing::info!(n_events = results.len(), n_accepted, "batch accepted");
     Ok((
         StatusCode::OK,

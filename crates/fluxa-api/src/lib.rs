@@ -6,6 +6,7 @@
 //!   to status codes and the contract's error body.
 //! - `correlation`: the outermost middleware: correlation id, request span, panic guard.
 //! - `auth`: bearer tokens with scopes, compared in constant time.
+//! - `body`: JSON request bodies: content type (415) and size limits (413).
 //! - `ingest`, `query`, `admin`, `ops`: one router per resource.
 //!
 //! **Architecture Invariant:** only this crate knows HTTP. **Architecture Invariant:** the query
@@ -13,6 +14,7 @@
 
 mod admin;
 mod auth;
+mod body;
 mod correlation;
 pub mod error;
 mod ingest;

@@ -140,7 +140,7 @@ impl Processor {
                     .and_then(|id| EventId::parse(id).ok());
                 if let Some(event_id) = event_id {
                     if let Err(e) = self.store.record_error(&event_id, &error).await {
-                        return self.transient_before_claim(delivery, store_error(&e));
+                        return self.transient(delivery, store_error(&e));
                     }
                 }
                 return Outcome::Permanent(error);
@@ -160,7 +160,7 @@ impl Processor {
             })
             .await;
         let lease = match claim {
-            Err(e) => return self.transient_before_claim(delivery, store_error(&e)),
+            Err(e) => return self.transient(delivery, store_error(&e)),
             Ok(Claim::Acquired(lease)) => lease,
             Ok(Claim::AlreadyProcessed { payload_sha256 })
                 if payload_sha256 == message.payload_sha256.as_str() =>
@@ -176,7 +176,7 @@ impl Processor {
                     ),
                 );
                 if let Err(e) = self.store.record_error(&message.event_id, &error).await {
-                    return self.transient_before_claim(delivery, store_error(&e));
+                    return self.transient(delivery, store_error(&e));
                 }
                 return Outcome::Conflict(error);
             }
@@ -304,10 +304,10 @@ impl Processor {
             // The lease will simply expire; nothing is lost.
             tracing::warn!(error.cause_chain = ?e, error.message = %e, "could not release the lease");
         }
-        self.transient_before_claim(delivery, error)
+        self.transient(delivery, error)
     }
 
-    fn transient_before_claim(&self, delivery: &Delivery, error: FailureInfo) -> Outcome {
+    fn transient(&self, delivery: &Delivery, error: FailureInfo) -> Outcome {
         Outcome::Transient {
             error,
             retry_after: self.backoff(delivery.receive_count),
