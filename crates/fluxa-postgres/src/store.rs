@@ -101,7 +101,7 @@ impl Store for PgStore {
         Ok(acquired(request.event_id, token, &row))
     }
 
-    async fn complete(&self, lease: &Lease, event: &NewEvent) -> Result<Completion> {
+    async fn complete(&self, lease: &Lease, event: NewEvent) -> Result<Completion> {
         let mut tx = self.pool.begin().await.map_err(unavailable)?;
         let marked = sqlx::query(
             r#"UPDATE idempotency_keys

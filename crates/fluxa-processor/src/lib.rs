@@ -231,7 +231,7 @@ impl Processor {
             correlation_id: message.correlation_id.clone(),
             received_at: message.received_at,
         };
-        match self.store.complete(&lease, &event).await {
+        match self.store.complete(&lease, event).await {
             Ok(Completion::Stored) => Outcome::Processed,
             Ok(Completion::LeaseLost) => Outcome::Transient {
                 error: FailureInfo::new(
@@ -418,7 +418,7 @@ mod tests {
         async fn claim(&self, _: ClaimRequest<'_>) -> Result<Claim> {
             (self.claim)()
         }
-        async fn complete(&self, _: &Lease, _: &NewEvent) -> Result<Completion> {
+        async fn complete(&self, _: &Lease, _: NewEvent) -> Result<Completion> {
             Ok(Completion::Stored)
         }
         async fn fail(&self, _: &Lease, _: &FailureInfo) -> Result<()> {

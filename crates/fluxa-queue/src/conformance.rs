@@ -76,8 +76,22 @@ pub async fn a_message_reappears_after_its_visibility_timeout_and_a_stale_receip
         1,
         "a stale receipt deleted the message"
     );
-    queue.delete_many(&[second]).await.unwrap();
-    assert_eq!(queue.depth().await.unwrap(), QueueDepth::default());
+    queue.delete(&second).await.unwrap();
+    assert_eq!(
+        queue.depth().await.unwrap(),
+        QueueDepth::default(),
+        "delete must remove the message"
+    );
+
+    queue.send(vec![message(2), message(3)]).await.unwrap();
+    let both = queue.receive(2, Duration::ZERO).await.unwrap();
+    assert_eq!(both.len(), 2);
+    queue.delete_many(&both).await.unwrap();
+    assert_eq!(
+        queue.depth().await.unwrap(),
+        QueueDepth::default(),
+        "delete_many must remove all"
+    );
 }
 
 /// The queue must allow 3 receives and have a long visibility timeout.
@@ -206,12 +220,12 @@ pub async fn an_expired_lease_is_taken_over_and_the_old_holder_cannot_complete(
         received_at: chrono::Utc::now(),
     };
     assert_eq!(
-        store.complete(&old, &event).await.unwrap(),
+        store.complete(&old, event.clone()).await.unwrap(),
         fluxa_store::Completion::LeaseLost,
         "a lost lease must not write"
     );
     assert_eq!(
-        store.complete(&new, &event).await.unwrap(),
+        store.complete(&new, event).await.unwrap(),
         fluxa_store::Completion::Stored
     );
     assert_eq!(

@@ -9,6 +9,7 @@
 //! writes through one connection makes every claim atomic without lock-upgrade failures, and the
 //! busy timeout covers other processes (a CLI, a restarted server) on the same files.
 
+mod group_commit;
 mod queue;
 mod store;
 

@@ -1,11 +1,12 @@
 //! The embedded queue: SQS semantics (visibility timeout, receive count, redrive to a
 //! dead-letter table) on `queue.db`.
 //!
-//! A receive is one write transaction on the single writer connection: first it moves every
-//! visible message that has used up its receives to `dead_letters`, then it claims the oldest
-//! visible messages by bumping their receive count, receipt and `visible_at`. SQLite has no
-//! `SKIP LOCKED`; the database's single write lock gives the same "one receiver per message"
-//! guarantee, which the tests below check with concurrent receivers.
+//! Every write goes through the file's [`GroupCommit`] writer, so concurrent enqueues from the
+//! API and receives from the workers share commits. A receive first moves every visible message
+//! that has used up its receives to `dead_letters`, then claims the oldest visible messages by
+//! bumping their receive count, receipt and `visible_at`. SQLite has no `SKIP LOCKED`; the
+//! database's single write lock gives the same "one receiver per message" guarantee, which the
+//! conformance checks prove with concurrent receivers in two processes' worth of handles.
 //!
 //! A message waiting out a retry delay has no receipt; one with a receipt and a future
 //! `visible_at` is in flight.
@@ -21,9 +22,10 @@ use fluxa_queue::{
     RedriveSelector, Result,
 };
 use sqlx::sqlite::SqliteRow;
-use sqlx::Row;
-use tokio::sync::{mpsc, oneshot, Notify};
+use sqlx::{Row, SqliteConnection};
+use tokio::sync::Notify;
 
+use crate::group_commit::GroupCommit;
 use crate::{millis, now_millis, Pools, QueueConfig};
 
 /// How often an idle receiver looks again for messages whose delay has passed or that another
@@ -34,192 +36,102 @@ fn unavailable(error: sqlx::Error) -> Error {
     Error::unavailable(error)
 }
 
-/// Most messages one group commit writes; more waiting senders go in the next commit.
-const GROUP_COMMIT_MAX_MESSAGES: usize = 2000;
-
-/// Senders waiting for the group-commit writer; beyond this, `send` waits for room.
-const GROUP_COMMIT_QUEUE: usize = 4096;
-
-/// One caller's messages and where to tell it how their commit went.
-struct SendRequest {
-    messages: Vec<NewMessage>,
-    reply: oneshot::Sender<Result<Vec<String>>>,
-}
-
 /// The embedded queue.
 #[derive(Clone, Debug)]
 pub struct SqliteQueue {
     pools: Pools,
     config: QueueConfig,
+    writes: GroupCommit,
     /// Wakes this process's idle receivers when this process enqueues.
     enqueued: Arc<Notify>,
-    /// Hands messages to the group-commit writer (see [`run_group_commit`]).
-    sends: mpsc::Sender<SendRequest>,
 }
 
 impl SqliteQueue {
     pub(crate) fn new(pools: Pools, config: QueueConfig) -> Self {
-        let enqueued = Arc::new(Notify::new());
-        let (sends, requests) = mpsc::channel(GROUP_COMMIT_QUEUE);
-        tokio::spawn(run_group_commit(
-            pools.writer.clone(),
-            requests,
-            Arc::clone(&enqueued),
-        ));
+        let writes = GroupCommit::start(pools.writer.clone());
         Self {
             pools,
             config,
-            enqueued,
-            sends,
+            writes,
+            enqueued: Arc::new(Notify::new()),
         }
-    }
-
-    async fn begin(&self) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>> {
-        self.pools
-            .writer
-            .begin_with("BEGIN IMMEDIATE")
-            .await
-            .map_err(unavailable)
     }
 
     async fn receive_now(&self, max_messages: usize) -> Result<Vec<Delivery>> {
-        let now = now_millis();
-        let max_receives = i64::from(self.config.max_receives);
-        let mut tx = self.begin().await?;
-        // SQS redrive: a message that was already received max_receives times goes to the DLQ
-        // instead of being delivered again.
-        sqlx::query(
-            r#"INSERT INTO dead_letters
-                 (message_id, body, event_id, correlation_id, error_class, error_code,
-                  error_message, receive_count, enqueued_at, first_failure_at, last_failure_at,
-                  dead_lettered_at)
-               SELECT message_id, body, event_id, correlation_id, 'retries_exhausted',
-                      'retries_exhausted',
-                      'gave up after ' || receive_count || ' receives; last error: ' ||
-                        COALESCE(last_error_code || ': ' || last_error_message, 'none recorded'),
-                      receive_count, enqueued_at, COALESCE(first_failure_at, ?1),
-                      COALESCE(last_failure_at, ?1), ?1
-               FROM queue_messages WHERE visible_at <= ?1 AND receive_count >= ?2"#,
-        )
+        let config = self.config;
+        self.writes
+            .run(move |connection| Box::pin(receive(connection, config, max_messages)))
+            .await
+            .map_err(unavailable)
+    }
+}
+
+/// One receive: the SQS redrive of exhausted messages, then the claim of visible ones.
+async fn receive(
+    connection: &mut SqliteConnection,
+    config: QueueConfig,
+    max_messages: usize,
+) -> std::result::Result<Vec<Delivery>, sqlx::Error> {
+    let now = now_millis();
+    let max_receives = i64::from(config.max_receives);
+    // A message that was already received max_receives times goes to the DLQ instead of being
+    // delivered again.
+    sqlx::query(
+        r#"INSERT INTO dead_letters
+             (message_id, body, event_id, correlation_id, error_class, error_code,
+              error_message, receive_count, enqueued_at, first_failure_at, last_failure_at,
+              dead_lettered_at)
+           SELECT message_id, body, event_id, correlation_id, 'retries_exhausted',
+                  'retries_exhausted',
+                  'gave up after ' || receive_count || ' receives; last error: ' ||
+                    COALESCE(last_error_code || ': ' || last_error_message, 'none recorded'),
+                  receive_count, enqueued_at, COALESCE(first_failure_at, ?1),
+                  COALESCE(last_failure_at, ?1), ?1
+           FROM queue_messages WHERE visible_at <= ?1 AND receive_count >= ?2"#,
+    )
+    .bind(now)
+    .bind(max_receives)
+    .execute(&mut *connection)
+    .await?;
+    sqlx::query("DELETE FROM queue_messages WHERE visible_at <= ?1 AND receive_count >= ?2")
         .bind(now)
         .bind(max_receives)
-        .execute(&mut *tx)
-        .await
-        .map_err(unavailable)?;
-        sqlx::query("DELETE FROM queue_messages WHERE visible_at <= ?1 AND receive_count >= ?2")
-            .bind(now)
-            .bind(max_receives)
-            .execute(&mut *tx)
-            .await
-            .map_err(unavailable)?;
+        .execute(&mut *connection)
+        .await?;
 
-        let receipt = uuid::Uuid::new_v4().to_string();
-        let rows = sqlx::query(
-            r#"UPDATE queue_messages
-               SET receive_count = receive_count + 1, receipt = ?1, visible_at = ?2
-               WHERE seq IN (SELECT seq FROM queue_messages WHERE visible_at <= ?3
-                             ORDER BY seq LIMIT ?4)
-               RETURNING seq, message_id, body, event_id, correlation_id, receive_count,
-                         enqueued_at"#,
-        )
-        .bind(&receipt)
-        .bind(now.saturating_add(millis(self.config.visibility_timeout)))
-        .bind(now)
-        .bind(i64::try_from(max_messages).unwrap_or(i64::MAX))
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(unavailable)?;
-        tx.commit().await.map_err(unavailable)?;
+    let receipt = uuid::Uuid::new_v4().to_string();
+    let rows = sqlx::query(
+        r#"UPDATE queue_messages
+           SET receive_count = receive_count + 1, receipt = ?1, visible_at = ?2
+           WHERE seq IN (SELECT seq FROM queue_messages WHERE visible_at <= ?3
+                         ORDER BY seq LIMIT ?4)
+           RETURNING seq, message_id, body, event_id, correlation_id, receive_count,
+                     enqueued_at"#,
+    )
+    .bind(&receipt)
+    .bind(now.saturating_add(millis(config.visibility_timeout)))
+    .bind(now)
+    .bind(i64::try_from(max_messages).unwrap_or(i64::MAX))
+    .fetch_all(&mut *connection)
+    .await?;
 
-        let mut deliveries: Vec<(i64, Delivery)> = rows
-            .iter()
-            .map(|row| {
-                let delivery = Delivery {
-                    message_id: row.get("message_id"),
-                    receipt: receipt.clone(),
-                    body: row.get("body"),
-                    attributes: attributes(row),
-                    receive_count: u32::try_from(row.get::<i64, _>("receive_count")).unwrap_or(0),
-                    enqueued_at: from_unix_millis(row.get("enqueued_at")),
-                };
-                (row.get("seq"), delivery)
-            })
-            .collect();
-        // RETURNING does not promise an order; deliver oldest first.
-        deliveries.sort_by_key(|(seq, _)| *seq);
-        Ok(deliveries.into_iter().map(|(_, d)| d).collect())
-    }
-}
-
-/// Group commit: every `send` waiting when the writer is free goes into one transaction, so
-/// concurrent producers share one fsync instead of queueing for one each. Each caller is
-/// answered only after the commit, so a 202 still means "on disk". A failed commit fails every
-/// caller in it (their messages are all rolled back together), and they answer 503.
-async fn run_group_commit(
-    writer: sqlx::SqlitePool,
-    mut requests: mpsc::Receiver<SendRequest>,
-    enqueued: Arc<Notify>,
-) {
-    while let Some(first) = requests.recv().await {
-        let mut n_messages = first.messages.len();
-        let mut group = vec![first];
-        while n_messages < GROUP_COMMIT_MAX_MESSAGES {
-            match requests.try_recv() {
-                Ok(request) => {
-                    n_messages += request.messages.len();
-                    group.push(request);
-                }
-                Err(_) => break,
-            }
-        }
-        let outcome = insert_group(&writer, &mut group).await;
-        match outcome {
-            Ok(ids) => {
-                enqueued.notify_waiters();
-                for (request, ids) in group.into_iter().zip(ids) {
-                    let _ = request.reply.send(Ok(ids));
-                }
-            }
-            Err(e) => {
-                let text = e.to_string();
-                for request in group {
-                    let error = Error::unavailable(std::io::Error::other(text.clone()));
-                    let _ = request.reply.send(Err(error));
-                }
-            }
-        }
-    }
-}
-
-async fn insert_group(
-    writer: &sqlx::SqlitePool,
-    group: &mut [SendRequest],
-) -> std::result::Result<Vec<Vec<String>>, sqlx::Error> {
-    let now = now_millis();
-    let mut tx = writer.begin_with("BEGIN IMMEDIATE").await?;
-    let mut ids_per_request = Vec::with_capacity(group.len());
-    for request in group.iter_mut() {
-        let mut message_ids = Vec::with_capacity(request.messages.len());
-        for message in std::mem::take(&mut request.messages) {
-            let message_id = uuid::Uuid::new_v4().to_string();
-            sqlx::query(
-                r#"INSERT INTO queue_messages
-                     (message_id, body, event_id, correlation_id, enqueued_at, visible_at)
-                   VALUES (?1, ?2, ?3, ?4, ?5, ?5)"#,
-            )
-            .bind(&message_id)
-            .bind(message.body)
-            .bind(message.attributes.event_id)
-            .bind(message.attributes.correlation_id)
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
-            message_ids.push(message_id);
-        }
-        ids_per_request.push(message_ids);
-    }
-    tx.commit().await?;
-    Ok(ids_per_request)
+    let mut deliveries: Vec<(i64, Delivery)> = rows
+        .iter()
+        .map(|row| {
+            let delivery = Delivery {
+                message_id: row.get("message_id"),
+                receipt: receipt.clone(),
+                body: row.get("body"),
+                attributes: attributes(row),
+                receive_count: u32::try_from(row.get::<i64, _>("receive_count")).unwrap_or(0),
+                enqueued_at: from_unix_millis(row.get("enqueued_at")),
+            };
+            (row.get("seq"), delivery)
+        })
+        .collect();
+    // RETURNING does not promise an order; deliver oldest first.
+    deliveries.sort_by_key(|(seq, _)| *seq);
+    Ok(deliveries.into_iter().map(|(_, d)| d).collect())
 }
 
 fn attributes(row: &SqliteRow) -> MessageAttributes {
@@ -229,16 +141,59 @@ fn attributes(row: &SqliteRow) -> MessageAttributes {
     }
 }
 
+// Statements that settle one delivery; `?1` is its message id and `?2` its receipt, so a stale
+// receipt matches nothing.
+const DELETE_SQL: &str = "DELETE FROM queue_messages WHERE message_id = ?1 AND receipt = ?2";
+
+/// `?3` now, `?4` when to deliver again, `?5`/`?6` the error's code and message.
+const RETRY_LATER_SQL: &str = r#"UPDATE queue_messages
+   SET visible_at = ?4, receipt = NULL, first_failure_at = COALESCE(first_failure_at, ?3),
+       last_failure_at = ?3, last_error_code = ?5, last_error_message = ?6
+   WHERE message_id = ?1 AND receipt = ?2"#;
+
+/// Copies a delivery to the DLQ (`?3` now, `?4`/`?5` error code and message); the DELETE that
+/// follows runs in the same savepoint, so the move is all or nothing.
+const DEAD_LETTER_SQL: &str = r#"INSERT INTO dead_letters
+     (message_id, body, event_id, correlation_id, error_class, error_code,
+      error_message, receive_count, enqueued_at, first_failure_at, last_failure_at,
+      dead_lettered_at)
+   SELECT message_id, body, event_id, correlation_id, 'permanent', ?4, ?5,
+          receive_count, enqueued_at, COALESCE(first_failure_at, ?3), ?3, ?3
+   FROM queue_messages WHERE message_id = ?1 AND receipt = ?2"#;
+
 #[async_trait]
 impl Queue for SqliteQueue {
     async fn send(&self, messages: Vec<NewMessage>) -> Result<Vec<String>> {
-        let (reply, answer) = oneshot::channel();
-        let writer_gone = || Error::Corrupt("the queue's writer task has stopped".to_owned());
-        self.sends
-            .send(SendRequest { messages, reply })
+        let message_ids = self
+            .writes
+            .run(move |connection| {
+                Box::pin(async move {
+                    let now = now_millis();
+                    let mut message_ids = Vec::with_capacity(messages.len());
+                    for message in messages {
+                        let message_id = uuid::Uuid::new_v4().to_string();
+                        sqlx::query(
+                            r#"INSERT INTO queue_messages
+                                 (message_id, body, event_id, correlation_id, enqueued_at,
+                                  visible_at)
+                               VALUES (?1, ?2, ?3, ?4, ?5, ?5)"#,
+                        )
+                        .bind(&message_id)
+                        .bind(message.body)
+                        .bind(message.attributes.event_id)
+                        .bind(message.attributes.correlation_id)
+                        .bind(now)
+                        .execute(&mut *connection)
+                        .await?;
+                        message_ids.push(message_id);
+                    }
+                    Ok(message_ids)
+                })
+            })
             .await
-            .map_err(|_| writer_gone())?;
-        answer.await.map_err(|_| writer_gone())?
+            .map_err(unavailable)?;
+        self.enqueued.notify_waiters();
+        Ok(message_ids)
     }
 
     async fn receive(&self, max_messages: usize, wait: Duration) -> Result<Vec<Delivery>> {
@@ -263,30 +218,29 @@ impl Queue for SqliteQueue {
     }
 
     async fn delete(&self, delivery: &Delivery) -> Result<()> {
-        sqlx::query("DELETE FROM queue_messages WHERE message_id = ?1 AND receipt = ?2")
-            .bind(&delivery.message_id)
-            .bind(&delivery.receipt)
-            .execute(&self.pools.writer)
-            .await
-            .map_err(unavailable)?;
-        Ok(())
+        self.delete_many(std::slice::from_ref(delivery)).await
     }
 
     async fn delete_many(&self, deliveries: &[Delivery]) -> Result<()> {
-        if deliveries.is_empty() {
-            return Ok(());
-        }
-        let mut tx = self.begin().await?;
-        for delivery in deliveries {
-            sqlx::query("DELETE FROM queue_messages WHERE message_id = ?1 AND receipt = ?2")
-                .bind(&delivery.message_id)
-                .bind(&delivery.receipt)
-                .execute(&mut *tx)
-                .await
-                .map_err(unavailable)?;
-        }
-        tx.commit().await.map_err(unavailable)?;
-        Ok(())
+        let keys: Vec<(String, String)> = deliveries
+            .iter()
+            .map(|d| (d.message_id.clone(), d.receipt.clone()))
+            .collect();
+        self.writes
+            .run(move |connection| {
+                Box::pin(async move {
+                    for (message_id, receipt) in keys {
+                        sqlx::query(DELETE_SQL)
+                            .bind(message_id)
+                            .bind(receipt)
+                            .execute(&mut *connection)
+                            .await?;
+                    }
+                    Ok(())
+                })
+            })
+            .await
+            .map_err(unavailable)
     }
 
     async fn retry_later(
@@ -295,55 +249,61 @@ impl Queue for SqliteQueue {
         delay: Duration,
         error: &FailureInfo,
     ) -> Result<()> {
-        let now = now_millis();
-        sqlx::query(
-            r#"UPDATE queue_messages
-               SET visible_at = ?3, receipt = NULL, first_failure_at = COALESCE(first_failure_at, ?4),
-                   last_failure_at = ?4, last_error_code = ?5, last_error_message = ?6
-               WHERE message_id = ?1 AND receipt = ?2"#,
-        )
-        .bind(&delivery.message_id)
-        .bind(&delivery.receipt)
-        .bind(now.saturating_add(millis(delay)))
-        .bind(now)
-        .bind(&error.code)
-        .bind(&error.message)
-        .execute(&self.pools.writer)
-        .await
-        .map_err(unavailable)?;
-        Ok(())
+        let (message_id, receipt, error) = (
+            delivery.message_id.clone(),
+            delivery.receipt.clone(),
+            error.clone(),
+        );
+        self.writes
+            .run(move |connection| {
+                Box::pin(async move {
+                    let now = now_millis();
+                    sqlx::query(RETRY_LATER_SQL)
+                        .bind(message_id)
+                        .bind(receipt)
+                        .bind(now)
+                        .bind(now.saturating_add(millis(delay)))
+                        .bind(error.code)
+                        .bind(error.message)
+                        .execute(&mut *connection)
+                        .await
+                        .map(|_| ())
+                })
+            })
+            .await
+            .map_err(unavailable)
     }
 
     async fn dead_letter(&self, delivery: &Delivery, error: &FailureInfo) -> Result<()> {
-        let now = now_millis();
-        let mut tx = self.begin().await?;
-        let moved = sqlx::query(
-            r#"INSERT INTO dead_letters
-                 (message_id, body, event_id, correlation_id, error_class, error_code,
-                  error_message, receive_count, enqueued_at, first_failure_at, last_failure_at,
-                  dead_lettered_at)
-               SELECT message_id, body, event_id, correlation_id, 'permanent', ?3, ?4,
-                      receive_count, enqueued_at, COALESCE(first_failure_at, ?5), ?5, ?5
-               FROM queue_messages WHERE message_id = ?1 AND receipt = ?2"#,
-        )
-        .bind(&delivery.message_id)
-        .bind(&delivery.receipt)
-        .bind(&error.code)
-        .bind(&error.message)
-        .bind(now)
-        .execute(&mut *tx)
-        .await
-        .map_err(unavailable)?;
-        if moved.rows_affected() > 0 {
-            sqlx::query("DELETE FROM queue_messages WHERE message_id = ?1 AND receipt = ?2")
-                .bind(&delivery.message_id)
-                .bind(&delivery.receipt)
-                .execute(&mut *tx)
-                .await
-                .map_err(unavailable)?;
-        }
-        tx.commit().await.map_err(unavailable)?;
-        Ok(())
+        let (message_id, receipt, error) = (
+            delivery.message_id.clone(),
+            delivery.receipt.clone(),
+            error.clone(),
+        );
+        self.writes
+            .run(move |connection| {
+                Box::pin(async move {
+                    let now = now_millis();
+                    let moved = sqlx::query(DEAD_LETTER_SQL)
+                        .bind(&message_id)
+                        .bind(&receipt)
+                        .bind(now)
+                        .bind(&error.code)
+                        .bind(&error.message)
+                        .execute(&mut *connection)
+                        .await?;
+                    if moved.rows_affected() > 0 {
+                        sqlx::query(DELETE_SQL)
+                            .bind(&message_id)
+                            .bind(&receipt)
+                            .execute(&mut *connection)
+                            .await?;
+                    }
+                    Ok(())
+                })
+            })
+            .await
+            .map_err(unavailable)
     }
 
     async fn depth(&self) -> Result<QueueDepth> {
@@ -418,35 +378,40 @@ impl Queue for SqliteQueue {
     async fn redrive(&self, selector: &RedriveSelector) -> Result<u64> {
         let (event_id, message_id) = match selector {
             RedriveSelector::All => (None, None),
-            RedriveSelector::EventId(event_id) => (Some(event_id.as_str()), None),
-            RedriveSelector::Id(id) => (None, Some(id.as_str())),
+            RedriveSelector::EventId(event_id) => (Some(event_id.clone()), None),
+            RedriveSelector::Id(id) => (None, Some(id.clone())),
         };
-        let filter = "(?1 IS NULL OR event_id = ?1) AND (?2 IS NULL OR message_id = ?2)";
-        let now = now_millis();
-        let mut tx = self.begin().await?;
-        let moved = sqlx::query(&format!(
-            r#"INSERT INTO queue_messages
-                 (message_id, body, event_id, correlation_id, enqueued_at, visible_at)
-               SELECT message_id, body, event_id, correlation_id, ?3, ?3
-               FROM dead_letters WHERE {filter} ORDER BY seq"#
-        ))
-        .bind(event_id)
-        .bind(message_id)
-        .bind(now)
-        .execute(&mut *tx)
-        .await
-        .map_err(unavailable)?;
-        sqlx::query(&format!("DELETE FROM dead_letters WHERE {filter}"))
-            .bind(event_id)
-            .bind(message_id)
-            .execute(&mut *tx)
+        let n_moved = self
+            .writes
+            .run(move |connection| {
+                Box::pin(async move {
+                    let filter =
+                        "(?1 IS NULL OR event_id = ?1) AND (?2 IS NULL OR message_id = ?2)";
+                    let moved = sqlx::query(&format!(
+                        r#"INSERT INTO queue_messages
+                             (message_id, body, event_id, correlation_id, enqueued_at, visible_at)
+                           SELECT message_id, body, event_id, correlation_id, ?3, ?3
+                           FROM dead_letters WHERE {filter} ORDER BY seq"#
+                    ))
+                    .bind(&event_id)
+                    .bind(&message_id)
+                    .bind(now_millis())
+                    .execute(&mut *connection)
+                    .await?;
+                    sqlx::query(&format!("DELETE FROM dead_letters WHERE {filter}"))
+                        .bind(&event_id)
+                        .bind(&message_id)
+                        .execute(&mut *connection)
+                        .await?;
+                    Ok(moved.rows_affected())
+                })
+            })
             .await
             .map_err(unavailable)?;
-        tx.commit().await.map_err(unavailable)?;
-        if moved.rows_affected() > 0 {
+        if n_moved > 0 {
             self.enqueued.notify_waiters();
         }
-        Ok(moved.rows_affected())
+        Ok(n_moved)
     }
 
     async fn ping(&self) -> Result<()> {

@@ -148,7 +148,7 @@ pub trait Store: Send + Sync + 'static {
 
     /// In one transaction: inserts the event (`ON CONFLICT DO NOTHING`) and marks the record
     /// `processed`, provided the lease is still ours.
-    async fn complete(&self, lease: &Lease, event: &NewEvent) -> Result<Completion>;
+    async fn complete(&self, lease: &Lease, event: NewEvent) -> Result<Completion>;
 
     /// Marks a leased record `failed` with `error` (a permanent failure, or the last transient
     /// one before the queue gives up).
