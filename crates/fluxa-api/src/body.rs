@@ -42,7 +42,10 @@ pub async fn read_body(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     let mut too_large = declared.is_some_and(|n| n > limit as u64);
-    let mut buffer = BytesMut::new();
+    // Sized from Content-Length (when honest and within the limit) so a large body is not
+    // copied again each time the buffer would have grown.
+    let capacity = declared.filter(|n| *n <= limit as u64).unwrap_or(0);
+    let mut buffer = BytesMut::with_capacity(usize::try_from(capacity).unwrap_or(0));
     let mut n_read: usize = 0;
     while let Some(frame) = body.frame().await {
         let Ok(frame) = frame else {

@@ -46,8 +46,11 @@ struct Prepared {
 
 /// Builds one event's queue message, storing its payload in the blob store first if it is
 /// over the inline limit.
+/// `body` is the request body `event` was parsed from, so the payload can be handed to the
+/// blob store as a slice of it, without a copy.
 async fn prepare(
     state: &AppState,
+    body: &Bytes,
     event: &ValidatedEvent<'_>,
     correlation_id: &CorrelationId,
 ) -> Result<Prepared, ApiError> {
@@ -61,7 +64,7 @@ async fn prepare(
         }
         PayloadMode::S3 => {
             let key = fluxa_blob::BlobStore::new_key(&event.event_id);
-            let bytes = Bytes::copy_from_slice(event.payload.get().as_bytes());
+            let bytes = body.slice_ref(event.payload.get().as_bytes());
             let blob = state.blobs.put(&key, bytes).await.map_err(|e| {
                 tracing::warn!(error.cause_chain = ?e, error.message = %e, "blob write failed");
                 ApiError::unavailable("blob store")
@@ -150,7 +153,7 @@ async fn ingest_one_inner(
     let bytes = read_body(headers, body, limit).await?;
     let event = parse_event(&bytes, state.limits.max_payload_bytes)?;
     let correlation_id = current_correlation_id();
-    let prepared = prepare(state, &event, &correlation_id).await?;
+    let prepared = prepare(state, &bytes, &event, &correlation_id).await?;
     enqueue(state, &[&prepared]).await?;
     tracing::info!(
         event_id = event.event_id.as_str(),
@@ -205,7 +208,7 @@ async fn ingest_batch_inner(
     let mut items: Vec<Result<Prepared, ApiError>> = Vec::with_capacity(batch.events.len());
     for raw in &batch.events {
         let item = match parse_checked_event(raw.get().as_bytes(), state.limits.max_payload_bytes) {
-            Ok(event) => prepare(state, &event, &correlation_id).await,
+            Ok(event) => prepare(state, &bytes, &event, &correlation_id).await,
             Err(e) => Err(ApiError::from(e)),
         };
         // A blob store outage is the whole request's problem, not this item's.
