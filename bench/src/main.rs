@@ -138,16 +138,7 @@ async fn main() -> anyhow::Result<()> {
                 .body(body)
                 .send()
         });
-        let responses: Vec<_> = futures::stream::iter(posts)
-            .buffer_unordered(n_parallel)
-            .collect()
-            .await;
-        for response in responses {
-            let status = response?.status();
-            if status != 202 {
-                bail!("large ingest answered {status}");
-            }
-        }
+        expect_all_accepted(posts, n_parallel).await?;
         let peak = server.peak_rss_bytes()?;
         (
             peak.saturating_sub(baseline) as f64,
@@ -310,13 +301,7 @@ async fn bare_http_requests_per_second(n: usize, concurrency: usize) -> anyhow::
             .json(&event(&format!("bare-{i}"), 64))
             .send()
     });
-    let results: Vec<_> = futures::stream::iter(posts)
-        .buffer_unordered(concurrency)
-        .collect()
-        .await;
-    for result in results {
-        result?;
-    }
+    expect_all_accepted(posts, concurrency).await?;
     let rate = n as f64 / started.elapsed().as_secs_f64();
     server.abort();
     Ok(rate)
@@ -335,12 +320,23 @@ async fn post_singles(
             .json(&event(&format!("{prefix}-{i}"), 64))
             .send()
     });
-    let results: Vec<_> = futures::stream::iter(posts)
+    expect_all_accepted(posts, concurrency).await
+}
+
+/// Sends the requests `concurrency` at a time and insists that every one was answered 202.
+async fn expect_all_accepted<F>(
+    requests: impl Iterator<Item = F>,
+    concurrency: usize,
+) -> anyhow::Result<()>
+where
+    F: std::future::Future<Output = reqwest::Result<reqwest::Response>>,
+{
+    let responses: Vec<_> = futures::stream::iter(requests)
         .buffer_unordered(concurrency)
         .collect()
         .await;
-    for result in results {
-        let status = result?.status();
+    for response in responses {
+        let status = response?.status();
         if status != 202 {
             bail!("ingest answered {status}");
         }

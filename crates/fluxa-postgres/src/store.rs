@@ -26,6 +26,25 @@ impl PgStore {
     pub(crate) fn new(pool: PgPool) -> Self {
         Self { pool }
     }
+
+    /// Runs `sql` against the record `lease` holds (`$1` event id, `$2` lease token) with the
+    /// error's code and message as `$3` and `$4`; a lost lease matches nothing.
+    async fn update_leased(
+        &self,
+        sql: &'static str,
+        lease: &Lease,
+        error: &FailureInfo,
+    ) -> Result<()> {
+        sqlx::query(sql)
+            .bind(lease.event_id.as_str())
+            .bind(&lease.token)
+            .bind(&error.code)
+            .bind(&error.message)
+            .execute(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
 }
 
 #[async_trait]
@@ -145,37 +164,27 @@ impl Store for PgStore {
     }
 
     async fn fail(&self, lease: &Lease, error: &FailureInfo) -> Result<()> {
-        sqlx::query(
+        self.update_leased(
             r#"UPDATE idempotency_keys
                SET status = 'failed', lease_token = NULL, lease_expires_at = NULL,
                    last_error_code = $3, last_error_message = $4, updated_at = now()
                WHERE event_id = $1 AND lease_token = $2"#,
+            lease,
+            error,
         )
-        .bind(lease.event_id.as_str())
-        .bind(&lease.token)
-        .bind(&error.code)
-        .bind(&error.message)
-        .execute(&self.pool)
         .await
-        .map_err(unavailable)?;
-        Ok(())
     }
 
     async fn release(&self, lease: &Lease, error: &FailureInfo) -> Result<()> {
-        sqlx::query(
+        self.update_leased(
             r#"UPDATE idempotency_keys
                SET lease_token = NULL, lease_expires_at = now(),
                    last_error_code = $3, last_error_message = $4, updated_at = now()
                WHERE event_id = $1 AND lease_token = $2"#,
+            lease,
+            error,
         )
-        .bind(lease.event_id.as_str())
-        .bind(&lease.token)
-        .bind(&error.code)
-        .bind(&error.message)
-        .execute(&self.pool)
         .await
-        .map_err(unavailable)?;
-        Ok(())
     }
 
     async fn record_error(&self, event_id: &EventId, error: &FailureInfo) -> Result<()> {

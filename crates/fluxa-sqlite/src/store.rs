@@ -34,6 +34,34 @@ impl SqliteStore {
         let writes = GroupCommit::start(pools.writer.clone());
         Self { pools, writes }
     }
+
+    /// Runs `sql` against the record `lease` holds (`?1` event id, `?2` lease token) with the
+    /// error's code and message as `?3` and `?4` and the time as `?5`; a lost lease matches
+    /// nothing.
+    async fn update_leased(
+        &self,
+        sql: &'static str,
+        lease: &Lease,
+        error: &FailureInfo,
+    ) -> Result<()> {
+        let (lease, error) = (lease.clone(), error.clone());
+        self.writes
+            .run(move |connection| {
+                Box::pin(async move {
+                    sqlx::query(sql)
+                        .bind(lease.event_id.as_str())
+                        .bind(&lease.token)
+                        .bind(&error.code)
+                        .bind(&error.message)
+                        .bind(now_millis())
+                        .execute(&mut *connection)
+                        .await
+                        .map(|_| ())
+                })
+            })
+            .await
+            .map_err(unavailable)
+    }
 }
 
 #[async_trait]
@@ -66,54 +94,27 @@ impl Store for SqliteStore {
     }
 
     async fn fail(&self, lease: &Lease, error: &FailureInfo) -> Result<()> {
-        let (lease, error) = (lease.clone(), error.clone());
-        self.writes
-            .run(move |connection| {
-                Box::pin(async move {
-                    sqlx::query(
-                        r#"UPDATE idempotency_keys
-                           SET status = 'failed', lease_token = NULL, lease_expires_at = NULL,
-                               last_error_code = ?3, last_error_message = ?4, updated_at = ?5
-                           WHERE event_id = ?1 AND lease_token = ?2"#,
-                    )
-                    .bind(lease.event_id.as_str())
-                    .bind(&lease.token)
-                    .bind(&error.code)
-                    .bind(&error.message)
-                    .bind(now_millis())
-                    .execute(&mut *connection)
-                    .await
-                    .map(|_| ())
-                })
-            })
-            .await
-            .map_err(unavailable)
+        self.update_leased(
+            r#"UPDATE idempotency_keys
+               SET status = 'failed', lease_token = NULL, lease_expires_at = NULL,
+                   last_error_code = ?3, last_error_message = ?4, updated_at = ?5
+               WHERE event_id = ?1 AND lease_token = ?2"#,
+            lease,
+            error,
+        )
+        .await
     }
 
     async fn release(&self, lease: &Lease, error: &FailureInfo) -> Result<()> {
-        let (lease, error) = (lease.clone(), error.clone());
-        self.writes
-            .run(move |connection| {
-                Box::pin(async move {
-                    let now = now_millis();
-                    sqlx::query(
-                        r#"UPDATE idempotency_keys
-                           SET lease_token = NULL, lease_expires_at = ?3,
-                               last_error_code = ?4, last_error_message = ?5, updated_at = ?3
-                           WHERE event_id = ?1 AND lease_token = ?2"#,
-                    )
-                    .bind(lease.event_id.as_str())
-                    .bind(&lease.token)
-                    .bind(now)
-                    .bind(&error.code)
-                    .bind(&error.message)
-                    .execute(&mut *connection)
-                    .await
-                    .map(|_| ())
-                })
-            })
-            .await
-            .map_err(unavailable)
+        self.update_leased(
+            r#"UPDATE idempotency_keys
+               SET lease_token = NULL, lease_expires_at = ?5,
+                   last_error_code = ?3, last_error_message = ?4, updated_at = ?5
+               WHERE event_id = ?1 AND lease_token = ?2"#,
+            lease,
+            error,
+        )
+        .await
     }
 
     async fn record_error(&self, event_id: &EventId, error: &FailureInfo) -> Result<()> {
