@@ -7,7 +7,10 @@
 //! the group's COMMIT (so "Ok" still means "on disk"); if the COMMIT fails, every caller in the
 //! group gets an error and none of their writes happened.
 
+use std::panic::AssertUnwindSafe;
+
 use futures::future::BoxFuture;
+use futures::FutureExt;
 use sqlx::{Connection, SqliteConnection, SqlitePool};
 use tokio::sync::{mpsc, oneshot};
 
@@ -109,13 +112,97 @@ async fn commit_group(
     for write in group {
         // A nested sqlx transaction is a SAVEPOINT.
         let mut savepoint = transaction.begin().await?;
-        let (succeeded, finish) = write(&mut savepoint).await;
-        finishes.push(finish);
-        if succeeded {
-            savepoint.commit().await?;
-        } else {
-            savepoint.rollback().await?;
+        // A panicking write must not take the writer (and with it every later write) down:
+        // its savepoint is rolled back and its caller, whose answer channel the panic dropped,
+        // gets an error.
+        match AssertUnwindSafe(write(&mut savepoint)).catch_unwind().await {
+            Ok((true, finish)) => {
+                savepoint.commit().await?;
+                finishes.push(finish);
+            }
+            Ok((false, finish)) => {
+                savepoint.rollback().await?;
+                finishes.push(finish);
+            }
+            Err(_) => {
+                tracing::error!("a database write panicked; it was rolled back");
+                savepoint.rollback().await?;
+            }
         }
     }
     transaction.commit().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn writer() -> (tempfile::TempDir, GroupCommit) {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = SqlitePool::connect(&format!(
+            "sqlite://{}?mode=rwc",
+            dir.path().join("t.db").display()
+        ))
+        .await
+        .unwrap();
+        sqlx::query("CREATE TABLE t (n INTEGER NOT NULL UNIQUE)")
+            .execute(&pool)
+            .await
+            .unwrap();
+        (dir, GroupCommit::start(pool))
+    }
+
+    fn insert(
+        n: i64,
+    ) -> impl for<'c> FnOnce(&'c mut SqliteConnection) -> BoxFuture<'c, Result<(), sqlx::Error>>
+    {
+        move |connection| {
+            Box::pin(async move {
+                sqlx::query("INSERT INTO t (n) VALUES (?1)")
+                    .bind(n)
+                    .execute(&mut *connection)
+                    .await
+                    .map(|_| ())
+            })
+        }
+    }
+
+    async fn count(commit: &GroupCommit) -> i64 {
+        commit
+            .run(|connection| {
+                Box::pin(async move {
+                    sqlx::query_scalar("SELECT COUNT(*) FROM t")
+                        .fetch_one(&mut *connection)
+                        .await
+                })
+            })
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_failing_write_is_rolled_back_alone_and_the_others_in_its_group_commit() {
+        let (_dir, commit) = writer().await;
+        let results = futures::future::join_all([
+            commit.run(insert(1)),
+            commit.run(insert(1)),
+            commit.run(insert(2)),
+        ])
+        .await;
+        assert!(results[0].is_ok());
+        assert!(results[1].is_err(), "the duplicate must fail on its own");
+        assert!(results[2].is_ok());
+        assert_eq!(count(&commit).await, 2);
+    }
+
+    #[tokio::test]
+    async fn a_panicking_write_fails_alone_and_the_writer_keeps_working() {
+        let (_dir, commit) = writer().await;
+        let panicking = commit.run::<(), _>(|_connection| Box::pin(async { panic!("bad write") }));
+        let (panicked, fine) = futures::join!(panicking, commit.run(insert(7)));
+        assert!(panicked.is_err());
+        assert!(fine.is_ok());
+        commit.run(insert(8)).await.unwrap();
+        assert_eq!(count(&commit).await, 2);
+    }
 }
