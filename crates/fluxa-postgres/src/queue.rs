@@ -1,14 +1,14 @@
 //! The queue on PostgreSQL: SQS semantics over `queue_messages` and `dead_letters`, with
 //! receives that skip rows other replicas are claiming (`FOR UPDATE SKIP LOCKED`).
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use fluxa_core::FailureInfo;
+use fluxa_core::{ErrorCode, FailureInfo};
 use fluxa_queue::{
-    DeadLetter, Delivery, Error, MessageAttributes, NewMessage, PendingMessage, Queue, QueueDepth,
-    RedriveSelector, Result,
+    DeadLetter, Delivery, Error, ExhaustedNotice, MessageAttributes, NewMessage, PendingMessage,
+    Queue, QueueDepth, RedriveSelector, Result,
 };
 use sqlx::postgres::{PgListener, PgRow};
 use sqlx::{PgPool, Row};
@@ -39,6 +39,8 @@ pub struct PgQueue {
     enqueued: Arc<Notify>,
     /// Stops the relay (and frees its connection) when the last clone of this queue is dropped.
     _relay: Arc<AbortOnDrop>,
+    /// Messages this handle's receives dead-lettered, until `take_exhausted` drains them.
+    exhausted: Arc<Mutex<Vec<ExhaustedNotice>>>,
 }
 
 /// Aborts a background task when dropped.
@@ -62,13 +64,14 @@ impl PgQueue {
             config,
             enqueued,
             _relay: Arc::new(AbortOnDrop(relay)),
+            exhausted: Arc::default(),
         })
     }
 
     async fn receive_now(&self, max_messages: usize) -> Result<Vec<Delivery>> {
         let mut tx = self.pool.begin().await.map_err(unavailable)?;
         // SQS redrive: messages already received max_receives times go to the DLQ.
-        sqlx::query(
+        let exhausted = sqlx::query(
             r#"WITH exhausted AS (
                  DELETE FROM queue_messages
                  WHERE seq IN (SELECT seq FROM queue_messages
@@ -85,11 +88,12 @@ impl PgQueue {
                         COALESCE(last_error_code || ': ' || last_error_message, 'none recorded'),
                       receive_count, enqueued_at, COALESCE(first_failure_at, now()),
                       COALESCE(last_failure_at, now()), now()
-               FROM exhausted"#,
+               FROM exhausted
+               RETURNING event_id, error_message"#,
         )
         .bind(i32::try_from(self.config.max_receives).unwrap_or(i32::MAX))
         .bind(REDRIVE_BATCH)
-        .execute(&mut *tx)
+        .fetch_all(&mut *tx)
         .await
         .map_err(unavailable)?;
 
@@ -112,6 +116,20 @@ impl PgQueue {
         .await
         .map_err(unavailable)?;
         tx.commit().await.map_err(unavailable)?;
+        let notices = exhausted.iter().filter_map(|row| {
+            let event_id: Option<String> = row.get("event_id");
+            Some(ExhaustedNotice {
+                event_id: event_id?,
+                error: FailureInfo::new(
+                    ErrorCode::RetriesExhausted,
+                    row.get::<String, _>("error_message"),
+                ),
+            })
+        });
+        self.exhausted
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .extend(notices);
 
         let mut deliveries: Vec<(i64, Delivery)> = rows
             .iter()
@@ -371,6 +389,15 @@ impl Queue for PgQueue {
         .await
         .map_err(unavailable)?;
         Ok(u64::try_from(n_moved).unwrap_or(0))
+    }
+
+    fn take_exhausted(&self) -> Vec<ExhaustedNotice> {
+        std::mem::take(
+            &mut *self
+                .exhausted
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+        )
     }
 
     async fn ping(&self) -> Result<()> {

@@ -207,6 +207,23 @@ impl Store for PgStore {
         Ok(())
     }
 
+    async fn mark_exhausted(&self, event_id: &EventId, error: &FailureInfo) -> Result<()> {
+        sqlx::query(
+            r#"UPDATE idempotency_keys
+               SET status = 'failed', lease_token = NULL, lease_expires_at = NULL,
+                   last_error_code = $2, last_error_message = $3, updated_at = now()
+               WHERE event_id = $1 AND status = 'processing'
+                 AND (lease_expires_at IS NULL OR lease_expires_at <= now())"#,
+        )
+        .bind(event_id.as_str())
+        .bind(&error.code)
+        .bind(&error.message)
+        .execute(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        Ok(())
+    }
+
     async fn ping(&self) -> Result<()> {
         crate::ping(&self.pool).await.map_err(unavailable)
     }

@@ -112,6 +112,13 @@ async fn an_expired_lease_is_taken_over_and_the_old_holder_cannot_complete() {
         .await;
 }
 
+#[tokio::test]
+async fn mark_exhausted_fails_only_abandoned_records() {
+    let db = TestDatabase::create().await;
+    let store = db.open(Duration::from_secs(1)).await.store;
+    conformance::mark_exhausted_fails_only_abandoned_records(Arc::new(store)).await;
+}
+
 /// Seed invariant 7 at the session level: the query API's reader refuses writes.
 #[tokio::test]
 async fn the_query_readers_sessions_refuse_writes() {

@@ -373,6 +373,27 @@ fn record_outcome(outcome: &Outcome) {
     }
 }
 
+impl Processor {
+    /// Tells the store about messages the queue gave up on, so a record whose last worker died
+    /// mid-message ends `failed` rather than `processing`. Best effort: the DLQ entry is the
+    /// durable record, and a redrive settles the event either way.
+    pub async fn record_exhausted(&self, notices: Vec<fluxa_queue::ExhaustedNotice>) {
+        for notice in notices {
+            let Ok(event_id) = EventId::parse(&notice.event_id) else {
+                continue;
+            };
+            if let Err(e) = self.store.mark_exhausted(&event_id, &notice.error).await {
+                tracing::warn!(
+                    event_id = %event_id,
+                    error.cause_chain = ?e,
+                    error.message = %e,
+                    "could not mark a dead-lettered event failed"
+                );
+            }
+        }
+    }
+}
+
 /// Settles a delivery on the queue the way the self-hosted worker does: delete on success,
 /// dead-letter permanent failures, delay transient ones. A settle error only delays things: the
 /// message reappears after its visibility timeout and the store's idempotency absorbs it.
@@ -428,6 +449,9 @@ mod tests {
             Ok(())
         }
         async fn record_error(&self, _: &EventId, _: &FailureInfo) -> Result<()> {
+            Ok(())
+        }
+        async fn mark_exhausted(&self, _: &EventId, _: &FailureInfo) -> Result<()> {
             Ok(())
         }
         async fn ping(&self) -> Result<()> {

@@ -29,17 +29,28 @@ pub async fn run_workers(
     shutdown: CancellationToken,
 ) {
     let mut workers = tokio::task::JoinSet::new();
-    for worker_idx in 0..n_workers {
+    let spawn = |workers: &mut tokio::task::JoinSet<usize>, worker_idx: usize| {
         let processor = processor.clone();
         let queue = Arc::clone(&queue);
         let shutdown = shutdown.clone();
         workers.spawn(async move {
             run_worker(worker_idx, &processor, queue.as_ref(), &shutdown).await;
+            worker_idx
         });
+    };
+    for worker_idx in 0..n_workers {
+        spawn(&mut workers, worker_idx);
     }
+    let mut next_idx = n_workers;
     while let Some(joined) = workers.join_next().await {
         if let Err(e) = joined {
+            // Processing catches its own panics, so this is a bug in the loop itself; keep the
+            // pool at full strength rather than silently shrinking it.
             tracing::error!(error.message = %e, "a worker task ended abnormally");
+            if !shutdown.is_cancelled() {
+                spawn(&mut workers, next_idx);
+                next_idx += 1;
+            }
         }
     }
 }
@@ -62,6 +73,7 @@ async fn run_worker(
                 }
             }
         };
+        processor.record_exhausted(queue.take_exhausted()).await;
         let mut done = Vec::with_capacity(deliveries.len());
         for delivery in deliveries {
             let outcome = processor.process(&delivery).await;

@@ -109,6 +109,11 @@ pub async fn after_max_receives_the_next_receive_dead_letters_the_message_as_ret
             .unwrap();
     }
     assert!(queue.receive(1, Duration::ZERO).await.unwrap().is_empty());
+    let notices = queue.take_exhausted();
+    assert_eq!(notices.len(), 1, "the redrive must be announced once");
+    assert_eq!(notices[0].event_id, "e-7");
+    assert_eq!(notices[0].error.code, "retries_exhausted");
+    assert!(queue.take_exhausted().is_empty(), "notices are drained");
     let dead = queue.list_dead_letters(10, None).await.unwrap();
     assert_eq!(dead.len(), 1);
     assert_eq!(dead[0].error_class, "retries_exhausted");
@@ -233,5 +238,68 @@ pub async fn an_expired_lease_is_taken_over_and_the_old_holder_cannot_complete(
         Claim::AlreadyProcessed {
             payload_sha256: hash.to_string()
         }
+    );
+}
+
+/// `mark_exhausted` fails a record whose worker is gone, and nothing else.
+pub async fn mark_exhausted_fails_only_abandoned_records(store: Arc<dyn Store>) {
+    let hash = PayloadHash::of(b"1");
+    let correlation_id = CorrelationId::parse("c").unwrap();
+    let error = FailureInfo::new(ErrorCode::RetriesExhausted, "gave up after 3 receives");
+    let claim = |event_id: &'static str, lease_ms: u64| {
+        let (store, hash, correlation_id) = (store.clone(), hash.clone(), correlation_id.clone());
+        async move {
+            let event_id = EventId::parse(event_id).unwrap();
+            let claim = store
+                .claim(ClaimRequest {
+                    event_id: &event_id,
+                    payload_sha256: &hash,
+                    correlation_id: &correlation_id,
+                    lease: Duration::from_millis(lease_ms),
+                })
+                .await
+                .unwrap();
+            let Claim::Acquired(lease) = claim else {
+                panic!("a first claim must win")
+            };
+            lease
+        }
+    };
+    let abandoned = claim("abandoned", 50).await;
+    let live = claim("live", 60_000).await;
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    store
+        .mark_exhausted(&abandoned.event_id, &error)
+        .await
+        .unwrap();
+    store.mark_exhausted(&live.event_id, &error).await.unwrap();
+
+    let retry = store
+        .claim(ClaimRequest {
+            event_id: &abandoned.event_id,
+            payload_sha256: &hash,
+            correlation_id: &correlation_id,
+            lease: Duration::from_secs(1),
+        })
+        .await
+        .unwrap();
+    let Claim::Acquired(retry) = retry else {
+        panic!("a failed record must be taken over by the next delivery (a redrive)")
+    };
+    assert_eq!(retry.attempts, 2);
+    assert!(
+        matches!(
+            store
+                .claim(ClaimRequest {
+                    event_id: &live.event_id,
+                    payload_sha256: &hash,
+                    correlation_id: &correlation_id,
+                    lease: Duration::from_secs(1),
+                })
+                .await
+                .unwrap(),
+            Claim::Busy { .. }
+        ),
+        "a live lease must not be failed"
     );
 }

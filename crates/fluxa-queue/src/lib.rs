@@ -91,6 +91,14 @@ pub struct DeadLetter {
     pub body: Vec<u8>,
 }
 
+/// A message the queue's redrive just moved to the DLQ as `retries_exhausted`: its last
+/// receiver may have died without recording anything, so the store should hear of it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExhaustedNotice {
+    pub event_id: String,
+    pub error: FailureInfo,
+}
+
 /// Which dead letters to move back to the queue.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum RedriveSelector {
@@ -159,4 +167,11 @@ pub trait Queue: Send + Sync + 'static {
 
     /// Readiness: the backend answers.
     async fn ping(&self) -> Result<()>;
+
+    /// Drains the notices of messages this handle's receives dead-lettered as
+    /// `retries_exhausted` (only those with an event id). Backends whose redrive happens
+    /// elsewhere (SQS) have none.
+    fn take_exhausted(&self) -> Vec<ExhaustedNotice> {
+        Vec::new()
+    }
 }

@@ -11,15 +11,15 @@
 //! A message waiting out a retry delay has no receipt; one with a receipt and a future
 //! `visible_at` is in flight.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use fluxa_core::time::from_unix_millis;
-use fluxa_core::FailureInfo;
+use fluxa_core::{ErrorCode, FailureInfo};
 use fluxa_queue::{
-    DeadLetter, Delivery, Error, MessageAttributes, NewMessage, PendingMessage, Queue, QueueDepth,
-    RedriveSelector, Result,
+    DeadLetter, Delivery, Error, ExhaustedNotice, MessageAttributes, NewMessage, PendingMessage,
+    Queue, QueueDepth, RedriveSelector, Result,
 };
 use sqlx::sqlite::SqliteRow;
 use sqlx::{Row, SqliteConnection};
@@ -44,6 +44,8 @@ pub struct SqliteQueue {
     writes: GroupCommit,
     /// Wakes this process's idle receivers when this process enqueues.
     enqueued: Arc<Notify>,
+    /// Messages this handle's receives dead-lettered, until `take_exhausted` drains them.
+    exhausted: Arc<Mutex<Vec<ExhaustedNotice>>>,
 }
 
 impl SqliteQueue {
@@ -54,15 +56,24 @@ impl SqliteQueue {
             config,
             writes,
             enqueued: Arc::new(Notify::new()),
+            exhausted: Arc::default(),
         }
     }
 
     async fn receive_now(&self, max_messages: usize) -> Result<Vec<Delivery>> {
         let config = self.config;
-        self.writes
+        let (deliveries, exhausted) = self
+            .writes
             .run(move |connection| Box::pin(receive(connection, config, max_messages)))
             .await
-            .map_err(unavailable)
+            .map_err(unavailable)?;
+        if !exhausted.is_empty() {
+            self.exhausted
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .extend(exhausted);
+        }
+        Ok(deliveries)
     }
 }
 
@@ -71,12 +82,12 @@ async fn receive(
     connection: &mut SqliteConnection,
     config: QueueConfig,
     max_messages: usize,
-) -> std::result::Result<Vec<Delivery>, sqlx::Error> {
+) -> std::result::Result<(Vec<Delivery>, Vec<ExhaustedNotice>), sqlx::Error> {
     let now = now_millis();
     let max_receives = i64::from(config.max_receives);
     // A message that was already received max_receives times goes to the DLQ instead of being
     // delivered again.
-    sqlx::query(
+    let exhausted = sqlx::query(
         r#"INSERT INTO dead_letters
              (message_id, body, event_id, correlation_id, error_class, error_code,
               error_message, receive_count, enqueued_at, first_failure_at, last_failure_at,
@@ -87,12 +98,14 @@ async fn receive(
                     COALESCE(last_error_code || ': ' || last_error_message, 'none recorded'),
                   receive_count, enqueued_at, COALESCE(first_failure_at, ?1),
                   COALESCE(last_failure_at, ?1), ?1
-           FROM queue_messages WHERE visible_at <= ?1 AND receive_count >= ?2"#,
+           FROM queue_messages WHERE visible_at <= ?1 AND receive_count >= ?2
+           RETURNING event_id, error_message"#,
     )
     .bind(now)
     .bind(max_receives)
-    .execute(&mut *connection)
+    .fetch_all(&mut *connection)
     .await?;
+    let exhausted = exhausted_notices(&exhausted);
     sqlx::query("DELETE FROM queue_messages WHERE visible_at <= ?1 AND receive_count >= ?2")
         .bind(now)
         .bind(max_receives)
@@ -131,7 +144,23 @@ async fn receive(
         .collect();
     // RETURNING does not promise an order; deliver oldest first.
     deliveries.sort_by_key(|(seq, _)| *seq);
-    Ok(deliveries.into_iter().map(|(_, d)| d).collect())
+    Ok((deliveries.into_iter().map(|(_, d)| d).collect(), exhausted))
+}
+
+/// Notices for dead-lettered rows (`event_id`, `error_message`) that carry an event id.
+fn exhausted_notices(rows: &[SqliteRow]) -> Vec<ExhaustedNotice> {
+    rows.iter()
+        .filter_map(|row| {
+            let event_id: Option<String> = row.get("event_id");
+            Some(ExhaustedNotice {
+                event_id: event_id?,
+                error: FailureInfo::new(
+                    ErrorCode::RetriesExhausted,
+                    row.get::<String, _>("error_message"),
+                ),
+            })
+        })
+        .collect()
 }
 
 fn attributes(row: &SqliteRow) -> MessageAttributes {
@@ -412,6 +441,15 @@ impl Queue for SqliteQueue {
             self.enqueued.notify_waiters();
         }
         Ok(n_moved)
+    }
+
+    fn take_exhausted(&self) -> Vec<ExhaustedNotice> {
+        std::mem::take(
+            &mut *self
+                .exhausted
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+        )
     }
 
     async fn ping(&self) -> Result<()> {

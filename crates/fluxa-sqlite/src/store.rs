@@ -145,6 +145,32 @@ impl Store for SqliteStore {
             .map_err(unavailable)
     }
 
+    async fn mark_exhausted(&self, event_id: &EventId, error: &FailureInfo) -> Result<()> {
+        let (event_id, error) = (event_id.clone(), error.clone());
+        self.writes
+            .run(move |connection| {
+                Box::pin(async move {
+                    let now = now_millis();
+                    sqlx::query(
+                        r#"UPDATE idempotency_keys
+                           SET status = 'failed', lease_token = NULL, lease_expires_at = NULL,
+                               last_error_code = ?2, last_error_message = ?3, updated_at = ?4
+                           WHERE event_id = ?1 AND status = 'processing'
+                             AND (lease_expires_at IS NULL OR lease_expires_at <= ?4)"#,
+                    )
+                    .bind(event_id.as_str())
+                    .bind(&error.code)
+                    .bind(&error.message)
+                    .bind(now)
+                    .execute(&mut *connection)
+                    .await
+                    .map(|_| ())
+                })
+            })
+            .await
+            .map_err(unavailable)
+    }
+
     async fn ping(&self) -> Result<()> {
         ping(&self.pools.writer).await
     }

@@ -67,3 +67,10 @@ async fn an_expired_lease_is_taken_over_and_the_old_holder_cannot_complete() {
     conformance::an_expired_lease_is_taken_over_and_the_old_holder_cannot_complete(Arc::new(store))
         .await;
 }
+
+#[tokio::test]
+async fn mark_exhausted_fails_only_abandoned_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), Duration::from_secs(1)).await.store;
+    conformance::mark_exhausted_fails_only_abandoned_records(Arc::new(store)).await;
+}

@@ -163,6 +163,12 @@ pub trait Store: Send + Sync + 'static {
     /// record's status or a live lease (used for conflicts and undecodable messages).
     async fn record_error(&self, event_id: &EventId, error: &FailureInfo) -> Result<()>;
 
+    /// The queue gave up on a message of this event (`retries_exhausted`): marks a `processing`
+    /// record whose lease is no longer live `failed` with `error`, so a worker that died on the
+    /// last attempt does not leave the event looking in progress forever. Any other record is
+    /// left alone.
+    async fn mark_exhausted(&self, event_id: &EventId, error: &FailureInfo) -> Result<()>;
+
     async fn ping(&self) -> Result<()>;
 }
 

@@ -296,6 +296,49 @@ async fn a_worker_that_dies_holding_an_event_does_not_leave_it_stuck() {
     assert_eq!(data.count_event_rows("crash-1").await, 1);
 }
 
+/// Invariant 2 at the edge: the worker dies on the last allowed receive. The queue's redrive
+/// dead-letters the message, and the event must not be left looking `processing` forever.
+#[tokio::test]
+async fn a_worker_that_dies_on_the_last_attempt_leaves_the_event_failed_not_processing() {
+    let data = TestData::new().await;
+    let api = data.spawn(&["--role", "api"]).await;
+    assert_eq!(
+        api.post_event(&event("last-gasp", json!(1))).await.status(),
+        202
+    );
+
+    // Three receives, none settled (visibility 1 s); the third receiver claims and dies.
+    let queue = data.queue().await;
+    let mut last = None;
+    for receive in 1..=3 {
+        let mut deliveries = queue.receive(1, Duration::from_secs(5)).await.unwrap();
+        assert_eq!(deliveries.len(), 1, "receive {receive}");
+        last = deliveries.pop();
+    }
+    let last = last.unwrap();
+    assert_eq!(last.receive_count, 3);
+    let FluxaTask::EventV1(message) = FluxaTask::decode(&last.body).unwrap();
+    let claim = data
+        .store()
+        .await
+        .claim(ClaimRequest {
+            event_id: &message.event_id,
+            payload_sha256: &message.payload_sha256,
+            correlation_id: &message.correlation_id,
+            lease: Duration::from_secs(1),
+        })
+        .await
+        .unwrap();
+    assert!(matches!(claim, Claim::Acquired(_)));
+    api.wait_for_status("last-gasp", "processing").await;
+
+    let _worker = data.spawn(&["--role", "worker"]).await;
+    let entry = api.wait_for_dead_letter("last-gasp").await;
+    assert_eq!(entry["error_class"], "retries_exhausted");
+    let status = api.wait_for_status("last-gasp", "failed").await;
+    assert_eq!(status["last_error"]["code"], "retries_exhausted");
+}
+
 /// Invariants 1 and 2 under a real crash: SIGKILL mid-burst, restart, nothing lost or doubled.
 #[tokio::test]
 async fn a_server_killed_mid_burst_loses_nothing_and_duplicates_nothing_after_restart() {
