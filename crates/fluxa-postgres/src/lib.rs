@@ -101,6 +101,7 @@ pub async fn open(
         .map_err(|_| Error::InvalidUrl)?
         .application_name("fluxa");
     let target = describe_url(url);
+    create_database_if_missing(url, &target).await?;
     let writer = PgPoolOptions::new()
         .max_connections(pool_size.max(2))
         .acquire_timeout(ACQUIRE_TIMEOUT)
@@ -154,6 +155,37 @@ pub async fn open(
         reader: PgReader::new(reader),
         queue,
     })
+}
+
+/// Creates the database on first start, so pointing Fluxa at a fresh server is one command.
+/// Needs the CREATEDB privilege only when the database is actually missing; concurrent
+/// replicas racing to create it are fine (the loser sees it exists).
+async fn create_database_if_missing(url: &SecretString, target: &str) -> Result<(), Error> {
+    use sqlx::migrate::MigrateDatabase;
+    let connect_error = |source| Error::Connect {
+        target: target.to_owned(),
+        source,
+    };
+    if sqlx::Postgres::database_exists(url.expose_secret())
+        .await
+        .map_err(connect_error)?
+    {
+        return Ok(());
+    }
+    tracing::info!(database = %target, "creating the database");
+    match sqlx::Postgres::create_database(url.expose_secret()).await {
+        Ok(()) => Ok(()),
+        Err(e)
+            if matches!(
+                sqlx::Postgres::database_exists(url.expose_secret()).await,
+                Ok(true)
+            ) =>
+        {
+            tracing::debug!(error.message = %e, "another replica created the database first");
+            Ok(())
+        }
+        Err(e) => Err(connect_error(e)),
+    }
 }
 
 pub(crate) async fn ping(pool: &PgPool) -> Result<(), sqlx::Error> {

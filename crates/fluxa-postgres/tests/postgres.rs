@@ -149,6 +149,19 @@ async fn replicas_starting_at_once_migrate_exactly_once() {
     assert_eq!(n, 1);
 }
 
+#[tokio::test]
+async fn a_missing_database_is_created_at_first_start() {
+    // Named but not created: `open` must create it.
+    let db = TestDatabase {
+        name: format!("fluxa_test_{}", uuid::Uuid::new_v4().simple()),
+    };
+    let backends = db.open(Duration::from_secs(1)).await;
+    fluxa_store::Store::ping(&backends.store).await.unwrap();
+    // Replicas starting together against the now-existing database are fine too.
+    let again = futures::future::join_all((0..3).map(|_| db.open(Duration::from_secs(1)))).await;
+    assert_eq!(again.len(), 3);
+}
+
 #[test]
 fn a_urls_password_never_appears_in_its_description() {
     let url =

@@ -14,9 +14,9 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::EnvFilter;
 
-/// Default filter when `RUST_LOG` is unset: our crates at info, dependencies at warn.
-const DEFAULT_FILTER: &str = "warn,fluxa=info,fluxa_api=info,fluxa_processor=info,\
-fluxa_server=info,fluxa_sqlite=info,fluxa_blob=info";
+/// Default filter when `RUST_LOG` is unset: our crates at info (a target directive matches by
+/// prefix, so `fluxa` covers every `fluxa_*` crate), dependencies at warn.
+const DEFAULT_FILTER: &str = "warn,fluxa=info";
 
 /// Where log lines go.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
