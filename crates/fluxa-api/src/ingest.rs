@@ -84,6 +84,7 @@ async fn prepare(
             attributes: MessageAttributes {
                 event_id: Some(event.event_id.to_string()),
                 correlation_id: Some(correlation_id.to_string()),
+                blob_key: blob_key.clone(),
             },
         },
         blob_key,

@@ -10,10 +10,15 @@ use std::path::{Path as FsPath, PathBuf};
 use std::sync::Arc;
 
 use bytes::Bytes;
+use chrono::{DateTime, Utc};
 use fluxa_core::{BlobRef, EventId};
+use futures::StreamExt;
 use object_store::local::LocalFileSystem;
 use object_store::path::Path;
 use object_store::{ObjectStore, PutPayload};
+
+/// Where payload blobs live in the bucket.
+const PAYLOAD_PREFIX: &str = "events";
 
 /// Blob store failures, split the way the processor needs them.
 #[derive(Debug, thiserror::Error)]
@@ -79,7 +84,11 @@ impl BlobStore {
     /// A key no other upload will ever use, so deleting an orphan can never remove a blob that
     /// an accepted message still points at (the same event may be ingested twice).
     pub fn new_key(event_id: &EventId) -> String {
-        format!("events/{}/{}.json", event_id, uuid::Uuid::new_v4())
+        format!(
+            "{PAYLOAD_PREFIX}/{}/{}.json",
+            event_id,
+            uuid::Uuid::new_v4()
+        )
     }
 
     /// Stores `bytes` under `key` and returns only once they are durable.
@@ -121,6 +130,20 @@ impl BlobStore {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
             Err(e) => Err(Error::Unavailable(e)),
         }
+    }
+
+    /// Keys of payload blobs last written before `cutoff` (candidates for the orphan sweep).
+    pub async fn payload_keys_older_than(&self, cutoff: DateTime<Utc>) -> Result<Vec<String>> {
+        let prefix = Path::from(PAYLOAD_PREFIX);
+        let mut listing = self.inner.list(Some(&prefix));
+        let mut keys = Vec::new();
+        while let Some(meta) = listing.next().await {
+            let meta = meta.map_err(Error::Unavailable)?;
+            if meta.last_modified < cutoff {
+                keys.push(meta.location.to_string());
+            }
+        }
+        Ok(keys)
     }
 
     /// Readiness: the store answers (a missing probe key is an answer).
@@ -168,6 +191,25 @@ mod tests {
         ));
         store.delete(&key).await.unwrap();
         store.check().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn only_blobs_older_than_the_cutoff_are_listed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::local(dir.path()).unwrap();
+        let key = BlobStore::new_key(&EventId::parse("e").unwrap());
+        store.put(&key, Bytes::from_static(b"1")).await.unwrap();
+        let past = Utc::now() - chrono::Duration::hours(1);
+        assert!(store
+            .payload_keys_older_than(past)
+            .await
+            .unwrap()
+            .is_empty());
+        let future = Utc::now() + chrono::Duration::hours(1);
+        assert_eq!(
+            store.payload_keys_older_than(future).await.unwrap(),
+            vec![key]
+        );
     }
 
     #[test]

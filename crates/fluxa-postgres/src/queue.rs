@@ -79,10 +79,10 @@ impl PgQueue {
                                ORDER BY seq LIMIT $2 FOR UPDATE SKIP LOCKED)
                  RETURNING *)
                INSERT INTO dead_letters
-                 (message_id, body, event_id, correlation_id, error_class, error_code,
+                 (message_id, body, event_id, correlation_id, blob_key, error_class, error_code,
                   error_message, receive_count, enqueued_at, first_failure_at, last_failure_at,
                   dead_lettered_at)
-               SELECT message_id, body, event_id, correlation_id, 'retries_exhausted',
+               SELECT message_id, body, event_id, correlation_id, blob_key, 'retries_exhausted',
                       'retries_exhausted',
                       'gave up after ' || receive_count || ' receives; last error: ' ||
                         COALESCE(last_error_code || ': ' || last_error_message, 'none recorded'),
@@ -105,7 +105,7 @@ impl PgQueue {
                WHERE seq IN (SELECT seq FROM queue_messages
                              WHERE visible_at <= now() AND receive_count < $3
                              ORDER BY seq LIMIT $4 FOR UPDATE SKIP LOCKED)
-               RETURNING seq, message_id, body, event_id, correlation_id, receive_count,
+               RETURNING seq, message_id, body, event_id, correlation_id, blob_key, receive_count,
                          enqueued_at"#,
         )
         .bind(&receipt)
@@ -168,6 +168,7 @@ fn attributes(row: &PgRow) -> MessageAttributes {
     MessageAttributes {
         event_id: row.get("event_id"),
         correlation_id: row.get("correlation_id"),
+        blob_key: row.get("blob_key"),
     }
 }
 
@@ -179,21 +180,23 @@ impl Queue for PgQueue {
         let mut bodies = Vec::with_capacity(n_messages);
         let mut event_ids = Vec::with_capacity(n_messages);
         let mut correlation_ids = Vec::with_capacity(n_messages);
+        let mut blob_keys = Vec::with_capacity(n_messages);
         for message in messages {
             message_ids.push(uuid::Uuid::new_v4().to_string());
             bodies.push(message.body);
             event_ids.push(message.attributes.event_id);
             correlation_ids.push(message.attributes.correlation_id);
+            blob_keys.push(message.attributes.blob_key);
         }
         // One statement for the whole batch: atomic, one round trip, and the NOTIFY is
         // delivered when (and only if) the insert commits.
         sqlx::query(
             r#"WITH inserted AS (
                  INSERT INTO queue_messages
-                   (message_id, body, event_id, correlation_id, enqueued_at, visible_at)
-                 SELECT message_id, body, event_id, correlation_id, now(), now()
-                 FROM UNNEST($1::text[], $2::bytea[], $3::text[], $4::text[])
-                   WITH ORDINALITY AS m(message_id, body, event_id, correlation_id, ord)
+                   (message_id, body, event_id, correlation_id, blob_key, enqueued_at, visible_at)
+                 SELECT message_id, body, event_id, correlation_id, blob_key, now(), now()
+                 FROM UNNEST($1::text[], $2::bytea[], $3::text[], $4::text[], $5::text[])
+                   WITH ORDINALITY AS m(message_id, body, event_id, correlation_id, blob_key, ord)
                  ORDER BY ord)
                SELECT pg_notify('fluxa_enqueued', '')"#,
         )
@@ -201,6 +204,7 @@ impl Queue for PgQueue {
         .bind(&bodies)
         .bind(&event_ids)
         .bind(&correlation_ids)
+        .bind(&blob_keys)
         .execute(&self.pool)
         .await
         .map_err(unavailable)?;
@@ -280,10 +284,10 @@ impl Queue for PgQueue {
                  DELETE FROM queue_messages WHERE message_id = $1 AND receipt = $2
                  RETURNING *)
                INSERT INTO dead_letters
-                 (message_id, body, event_id, correlation_id, error_class, error_code,
+                 (message_id, body, event_id, correlation_id, blob_key, error_class, error_code,
                   error_message, receive_count, enqueued_at, first_failure_at, last_failure_at,
                   dead_lettered_at)
-               SELECT message_id, body, event_id, correlation_id, 'permanent', $3, $4,
+               SELECT message_id, body, event_id, correlation_id, blob_key, 'permanent', $3, $4,
                       receive_count, enqueued_at, COALESCE(first_failure_at, now()), now(), now()
                FROM failed"#,
         )
@@ -319,7 +323,7 @@ impl Queue for PgQueue {
 
     async fn peek(&self, limit: usize) -> Result<Vec<PendingMessage>> {
         let rows = sqlx::query(
-            r#"SELECT message_id, body, event_id, correlation_id, receive_count, enqueued_at
+            r#"SELECT message_id, body, event_id, correlation_id, blob_key, receive_count, enqueued_at
                FROM queue_messages ORDER BY seq LIMIT $1"#,
         )
         .bind(i64::try_from(limit).unwrap_or(i64::MAX))
@@ -377,8 +381,8 @@ impl Queue for PgQueue {
                  RETURNING *),
                inserted AS (
                  INSERT INTO queue_messages
-                   (message_id, body, event_id, correlation_id, enqueued_at, visible_at)
-                 SELECT message_id, body, event_id, correlation_id, now(), now()
+                   (message_id, body, event_id, correlation_id, blob_key, enqueued_at, visible_at)
+                 SELECT message_id, body, event_id, correlation_id, blob_key, now(), now()
                  FROM chosen ORDER BY seq
                  RETURNING 1)
                SELECT COUNT(*) FROM inserted, (SELECT pg_notify('fluxa_enqueued', '')) AS n"#,
@@ -389,6 +393,18 @@ impl Queue for PgQueue {
         .await
         .map_err(unavailable)?;
         Ok(u64::try_from(n_moved).unwrap_or(0))
+    }
+
+    async fn references_blob(&self, key: &str) -> Result<bool> {
+        let referenced: bool = sqlx::query_scalar(
+            r#"SELECT EXISTS (SELECT 1 FROM queue_messages WHERE blob_key = $1)
+                   OR EXISTS (SELECT 1 FROM dead_letters WHERE blob_key = $1)"#,
+        )
+        .bind(key)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        Ok(referenced)
     }
 
     fn take_exhausted(&self) -> Vec<ExhaustedNotice> {

@@ -12,6 +12,7 @@
 //! 4. verify the SHA-256 (mismatch: permanent, no row written);
 //! 5. insert the row and mark the record processed in one transaction, if the lease is still ours.
 
+mod sweeper;
 mod worker;
 
 use std::panic::AssertUnwindSafe;
@@ -25,6 +26,7 @@ use fluxa_store::{Claim, ClaimRequest, Completion, Lease, NewEvent, Store};
 use futures::FutureExt;
 use tracing::{field, Instrument};
 
+pub use sweeper::{run_blob_sweeper, sweep_orphan_blobs};
 pub use worker::run_workers;
 
 /// Processor settings.
@@ -374,6 +376,21 @@ fn record_outcome(outcome: &Outcome) {
 }
 
 impl Processor {
+    /// Deletes the blob of a message that is done with (processed or duplicate): the payload now
+    /// lives in the store, and a redelivery of the same message is decided as a duplicate
+    /// before any payload is read. Dead-lettered messages keep their blobs for a redrive.
+    pub async fn discard_payload(&self, delivery: &Delivery) {
+        let Ok(FluxaTask::EventV1(message)) = FluxaTask::decode(&delivery.body) else {
+            return;
+        };
+        if let Some(blob) = message.payload_blob {
+            if let Err(e) = self.blobs.delete(&blob.key).await {
+                // Harmless: an unreferenced blob is collected by the sweeper later.
+                tracing::warn!(blob_key = %blob.key, error.message = %e, "could not delete a payload blob");
+            }
+        }
+    }
+
     /// Tells the store about messages the queue gave up on, so a record whose last worker died
     /// mid-message ends `failed` rather than `processing`. Best effort: the DLQ entry is the
     /// durable record, and a redrive settles the event either way.

@@ -83,9 +83,16 @@ async fn run_worker(
                 settle(queue, &delivery, &outcome).await;
             }
         }
-        if let Err(e) = queue.delete_many(&done).await {
+        match queue.delete_many(&done).await {
+            Ok(()) => {
+                for delivery in &done {
+                    processor.discard_payload(delivery).await;
+                }
+            }
             // The store already holds the outcome; redelivery will be a harmless duplicate.
-            tracing::warn!(worker_idx, error.cause_chain = ?e, error.message = %e, "batch delete failed");
+            Err(e) => {
+                tracing::warn!(worker_idx, error.cause_chain = ?e, error.message = %e, "batch delete failed");
+            }
         }
     }
     tracing::debug!(worker_idx, "worker stopped");

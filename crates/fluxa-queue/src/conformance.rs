@@ -17,6 +17,7 @@ fn message(n: usize) -> NewMessage {
         attributes: MessageAttributes {
             event_id: Some(format!("e-{n}")),
             correlation_id: Some("c".into()),
+            blob_key: Some(format!("events/e-{n}/blob.json")),
         },
     }
 }
@@ -76,7 +77,12 @@ pub async fn a_message_reappears_after_its_visibility_timeout_and_a_stale_receip
         1,
         "a stale receipt deleted the message"
     );
+    assert!(queue.references_blob("events/e-1/blob.json").await.unwrap());
     queue.delete(&second).await.unwrap();
+    assert!(
+        !queue.references_blob("events/e-1/blob.json").await.unwrap(),
+        "a deleted message no longer references its blob"
+    );
     assert_eq!(
         queue.depth().await.unwrap(),
         QueueDepth::default(),
@@ -125,6 +131,11 @@ pub async fn after_max_receives_the_next_receive_dead_letters_the_message_as_ret
         "the original bytes must be kept"
     );
     assert_eq!(dead[0].attributes.event_id.as_deref(), Some("e-7"));
+    assert!(
+        queue.references_blob("events/e-7/blob.json").await.unwrap(),
+        "a dead letter's blob is still referenced"
+    );
+    assert!(!queue.references_blob("events/e-8/blob.json").await.unwrap());
 
     assert_eq!(
         queue

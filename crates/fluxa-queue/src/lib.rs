@@ -42,6 +42,8 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 pub struct MessageAttributes {
     pub event_id: Option<String>,
     pub correlation_id: Option<String>,
+    /// The blob holding the payload, for messages that carry only its key.
+    pub blob_key: Option<String>,
 }
 
 /// A message to enqueue.
@@ -164,6 +166,10 @@ pub trait Queue: Send + Sync + 'static {
 
     /// Moves dead letters back to the queue with a fresh receive count; returns how many.
     async fn redrive(&self, selector: &RedriveSelector) -> Result<u64>;
+
+    /// Whether any waiting, in-flight or dead-lettered message points at the blob `key`; the
+    /// blob sweeper deletes only blobs that none does.
+    async fn references_blob(&self, key: &str) -> Result<bool>;
 
     /// Readiness: the backend answers.
     async fn ping(&self) -> Result<()>;

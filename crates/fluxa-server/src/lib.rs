@@ -65,6 +65,10 @@ pub struct Config {
     pub retry_backoff: Duration,
     /// Upper bound on the retry delay.
     pub retry_backoff_max: Duration,
+    /// How often workers look for orphaned payload blobs.
+    pub blob_sweep_interval: Duration,
+    /// Blobs younger than this are never swept (their ingest may still be enqueuing).
+    pub blob_grace: Duration,
     /// API tokens (`SCOPES=TOKEN,…`); `None` turns authentication off.
     pub api_tokens: Option<SecretString>,
     /// Allows serving without tokens on a non-loopback address.
@@ -86,6 +90,8 @@ impl Config {
             max_receives: 3,
             retry_backoff: Duration::from_secs(1),
             retry_backoff_max: Duration::from_secs(60),
+            blob_sweep_interval: Duration::from_secs(600),
+            blob_grace: Duration::from_secs(3600),
             api_tokens: None,
             insecure_no_auth: false,
         }
@@ -101,6 +107,10 @@ impl Config {
         anyhow::ensure!(
             !self.visibility_timeout.is_zero() && !self.lease.is_zero(),
             "--visibility-timeout and --lease must be positive"
+        );
+        anyhow::ensure!(
+            !self.blob_sweep_interval.is_zero() && self.blob_grace >= Duration::from_secs(1),
+            "--blob-sweep-interval must be positive and --blob-grace at least 1s"
         );
         anyhow::ensure!(
             self.limits.max_payload_bytes >= 1 && self.limits.max_batch_bytes >= 1,
@@ -245,12 +255,22 @@ pub async fn run(
                 backoff_max: config.retry_backoff_max,
             },
         );
-        fluxa_processor::run_workers(
+        let sweeper = fluxa_processor::run_blob_sweeper(
+            Arc::clone(&backends.queue),
+            backends.blobs.clone(),
+            config.blob_sweep_interval,
+            config.blob_grace,
+            shutdown.clone(),
+        );
+        let workers = fluxa_processor::run_workers(
             processor,
             Arc::clone(&backends.queue),
             config.workers,
             shutdown.clone(),
-        )
+        );
+        async move {
+            tokio::join!(workers, sweeper);
+        }
     });
 
     tracing::info!(

@@ -89,10 +89,10 @@ async fn receive(
     // delivered again.
     let exhausted = sqlx::query(
         r#"INSERT INTO dead_letters
-             (message_id, body, event_id, correlation_id, error_class, error_code,
+             (message_id, body, event_id, correlation_id, blob_key, error_class, error_code,
               error_message, receive_count, enqueued_at, first_failure_at, last_failure_at,
               dead_lettered_at)
-           SELECT message_id, body, event_id, correlation_id, 'retries_exhausted',
+           SELECT message_id, body, event_id, correlation_id, blob_key, 'retries_exhausted',
                   'retries_exhausted',
                   'gave up after ' || receive_count || ' receives; last error: ' ||
                     COALESCE(last_error_code || ': ' || last_error_message, 'none recorded'),
@@ -118,7 +118,7 @@ async fn receive(
            SET receive_count = receive_count + 1, receipt = ?1, visible_at = ?2
            WHERE seq IN (SELECT seq FROM queue_messages WHERE visible_at <= ?3
                          ORDER BY seq LIMIT ?4)
-           RETURNING seq, message_id, body, event_id, correlation_id, receive_count,
+           RETURNING seq, message_id, body, event_id, correlation_id, blob_key, receive_count,
                      enqueued_at"#,
     )
     .bind(&receipt)
@@ -167,6 +167,7 @@ fn attributes(row: &SqliteRow) -> MessageAttributes {
     MessageAttributes {
         event_id: row.get("event_id"),
         correlation_id: row.get("correlation_id"),
+        blob_key: row.get("blob_key"),
     }
 }
 
@@ -183,10 +184,10 @@ const RETRY_LATER_SQL: &str = r#"UPDATE queue_messages
 /// Copies a delivery to the DLQ (`?3` now, `?4`/`?5` error code and message); the DELETE that
 /// follows runs in the same savepoint, so the move is all or nothing.
 const DEAD_LETTER_SQL: &str = r#"INSERT INTO dead_letters
-     (message_id, body, event_id, correlation_id, error_class, error_code,
+     (message_id, body, event_id, correlation_id, blob_key, error_class, error_code,
       error_message, receive_count, enqueued_at, first_failure_at, last_failure_at,
       dead_lettered_at)
-   SELECT message_id, body, event_id, correlation_id, 'permanent', ?4, ?5,
+   SELECT message_id, body, event_id, correlation_id, blob_key, 'permanent', ?4, ?5,
           receive_count, enqueued_at, COALESCE(first_failure_at, ?3), ?3, ?3
    FROM queue_messages WHERE message_id = ?1 AND receipt = ?2"#;
 
@@ -203,15 +204,16 @@ impl Queue for SqliteQueue {
                         let message_id = uuid::Uuid::new_v4().to_string();
                         sqlx::query(
                             r#"INSERT INTO queue_messages
-                                 (message_id, body, event_id, correlation_id, enqueued_at,
+                                 (message_id, body, event_id, correlation_id, blob_key, enqueued_at,
                                   visible_at)
-                               VALUES (?1, ?2, ?3, ?4, ?5, ?5)"#,
+                               VALUES (?1, ?2, ?3, ?4, ?6, ?5, ?5)"#,
                         )
                         .bind(&message_id)
                         .bind(message.body)
                         .bind(message.attributes.event_id)
                         .bind(message.attributes.correlation_id)
                         .bind(now)
+                        .bind(message.attributes.blob_key)
                         .execute(&mut *connection)
                         .await?;
                         message_ids.push(message_id);
@@ -359,7 +361,7 @@ impl Queue for SqliteQueue {
 
     async fn peek(&self, limit: usize) -> Result<Vec<PendingMessage>> {
         let rows = sqlx::query(
-            r#"SELECT message_id, body, event_id, correlation_id, receive_count, enqueued_at
+            r#"SELECT message_id, body, event_id, correlation_id, blob_key, receive_count, enqueued_at
                FROM queue_messages ORDER BY seq LIMIT ?1"#,
         )
         .bind(i64::try_from(limit).unwrap_or(i64::MAX))
@@ -418,8 +420,8 @@ impl Queue for SqliteQueue {
                         "(?1 IS NULL OR event_id = ?1) AND (?2 IS NULL OR message_id = ?2)";
                     let moved = sqlx::query(&format!(
                         r#"INSERT INTO queue_messages
-                             (message_id, body, event_id, correlation_id, enqueued_at, visible_at)
-                           SELECT message_id, body, event_id, correlation_id, ?3, ?3
+                             (message_id, body, event_id, correlation_id, blob_key, enqueued_at, visible_at)
+                           SELECT message_id, body, event_id, correlation_id, blob_key, ?3, ?3
                            FROM dead_letters WHERE {filter} ORDER BY seq"#
                     ))
                     .bind(&event_id)
@@ -441,6 +443,18 @@ impl Queue for SqliteQueue {
             self.enqueued.notify_waiters();
         }
         Ok(n_moved)
+    }
+
+    async fn references_blob(&self, key: &str) -> Result<bool> {
+        let referenced: bool = sqlx::query_scalar(
+            r#"SELECT EXISTS (SELECT 1 FROM queue_messages WHERE blob_key = ?1)
+                   OR EXISTS (SELECT 1 FROM dead_letters WHERE blob_key = ?1)"#,
+        )
+        .bind(key)
+        .fetch_one(&self.pools.reader)
+        .await
+        .map_err(unavailable)?;
+        Ok(referenced)
     }
 
     fn take_exhausted(&self) -> Vec<ExhaustedNotice> {

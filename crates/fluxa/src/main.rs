@@ -101,6 +101,12 @@ struct ServeArgs {
     /// Upper bound for the retry delay.
     #[arg(long, env = "FLUXA_RETRY_BACKOFF_MAX", default_value = "60s", value_parser = humantime::parse_duration)]
     retry_backoff_max: Duration,
+    /// How often workers delete payload blobs that no message points at.
+    #[arg(long, env = "FLUXA_BLOB_SWEEP_INTERVAL", default_value = "10m", value_parser = humantime::parse_duration)]
+    blob_sweep_interval: Duration,
+    /// Payload blobs younger than this are never swept (their ingest may still be enqueuing).
+    #[arg(long, env = "FLUXA_BLOB_GRACE", default_value = "1h", value_parser = humantime::parse_duration)]
+    blob_grace: Duration,
     /// API tokens as SCOPES=TOKEN pairs separated by commas; SCOPES joins ingest, read and admin
     /// with '+' (e.g. "ingest+read=…,admin=…"). Unset: no authentication, loopback only.
     /// Prefer the environment variable: command lines are visible to other local users.
@@ -168,6 +174,8 @@ impl ServeArgs {
             max_receives: self.max_receives,
             retry_backoff: self.retry_backoff,
             retry_backoff_max: self.retry_backoff_max,
+            blob_sweep_interval: self.blob_sweep_interval,
+            blob_grace: self.blob_grace,
             api_tokens: self.api_tokens.map(SecretString::from),
             insecure_no_auth: self.insecure_no_auth,
         }

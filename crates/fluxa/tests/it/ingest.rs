@@ -164,6 +164,15 @@ async fn a_262145_byte_payload_goes_to_the_blob_store_and_its_message_carries_on
     assert_eq!(raw_payload(&text), payload);
     let stored: Value = serde_json::from_str(&text).unwrap();
     assert_eq!(stored["payload_mode"], "S3");
+    // Once stored, the payload lives in the store and its transport blob is gone.
+    let deadline = std::time::Instant::now() + crate::helpers::PATIENCE;
+    while !data.blob_files().is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the processed event's blob was kept"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
     drop(worker);
 }
 

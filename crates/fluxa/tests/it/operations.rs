@@ -115,3 +115,62 @@ async fn invalid_options_are_refused_with_a_message_and_a_nonzero_exit() {
         assert!(!output.stderr.is_empty(), "args {args:?} must explain why");
     }
 }
+
+/// Makes a file look `age` old to the blob store.
+fn age_file(path: &std::path::Path, age: std::time::Duration) {
+    let file = std::fs::File::options().write(true).open(path).unwrap();
+    file.set_modified(std::time::SystemTime::now() - age)
+        .unwrap();
+}
+
+#[tokio::test]
+async fn orphaned_payload_blobs_are_swept_but_a_dead_lettered_messages_blob_is_kept() {
+    let data = TestData::new().await;
+    let app = data
+        .spawn(&["--blob-sweep-interval", "200ms", "--blob-grace", "1s"])
+        .await;
+    let big = |fill: &str| format!("\"{}\"", fill.repeat(300_000));
+    // A conflict leaves its message, and so its blob, in the DLQ.
+    for fill in ["a", "b"] {
+        let body = format!(
+            r#"{{"event_id":"swept-conf","event_type":"t","payload":{}}}"#,
+            big(fill)
+        );
+        let response = app
+            .post_raw("/v1/events", body, Some("application/json"))
+            .await;
+        assert_eq!(response.status(), 202);
+        if fill == "a" {
+            app.wait_for_status("swept-conf", "processed").await;
+        }
+    }
+    app.wait_for_dead_letter("swept-conf").await;
+    let kept = data.blob_files();
+    assert_eq!(
+        kept.len(),
+        1,
+        "only the dead-lettered message's blob remains"
+    );
+
+    // An ingest that died after writing its blob, long ago.
+    let orphan = data.path().join("blobs/events/orphan/0000.json");
+    std::fs::create_dir_all(orphan.parent().unwrap()).unwrap();
+    std::fs::write(&orphan, b"\"lost\"").unwrap();
+    let hour = std::time::Duration::from_secs(3600);
+    age_file(&orphan, hour);
+    age_file(&kept[0], hour);
+
+    let deadline = std::time::Instant::now() + crate::helpers::PATIENCE;
+    while orphan.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the orphaned blob was never swept"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert!(
+        kept[0].exists(),
+        "a blob a dead letter points at must survive the sweep"
+    );
+}
