@@ -30,6 +30,9 @@ struct Args {
     /// Concurrent client requests.
     #[arg(long, default_value_t = 32)]
     concurrency: usize,
+    /// Processor workers in the server under test.
+    #[arg(long, default_value_t = 4)]
+    workers: usize,
     /// Run the suite against PostgreSQL at this URL instead of the embedded backend.
     #[arg(long, env = "FLUXA_BENCH_DATABASE_URL", hide_env_values = true)]
     database_url: Option<String>,
@@ -403,7 +406,7 @@ impl Server {
                 "--bind",
                 "127.0.0.1:0",
                 "--workers",
-                "4",
+                &args.workers.to_string(),
                 "--max-payload-bytes",
                 "10485760",
             ])
@@ -417,16 +420,18 @@ impl Server {
         if let Some(url) = &args.database_url {
             // A fresh schema per measurement would need CREATE DATABASE rights; share one and
             // clear it instead.
-            let pool = sqlx::PgPool::connect(url).await?;
-            for table in [
-                "events",
-                "idempotency_keys",
-                "queue_messages",
-                "dead_letters",
-            ] {
-                let _ = sqlx::query(&format!("TRUNCATE {table}"))
-                    .execute(&pool)
-                    .await;
+            // (A missing database is fine: the server creates it.)
+            if let Ok(pool) = sqlx::PgPool::connect(url).await {
+                for table in [
+                    "events",
+                    "idempotency_keys",
+                    "queue_messages",
+                    "dead_letters",
+                ] {
+                    let _ = sqlx::query(&format!("TRUNCATE {table}"))
+                        .execute(&pool)
+                        .await;
+                }
             }
             command.env("FLUXA_DATABASE_URL", url);
         }
