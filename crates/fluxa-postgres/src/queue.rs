@@ -155,7 +155,7 @@ impl PgQueue {
 async fn relay_notifications(mut listener: PgListener, enqueued: Arc<Notify>) {
     loop {
         match listener.recv().await {
-            Ok(_) => enqueued.notify_waiters(),
+            Ok(_) => enqueued.notify_one(),
             Err(e) => {
                 tracing::debug!(error.message = %e, "queue notification listener interrupted");
                 tokio::time::sleep(Duration::from_secs(1)).await;
@@ -221,6 +221,12 @@ impl Queue for PgQueue {
             enqueued.as_mut().enable();
             let deliveries = self.receive_now(max_messages).await?;
             let now = tokio::time::Instant::now();
+            if deliveries.len() == max_messages {
+                // A full batch suggests more is waiting: wake one idle peer to help. Waking
+                // one receiver per enqueue, and letting busy ones pass it on, avoids a
+                // thundering herd of receives for every message.
+                self.enqueued.notify_one();
+            }
             if !deliveries.is_empty() || now >= deadline {
                 return Ok(deliveries);
             }

@@ -223,7 +223,7 @@ impl Queue for SqliteQueue {
             })
             .await
             .map_err(unavailable)?;
-        self.enqueued.notify_waiters();
+        self.enqueued.notify_one();
         Ok(message_ids)
     }
 
@@ -237,6 +237,12 @@ impl Queue for SqliteQueue {
             enqueued.as_mut().enable();
             let deliveries = self.receive_now(max_messages).await?;
             let now = tokio::time::Instant::now();
+            if deliveries.len() == max_messages {
+                // A full batch suggests more is waiting: wake one idle peer to help. Waking
+                // one receiver per enqueue, and letting busy ones pass it on, avoids a
+                // thundering herd of receives for every message.
+                self.enqueued.notify_one();
+            }
             if !deliveries.is_empty() || now >= deadline {
                 return Ok(deliveries);
             }
@@ -440,7 +446,7 @@ impl Queue for SqliteQueue {
             .await
             .map_err(unavailable)?;
         if n_moved > 0 {
-            self.enqueued.notify_waiters();
+            self.enqueued.notify_one();
         }
         Ok(n_moved)
     }
