@@ -10,10 +10,9 @@ use serde::{Deserialize, Serialize};
 #[serde(rename_all = "snake_case")]
 pub enum ErrorCode {
     // Permanent: the same message can never succeed.
-    /// The queue message is not a Fluxa task we understand.
+    /// The queue message is not a Fluxa task we understand (or one of its event fields breaks
+    /// the contract's rules, which decoding checks).
     InvalidMessage,
-    /// The message parsed but an event field breaks the contract's rules.
-    ValidationError,
     /// The payload bytes do not hash to the message's `payload_sha256`.
     HashMismatch,
     /// The message points at a blob that does not exist.
@@ -38,7 +37,6 @@ impl ErrorCode {
     pub fn as_str(self) -> &'static str {
         match self {
             Self::InvalidMessage => "invalid_message",
-            Self::ValidationError => "validation_error",
             Self::HashMismatch => "hash_mismatch",
             Self::BlobMissing => "blob_missing",
             Self::EventIdConflict => "event_id_conflict",
