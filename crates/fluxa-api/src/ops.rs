@@ -2,7 +2,7 @@
 //! and `/metrics` (Prometheus text). Open to all, like a load balancer expects.
 
 use axum::extract::State;
-use axum::http::{header, StatusCode};
+use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
@@ -25,17 +25,25 @@ async fn healthz() -> Response {
 async fn readyz(State(state): State<AppState>) -> Response {
     let (store, queue, blobs) =
         tokio::join!(state.reader.ping(), state.queue.ping(), state.blobs.check());
-    let checks = json!({
-        "store": if store.is_ok() { "ok" } else { "unavailable" },
-        "queue": if queue.is_ok() { "ok" } else { "unavailable" },
-        "blob_store": if blobs.is_ok() { "ok" } else { "unavailable" },
-    });
-    if store.is_ok() && queue.is_ok() && blobs.is_ok() {
+    let down: Vec<&str> = [
+        ("store", store.is_ok()),
+        ("queue", queue.is_ok()),
+        ("blob store", blobs.is_ok()),
+    ]
+    .into_iter()
+    .filter_map(|(name, ok)| (!ok).then_some(name))
+    .collect();
+    if down.is_empty() {
+        let checks = json!({"store": "ok", "queue": "ok", "blob_store": "ok"});
         Json(json!({"status": "ready", "checks": checks})).into_response()
     } else {
-        let mut response = ApiError::unavailable("store, queue or blob store").into_response();
-        *response.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
-        response
+        // The contract's error body (with Retry-After), naming what is down.
+        ApiError::new(
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            format!("not ready: unreachable: {}", down.join(", ")),
+        )
+        .into_response()
     }
 }
 

@@ -187,6 +187,12 @@ async fn a_postgres_restart_during_ingest_answers_503_then_recovers_and_loses_no
     tokio::time::sleep(Duration::from_secs(1)).await;
     let n_before = accepted.lock().unwrap().len();
     postgres.pg_stop();
+    let readiness = app.get("/readyz").await;
+    assert_eq!(readiness.status(), 503, "readiness must report the outage");
+    assert_eq!(readiness.headers()["retry-after"], "1");
+    let body: Value = readiness.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "unavailable");
+    assert!(body["error"]["message"].as_str().unwrap().contains("store"));
     tokio::time::sleep(Duration::from_secs(3)).await;
     postgres.pg_start();
     // Keep sending until ingest has recovered by itself.
@@ -203,6 +209,11 @@ async fn a_postgres_restart_during_ingest_answers_503_then_recovers_and_loses_no
         );
     };
     stop_sending.store(true, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(
+        app.get("/readyz").await.status(),
+        200,
+        "ready again after the restart"
+    );
     producer.await.unwrap();
 
     assert!(n_before > 0, "nothing was accepted before the outage");
