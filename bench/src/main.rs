@@ -30,9 +30,9 @@ struct Args {
     /// Concurrent client requests.
     #[arg(long, default_value_t = 32)]
     concurrency: usize,
-    /// Processor workers in the server under test.
-    #[arg(long, default_value_t = 4)]
-    workers: usize,
+    /// Processor workers in the server under test (default: the server's own default).
+    #[arg(long)]
+    workers: Option<usize>,
     /// Run the suite against PostgreSQL at this URL instead of the embedded backend.
     #[arg(long, env = "FLUXA_BENCH_DATABASE_URL", hide_env_values = true)]
     database_url: Option<String>,
@@ -405,8 +405,6 @@ impl Server {
                 "serve",
                 "--bind",
                 "127.0.0.1:0",
-                "--workers",
-                &args.workers.to_string(),
                 "--max-payload-bytes",
                 "10485760",
             ])
@@ -434,6 +432,9 @@ impl Server {
                 }
             }
             command.env("FLUXA_DATABASE_URL", url);
+        }
+        if let Some(workers) = args.workers {
+            command.args(["--workers", &workers.to_string()]);
         }
         let mut child = command.spawn().context("failed to start fluxa")?;
         let mut lines = BufReader::new(child.stdout.take().expect("piped")).lines();

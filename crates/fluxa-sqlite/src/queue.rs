@@ -30,7 +30,7 @@ use crate::{millis, now_millis, Pools, QueueConfig};
 
 /// How often an idle receiver looks again for messages whose delay has passed or that another
 /// process enqueued (messages enqueued by this process wake it at once).
-const IDLE_POLL: Duration = Duration::from_millis(100);
+const IDLE_POLL: Duration = Duration::from_millis(250);
 
 fn unavailable(error: sqlx::Error) -> Error {
     Error::unavailable(error)

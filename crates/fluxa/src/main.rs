@@ -76,9 +76,10 @@ struct ServeArgs {
     /// Which parts to run in this process.
     #[arg(long, env = "FLUXA_ROLE", value_enum, default_value = "all")]
     role: RoleArg,
-    /// Number of concurrent processor workers.
-    #[arg(long, env = "FLUXA_WORKERS", default_value_t = 4)]
-    workers: usize,
+    /// Number of concurrent processor workers [default: 16 embedded, where concurrent workers
+    /// share commits; 4 on PostgreSQL, where each holds a database connection].
+    #[arg(long, env = "FLUXA_WORKERS")]
+    workers: Option<usize>,
     /// Largest accepted payload in bytes (larger: 413 payload_too_large).
     #[arg(long, env = "FLUXA_MAX_PAYLOAD_BYTES", default_value_t = 10 * 1024 * 1024)]
     max_payload_bytes: usize,
@@ -155,6 +156,11 @@ enum DlqCommand {
 
 impl ServeArgs {
     fn into_config(self) -> Config {
+        let default_workers = if self.data.database_url.is_some() {
+            fluxa_server::DEFAULT_WORKERS_POSTGRES
+        } else {
+            fluxa_server::DEFAULT_WORKERS_EMBEDDED
+        };
         Config {
             bind: self.bind,
             data_dir: self.data.data_dir,
@@ -164,7 +170,7 @@ impl ServeArgs {
                 RoleArg::Api => Role::Api,
                 RoleArg::Worker => Role::Worker,
             },
-            workers: self.workers,
+            workers: self.workers.unwrap_or(default_workers),
             limits: Limits {
                 max_payload_bytes: self.max_payload_bytes,
                 max_batch_bytes: self.max_batch_bytes,
