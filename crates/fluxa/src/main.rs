@@ -6,8 +6,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+mod config_file;
+
 use anyhow::Context;
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use fluxa_api::Limits;
 use fluxa_queue::RedriveSelector;
 use fluxa_server::{Config, Role};
@@ -68,6 +70,10 @@ enum RoleArg {
 
 #[derive(Args, Debug)]
 struct ServeArgs {
+    /// A TOML file with defaults for the options below, under the same names in snake_case
+    /// (see config.example.toml). Flags and FLUXA_* variables override it.
+    #[arg(long, env = "FLUXA_CONFIG")]
+    config: Option<PathBuf>,
     #[command(flatten)]
     data: DataArgs,
     /// Address the HTTP API listens on (port 0 picks a free port).
@@ -188,8 +194,28 @@ impl ServeArgs {
     }
 }
 
+/// Parses the command line, then fills `serve`'s unset options from its `--config` file.
+fn parse_cli() -> anyhow::Result<Cli> {
+    let matches = Cli::command().get_matches();
+    let mut cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    if let (Command::Serve(args), Some(serve_matches)) =
+        (&mut cli.command, matches.subcommand_matches("serve"))
+    {
+        if let Some(path) = args.config.clone() {
+            config_file::ConfigFile::load(&path)?.apply(args, serve_matches)?;
+        }
+    }
+    Ok(cli)
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match parse_cli() {
+        Ok(cli) => cli,
+        Err(e) => {
+            eprintln!("fluxa: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
     let log_output = match cli.command {
         Command::Serve(_) => fluxa_telemetry::LogOutput::Stdout,
         _ => fluxa_telemetry::LogOutput::Stderr,

@@ -174,3 +174,84 @@ async fn orphaned_payload_blobs_are_swept_but_a_dead_lettered_messages_blob_is_k
         "a blob a dead letter points at must survive the sweep"
     );
 }
+
+#[tokio::test]
+async fn a_config_file_sets_options_and_flags_override_it() {
+    let data = TestData::new().await;
+    let file = data.path().join("fluxa.toml");
+    std::fs::write(
+        &file,
+        "max_payload_bytes = 1000\nworkers = 2\nlease = \"5s\"\n",
+    )
+    .unwrap();
+    let config = file.to_str().unwrap();
+    let from_file = data.spawn(&["--config", config]).await;
+    let too_big = from_file
+        .post_event(&event("cfg-1", json!("x".repeat(1200))))
+        .await;
+    assert_eq!(
+        too_big.status(),
+        413,
+        "the file's max_payload_bytes applies"
+    );
+    assert_eq!(
+        from_file
+            .post_event(&event("cfg-2", json!("small")))
+            .await
+            .status(),
+        202
+    );
+    drop(from_file);
+
+    let overridden = data
+        .spawn(&["--config", config, "--max-payload-bytes", "5000"])
+        .await;
+    let fits = overridden
+        .post_event(&event("cfg-3", json!("x".repeat(1200))))
+        .await;
+    assert_eq!(fits.status(), 202, "a flag overrides the file");
+}
+
+#[tokio::test]
+async fn a_bad_config_file_is_refused_with_its_line_and_without_quoting_secrets() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().to_str().unwrap().to_owned();
+    let cases = [
+        (
+            "unknown key",
+            "api_tokens = \"ingest=cfg-secret-0123456789\"\nworkerz = 2\n",
+            "line 2: unknown field `workerz`",
+        ),
+        ("bad duration", "lease = \"soon\"\n", "lease"),
+        ("bad role", "role = \"boss\"\n", "role"),
+        (
+            "syntax error",
+            "workers = 2\napi_tokens = \"ingest=cfg-secret-0123456789\n",
+            "line 2",
+        ),
+    ];
+    for (name, text, expected) in cases {
+        let file = dir.path().join("bad.toml");
+        std::fs::write(&file, text).unwrap();
+        let output = fluxa_command()
+            .args([
+                "serve",
+                "--bind",
+                "127.0.0.1:0",
+                "--data-dir",
+                &data_dir,
+                "--config",
+            ])
+            .arg(&file)
+            .output()
+            .await
+            .unwrap();
+        assert!(!output.status.success(), "case {name} must fail");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains(expected), "case {name}: {stderr}");
+        assert!(
+            !stderr.contains("cfg-secret"),
+            "case {name} quoted a secret: {stderr}"
+        );
+    }
+}
