@@ -1,18 +1,17 @@
 //! The queue on PostgreSQL: SQS semantics over `queue_messages` and `dead_letters`, with
 //! receives that skip rows other replicas are claiming (`FOR UPDATE SKIP LOCKED`).
 
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use fluxa_core::{ErrorCode, FailureInfo};
 use fluxa_queue::{
     DeadLetter, Delivery, Error, ExhaustedNotice, MessageAttributes, NewMessage, PendingMessage,
-    Queue, QueueDepth, RedriveSelector, Result,
+    Queue, QueueDepth, Receivers, RedriveSelector, Result,
 };
 use sqlx::postgres::{PgListener, PgRow};
 use sqlx::{PgPool, Row};
-use tokio::sync::Notify;
 
 use crate::{seconds, QueueConfig};
 
@@ -35,12 +34,11 @@ fn unavailable(error: sqlx::Error) -> Error {
 pub struct PgQueue {
     pool: PgPool,
     config: QueueConfig,
-    /// Woken whenever any replica enqueues (relayed from `LISTEN`).
-    enqueued: Arc<Notify>,
+    /// Woken whenever any replica enqueues (relayed from `LISTEN`); holds the notices of
+    /// dead-lettered messages.
+    receivers: Receivers,
     /// Stops the relay (and frees its connection) when the last clone of this queue is dropped.
     _relay: Arc<AbortOnDrop>,
-    /// Messages this handle's receives dead-lettered, until `take_exhausted` drains them.
-    exhausted: Arc<Mutex<Vec<ExhaustedNotice>>>,
 }
 
 /// Aborts a background task when dropped.
@@ -55,16 +53,15 @@ impl Drop for AbortOnDrop {
 
 impl PgQueue {
     pub(crate) async fn new(pool: PgPool, config: QueueConfig) -> Result<Self, sqlx::Error> {
-        let enqueued = Arc::new(Notify::new());
+        let receivers = Receivers::default();
         let mut listener = PgListener::connect_with(&pool).await?;
         listener.listen(ENQUEUED_CHANNEL).await?;
-        let relay = tokio::spawn(relay_notifications(listener, Arc::clone(&enqueued)));
+        let relay = tokio::spawn(relay_notifications(listener, receivers.clone()));
         Ok(Self {
             pool,
             config,
-            enqueued,
+            receivers,
             _relay: Arc::new(AbortOnDrop(relay)),
-            exhausted: Arc::default(),
         })
     }
 
@@ -126,10 +123,7 @@ impl PgQueue {
                 ),
             })
         });
-        self.exhausted
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .extend(notices);
+        self.receivers.announce_exhausted(notices);
 
         let mut deliveries: Vec<(i64, Delivery)> = rows
             .iter()
@@ -152,10 +146,10 @@ impl PgQueue {
 
 /// Wakes this replica's idle receivers on every `NOTIFY`. `PgListener` reconnects by itself
 /// after an outage; while it is down, receivers fall back to polling.
-async fn relay_notifications(mut listener: PgListener, enqueued: Arc<Notify>) {
+async fn relay_notifications(mut listener: PgListener, receivers: Receivers) {
     loop {
         match listener.recv().await {
-            Ok(_) => enqueued.notify_one(),
+            Ok(_) => receivers.wake_one(),
             Err(e) => {
                 tracing::debug!(error.message = %e, "queue notification listener interrupted");
                 tokio::time::sleep(Duration::from_secs(1)).await;
@@ -212,29 +206,11 @@ impl Queue for PgQueue {
     }
 
     async fn receive(&self, max_messages: usize, wait: Duration) -> Result<Vec<Delivery>> {
-        let deadline = tokio::time::Instant::now() + wait;
-        loop {
-            // Register interest before looking, so a NOTIFY between the look and the wait still
-            // wakes us.
-            let enqueued = self.enqueued.notified();
-            tokio::pin!(enqueued);
-            enqueued.as_mut().enable();
-            let deliveries = self.receive_now(max_messages).await?;
-            let now = tokio::time::Instant::now();
-            if deliveries.len() == max_messages {
-                // A full batch suggests more is waiting: wake one idle peer to help. Waking
-                // one receiver per enqueue, and letting busy ones pass it on, avoids a
-                // thundering herd of receives for every message.
-                self.enqueued.notify_one();
-            }
-            if !deliveries.is_empty() || now >= deadline {
-                return Ok(deliveries);
-            }
-            tokio::select! {
-                () = &mut enqueued => {}
-                () = tokio::time::sleep((deadline - now).min(IDLE_POLL)) => {}
-            }
-        }
+        self.receivers
+            .long_poll(max_messages, wait, IDLE_POLL, || {
+                self.receive_now(max_messages)
+            })
+            .await
     }
 
     async fn delete(&self, delivery: &Delivery) -> Result<()> {
@@ -414,12 +390,7 @@ impl Queue for PgQueue {
     }
 
     fn take_exhausted(&self) -> Vec<ExhaustedNotice> {
-        std::mem::take(
-            &mut *self
-                .exhausted
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner),
-        )
+        self.receivers.take_exhausted()
     }
 
     async fn ping(&self) -> Result<()> {

@@ -380,13 +380,11 @@ impl Processor {
     /// lives in the store, and a redelivery of the same message is decided as a duplicate
     /// before any payload is read. Dead-lettered messages keep their blobs for a redrive.
     pub async fn discard_payload(&self, delivery: &Delivery) {
-        let Ok(FluxaTask::EventV1(message)) = FluxaTask::decode(&delivery.body) else {
-            return;
-        };
-        if let Some(blob) = message.payload_blob {
-            if let Err(e) = self.blobs.delete(&blob.key).await {
+        // The key travels as a message attribute, so this costs nothing for inline messages.
+        if let Some(key) = &delivery.attributes.blob_key {
+            if let Err(e) = self.blobs.delete(key).await {
                 // Harmless: an unreferenced blob is collected by the sweeper later.
-                tracing::warn!(blob_key = %blob.key, error.message = %e, "could not delete a payload blob");
+                tracing::warn!(blob_key = %key, error.message = %e, "could not delete a payload blob");
             }
         }
     }

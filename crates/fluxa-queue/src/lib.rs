@@ -12,12 +12,15 @@
 
 #[cfg(feature = "conformance")]
 pub mod conformance;
+mod receivers;
 
 use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use fluxa_core::FailureInfo;
+
+pub use receivers::Receivers;
 
 /// Queue failures. Every one of them is transient from the processor's point of view.
 #[derive(Debug, thiserror::Error)]

@@ -11,7 +11,6 @@
 //! A message waiting out a retry delay has no receipt; one with a receipt and a future
 //! `visible_at` is in flight.
 
-use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -19,11 +18,10 @@ use fluxa_core::time::from_unix_millis;
 use fluxa_core::{ErrorCode, FailureInfo};
 use fluxa_queue::{
     DeadLetter, Delivery, Error, ExhaustedNotice, MessageAttributes, NewMessage, PendingMessage,
-    Queue, QueueDepth, RedriveSelector, Result,
+    Queue, QueueDepth, Receivers, RedriveSelector, Result,
 };
 use sqlx::sqlite::SqliteRow;
 use sqlx::{Row, SqliteConnection};
-use tokio::sync::Notify;
 
 use crate::group_commit::GroupCommit;
 use crate::{millis, now_millis, Pools, QueueConfig};
@@ -42,10 +40,8 @@ pub struct SqliteQueue {
     pools: Pools,
     config: QueueConfig,
     writes: GroupCommit,
-    /// Wakes this process's idle receivers when this process enqueues.
-    enqueued: Arc<Notify>,
-    /// Messages this handle's receives dead-lettered, until `take_exhausted` drains them.
-    exhausted: Arc<Mutex<Vec<ExhaustedNotice>>>,
+    /// Wake-ups for this process's idle receivers, and the notices of dead-lettered messages.
+    receivers: Receivers,
 }
 
 impl SqliteQueue {
@@ -55,8 +51,7 @@ impl SqliteQueue {
             pools,
             config,
             writes,
-            enqueued: Arc::new(Notify::new()),
-            exhausted: Arc::default(),
+            receivers: Receivers::default(),
         }
     }
 
@@ -67,12 +62,7 @@ impl SqliteQueue {
             .run(move |connection| Box::pin(receive(connection, config, max_messages)))
             .await
             .map_err(unavailable)?;
-        if !exhausted.is_empty() {
-            self.exhausted
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .extend(exhausted);
-        }
+        self.receivers.announce_exhausted(exhausted);
         Ok(deliveries)
     }
 }
@@ -223,35 +213,16 @@ impl Queue for SqliteQueue {
             })
             .await
             .map_err(unavailable)?;
-        self.enqueued.notify_one();
+        self.receivers.wake_one();
         Ok(message_ids)
     }
 
     async fn receive(&self, max_messages: usize, wait: Duration) -> Result<Vec<Delivery>> {
-        let deadline = tokio::time::Instant::now() + wait;
-        loop {
-            // Register interest before looking, so an enqueue between the look and the wait
-            // still wakes us.
-            let enqueued = self.enqueued.notified();
-            tokio::pin!(enqueued);
-            enqueued.as_mut().enable();
-            let deliveries = self.receive_now(max_messages).await?;
-            let now = tokio::time::Instant::now();
-            if deliveries.len() == max_messages {
-                // A full batch suggests more is waiting: wake one idle peer to help. Waking
-                // one receiver per enqueue, and letting busy ones pass it on, avoids a
-                // thundering herd of receives for every message.
-                self.enqueued.notify_one();
-            }
-            if !deliveries.is_empty() || now >= deadline {
-                return Ok(deliveries);
-            }
-            let nap = (deadline - now).min(IDLE_POLL);
-            tokio::select! {
-                () = &mut enqueued => {}
-                () = tokio::time::sleep(nap) => {}
-            }
-        }
+        self.receivers
+            .long_poll(max_messages, wait, IDLE_POLL, || {
+                self.receive_now(max_messages)
+            })
+            .await
     }
 
     async fn delete(&self, delivery: &Delivery) -> Result<()> {
@@ -446,7 +417,7 @@ impl Queue for SqliteQueue {
             .await
             .map_err(unavailable)?;
         if n_moved > 0 {
-            self.enqueued.notify_one();
+            self.receivers.wake_one();
         }
         Ok(n_moved)
     }
@@ -464,12 +435,7 @@ impl Queue for SqliteQueue {
     }
 
     fn take_exhausted(&self) -> Vec<ExhaustedNotice> {
-        std::mem::take(
-            &mut *self
-                .exhausted
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner),
-        )
+        self.receivers.take_exhausted()
     }
 
     async fn ping(&self) -> Result<()> {
