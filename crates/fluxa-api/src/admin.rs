@@ -74,7 +74,7 @@ pub fn dead_letter_json(entry: &DeadLetter) -> DeadLetterOut<'_> {
         id: &entry.id,
         event_id: entry.attributes.event_id.as_deref(),
         correlation_id: entry.attributes.correlation_id.as_deref(),
-        error_class: &entry.error_class,
+        error_class: entry.error_class.as_str(),
         error: ErrorOut {
             code: &entry.error.code,
             message: &entry.error.message,
@@ -119,11 +119,15 @@ async fn list(
         )));
     }
     let entries = state
-        .queue
+        .dead_letters
         .list_dead_letters(limit, query.event_id.as_deref())
         .await
         .map_err(|e| queue_down(&e))?;
-    let depth = state.queue.depth().await.map_err(|e| queue_down(&e))?;
+    let depth = state
+        .dead_letters
+        .depth()
+        .await
+        .map_err(|e| queue_down(&e))?;
     let dead_letters: Vec<DeadLetterOut<'_>> = entries.iter().map(dead_letter_json).collect();
     Ok(Json(DeadLetterList {
         total: depth.dead_letters,
@@ -134,7 +138,7 @@ async fn list(
 
 async fn show(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
     let entry = state
-        .queue
+        .dead_letters
         .get_dead_letter(&id)
         .await
         .map_err(|e| queue_down(&e))?
@@ -176,7 +180,7 @@ async fn redrive(
         }
     };
     let n_redriven = state
-        .queue
+        .dead_letters
         .redrive(&selector)
         .await
         .map_err(|e| queue_down(&e))?;

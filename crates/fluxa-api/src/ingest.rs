@@ -39,8 +39,10 @@ pub fn router(state: &AppState) -> Router<AppState> {
 
 /// What ingest knows about one accepted event once its message is built.
 struct Prepared {
-    message: NewMessage,
+    /// Taken by [`enqueue`], which hands it to the queue without a copy.
+    message: Option<NewMessage>,
     blob_key: Option<String>,
+    mode: PayloadMode,
     result: Value,
 }
 
@@ -57,11 +59,7 @@ async fn prepare(
     let header = event.header(correlation_id.clone(), Utc::now());
     let mode = event.payload_mode();
     let (message, blob_key) = match mode {
-        PayloadMode::Inline => {
-            let payload = RawValue::from_string(event.payload.get().to_owned())
-                .map_err(|e| ApiError::internal(&e))?;
-            (EventMessageV1::inline(header, payload), None)
-        }
+        PayloadMode::Inline => (EventMessageV1::inline(header, event.payload), None),
         PayloadMode::S3 => {
             let key = fluxa_blob::BlobStore::new_key(&event.event_id);
             let bytes = body.slice_ref(event.payload.get().as_bytes());
@@ -79,36 +77,46 @@ async fn prepare(
         "payload_mode": mode.as_str(),
     });
     Ok(Prepared {
-        message: NewMessage {
+        message: Some(NewMessage {
             body: FluxaTask::EventV1(message).encode(),
             attributes: MessageAttributes {
                 event_id: Some(event.event_id.to_string()),
                 correlation_id: Some(correlation_id.to_string()),
                 blob_key: blob_key.clone(),
             },
-        },
+        }),
         blob_key,
+        mode,
         result,
     })
 }
 
-/// Enqueues the prepared messages as one atomic send. On failure the blobs written for them are
-/// deleted (best effort; a leftover blob is unreferenced and harmless) and the caller answers 503.
-async fn enqueue(state: &AppState, prepared: &[&Prepared]) -> Result<(), ApiError> {
-    let messages = prepared.iter().map(|p| p.message.clone()).collect();
-    if let Err(e) = state.queue.send(messages).await {
-        tracing::warn!(error.cause_chain = ?e, error.message = %e, "enqueue failed");
-        delete_blobs(state, prepared.iter().filter_map(|p| p.blob_key.as_deref())).await;
-        return Err(ApiError::unavailable("queue"));
+/// Sends the prepared messages in one call and says, per message, whether it was sent. The
+/// blobs of messages that were not sent are deleted (best effort: a leftover blob is
+/// unreferenced and swept later); a message that was sent keeps its blob.
+async fn enqueue(state: &AppState, prepared: &mut [&mut Prepared]) -> Vec<bool> {
+    let messages = prepared
+        .iter_mut()
+        .filter_map(|p| p.message.take())
+        .collect();
+    let sent: Vec<bool> = match state.queue.send(messages).await {
+        Ok(_) => vec![true; prepared.len()],
+        Err(e) => {
+            tracing::warn!(error.cause_chain = ?e.source, error.message = %e, "enqueue failed");
+            e.sent.iter().map(Option::is_some).collect()
+        }
+    };
+    let unsent_blobs = prepared
+        .iter()
+        .zip(&sent)
+        .filter(|(_, sent)| !**sent)
+        .filter_map(|(p, _)| p.blob_key.as_deref());
+    delete_blobs(state, unsent_blobs).await;
+    for (p, _) in prepared.iter().zip(&sent).filter(|(_, sent)| **sent) {
+        metrics::counter!("fluxa_events_ingested_total", "payload_mode" => p.mode.as_str())
+            .increment(1);
     }
-    for p in prepared.iter() {
-        let mode = p.result["payload_mode"]
-            .as_str()
-            .unwrap_or_default()
-            .to_owned();
-        metrics::counter!("fluxa_events_ingested_total", "payload_mode" => mode).increment(1);
-    }
-    Ok(())
+    sent
 }
 
 async fn delete_blobs(state: &AppState, keys: impl Iterator<Item = &str>) {
@@ -154,8 +162,10 @@ async fn ingest_one_inner(
     let bytes = read_body(headers, body, limit).await?;
     let event = parse_event(&bytes, state.limits.max_payload_bytes)?;
     let correlation_id = current_correlation_id();
-    let prepared = prepare(state, &bytes, &event, &correlation_id).await?;
-    enqueue(state, &[&prepared]).await?;
+    let mut prepared = prepare(state, &bytes, &event, &correlation_id).await?;
+    if enqueue(state, &mut [&mut prepared]).await != [true] {
+        return Err(ApiError::unavailable("queue"));
+    }
     tracing::info!(
         event_id = event.event_id.as_str(),
         payload_size = event.payload_size(),
@@ -222,11 +232,22 @@ async fn ingest_batch_inner(
         }
         items.push(item);
     }
-    let accepted: Vec<&Prepared> = items.iter().flatten().collect();
+    let mut accepted: Vec<&mut Prepared> = items.iter_mut().flatten().collect();
     if !accepted.is_empty() {
-        enqueue(state, &accepted).await?;
+        let sent = enqueue(state, &mut accepted).await;
+        if !sent.contains(&true) {
+            // Nothing reached the queue: the whole request's problem (contract section 1b).
+            return Err(ApiError::unavailable("queue"));
+        }
+        // A partial send (SQS sends per entry): the unsent items are 503 in their results.
+        let mut sent = sent.into_iter();
+        for item in &mut items {
+            if item.is_ok() && sent.next() == Some(false) {
+                *item = Err(ApiError::unavailable("queue"));
+            }
+        }
     }
-    let n_accepted = accepted.len();
+    let n_accepted = items.iter().filter(|item| item.is_ok()).count();
     let results: Vec<Value> = items
         .into_iter()
         .enumerate()

@@ -25,7 +25,7 @@ use std::sync::Arc;
 
 use axum::Router;
 use fluxa_blob::BlobStore;
-use fluxa_queue::Queue;
+use fluxa_queue::{DeadLetterAdmin, Producer};
 use fluxa_store::EventReader;
 use metrics_exporter_prometheus::PrometheusHandle;
 
@@ -54,7 +54,10 @@ impl Default for Limits {
 /// Everything the handlers share.
 #[derive(Clone)]
 pub struct AppState {
-    pub queue: Arc<dyn Queue>,
+    /// Ingest's side of the queue.
+    pub queue: Arc<dyn Producer>,
+    /// Operators' side of the queue (the DLQ routes and the depth gauges).
+    pub dead_letters: Arc<dyn DeadLetterAdmin>,
     pub blobs: BlobStore,
     pub reader: Arc<dyn EventReader>,
     pub limits: Limits,

@@ -49,7 +49,7 @@ async fn readyz(State(state): State<AppState>) -> Response {
 
 async fn metrics_text(State(state): State<AppState>) -> Response {
     // Depths are read at scrape time so they are never stale.
-    match state.queue.depth().await {
+    match state.dead_letters.depth().await {
         Ok(depth) => {
             metrics::gauge!("fluxa_queue_depth").set(depth.pending as f64);
             metrics::gauge!("fluxa_queue_in_flight").set(depth.in_flight as f64);

@@ -98,7 +98,9 @@ impl BlobStore {
             .await
             .map_err(Error::Unavailable)?;
         if let Some(root) = &self.local_root {
-            sync_local_file(root.join(key)).await.map_err(Error::Sync)?;
+            sync_local_file(root.clone(), root.join(key))
+                .await
+                .map_err(Error::Sync)?;
         }
         Ok(BlobRef {
             bucket: self.bucket.clone(),
@@ -155,11 +157,18 @@ impl BlobStore {
     }
 }
 
-async fn sync_local_file(path: PathBuf) -> std::io::Result<()> {
+/// Makes a new file and its name durable: the file, then every directory from its own up to
+/// the blob root, since any of them may have just gained an entry (`events/<event_id>/` is
+/// created by the write), and POSIX makes a new entry durable only once its directory is
+/// fsynced. A journaling filesystem usually does this anyway; ext4 without a journal does not.
+async fn sync_local_file(root: PathBuf, path: PathBuf) -> std::io::Result<()> {
     tokio::task::spawn_blocking(move || {
         std::fs::File::open(&path)?.sync_all()?;
-        if let Some(dir) = path.parent() {
+        for dir in path.ancestors().skip(1) {
             std::fs::File::open(dir)?.sync_all()?;
+            if dir == root {
+                break;
+            }
         }
         Ok(())
     })

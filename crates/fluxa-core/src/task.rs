@@ -52,10 +52,12 @@ enum EventV1Tag {
     EventV1,
 }
 
-/// One accepted event on its way to the processor.
+/// One accepted event on its way to the processor. It borrows its inline payload from the
+/// buffer it was built from or read out of (the request body at ingest, the message body in the
+/// processor), so the payload bytes are never copied to build or read a message.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct EventMessageV1 {
+pub struct EventMessageV1<'a> {
     #[serde(rename = "type")]
     tag: EventV1Tag,
     pub event_id: EventId,
@@ -73,21 +75,22 @@ pub struct EventMessageV1 {
     /// only in `INLINE` mode.
     #[serde(
         default,
+        borrow,
         skip_serializing_if = "Option::is_none",
         deserialize_with = "present_raw_value"
     )]
-    pub payload_inline: Option<Box<RawValue>>,
+    pub payload_inline: Option<&'a RawValue>,
     /// The payload's blob, present only in `S3` mode.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub payload_blob: Option<BlobRef>,
 }
 
 /// A present member is `Some`, even when its value is `null` (a valid payload); plain
-/// `Option<Box<RawValue>>` would turn a `null` payload into "no payload".
-fn present_raw_value<'de, D: serde::Deserializer<'de>>(
+/// `Option<&RawValue>` would turn a `null` payload into "no payload".
+fn present_raw_value<'de: 'a, 'a, D: serde::Deserializer<'de>>(
     deserializer: D,
-) -> Result<Option<Box<RawValue>>, D::Error> {
-    Box::<RawValue>::deserialize(deserializer).map(Some)
+) -> Result<Option<&'a RawValue>, D::Error> {
+    <&'a RawValue>::deserialize(deserializer).map(Some)
 }
 
 /// Fields of an accepted event other than its payload's location.
@@ -103,9 +106,9 @@ pub struct EventHeader {
     pub payload_size: u64,
 }
 
-impl EventMessageV1 {
+impl<'a> EventMessageV1<'a> {
     /// A message that carries its payload inline.
-    pub fn inline(header: EventHeader, payload: Box<RawValue>) -> Self {
+    pub fn inline(header: EventHeader, payload: &'a RawValue) -> Self {
         Self::build(header, PayloadMode::Inline, Some(payload), None)
     }
 
@@ -117,7 +120,7 @@ impl EventMessageV1 {
     fn build(
         header: EventHeader,
         payload_mode: PayloadMode,
-        payload_inline: Option<Box<RawValue>>,
+        payload_inline: Option<&'a RawValue>,
         payload_blob: Option<BlobRef>,
     ) -> Self {
         Self {
@@ -139,8 +142,8 @@ impl EventMessageV1 {
 
 /// Every kind of message a Fluxa queue carries.
 #[derive(Clone, Debug)]
-pub enum FluxaTask {
-    EventV1(EventMessageV1),
+pub enum FluxaTask<'a> {
+    EventV1(EventMessageV1<'a>),
 }
 
 /// Why a message body could not be read as a [`FluxaTask`].
@@ -154,7 +157,7 @@ struct TaskTag<'a> {
     tag: Option<&'a str>,
 }
 
-impl FluxaTask {
+impl<'a> FluxaTask<'a> {
     pub fn encode(&self) -> Vec<u8> {
         match self {
             // Serialising plain structs, strings and a RawValue cannot fail.
@@ -164,25 +167,31 @@ impl FluxaTask {
         }
     }
 
-    /// Reads a message body. Tagging is done by hand rather than with `#[serde(tag)]` because
-    /// serde buffers internally-tagged enums, which loses `RawValue`'s exact bytes.
-    pub fn decode(body: &[u8]) -> Result<Self, DecodeError> {
-        let tag: TaskTag<'_> = serde_json::from_slice(body)
-            .map_err(|e| DecodeError(format!("message is not a JSON object: {e}")))?;
-        match tag.tag {
-            Some("event.v1") => {
-                let message: EventMessageV1 = serde_json::from_slice(body)
-                    .map_err(|e| DecodeError(format!("invalid event.v1 message: {e}")))?;
+    /// Reads a message body in one parse, borrowing the inline payload from `body`. Tagging is
+    /// done by the message struct's own `type` field rather than `#[serde(tag)]`, because serde
+    /// buffers internally-tagged enums, which loses `RawValue`'s exact bytes. Only a body that
+    /// fails to parse is looked at again, to say why.
+    pub fn decode(body: &'a [u8]) -> Result<Self, DecodeError> {
+        match serde_json::from_slice::<EventMessageV1<'a>>(body) {
+            Ok(message) => {
                 message.check_shape()?;
                 Ok(Self::EventV1(message))
             }
-            Some(other) => Err(DecodeError(format!("unknown message type {other:?}"))),
-            None => Err(DecodeError("message has no type".to_owned())),
+            Err(e) => Err(match serde_json::from_slice::<TaskTag<'_>>(body) {
+                Err(e) => DecodeError(format!("message is not a JSON object: {e}")),
+                Ok(TaskTag {
+                    tag: Some("event.v1"),
+                }) => DecodeError(format!("invalid event.v1 message: {e}")),
+                Ok(TaskTag { tag: Some(other) }) => {
+                    DecodeError(format!("unknown message type {other:?}"))
+                }
+                Ok(TaskTag { tag: None }) => DecodeError("message has no type".to_owned()),
+            }),
         }
     }
 }
 
-impl EventMessageV1 {
+impl EventMessageV1<'_> {
     fn check_shape(&self) -> Result<(), DecodeError> {
         match (self.payload_mode, &self.payload_inline, &self.payload_blob) {
             (PayloadMode::Inline, Some(_), None) | (PayloadMode::S3, None, Some(_)) => Ok(()),
@@ -214,7 +223,7 @@ mod tests {
     #[test]
     fn an_inline_payload_survives_encode_and_decode_byte_for_byte() {
         let raw = RawValue::from_string("{ \"a\" :1 }".to_owned()).unwrap();
-        let body = FluxaTask::EventV1(EventMessageV1::inline(header(), raw)).encode();
+        let body = FluxaTask::EventV1(EventMessageV1::inline(header(), &raw)).encode();
         let FluxaTask::EventV1(decoded) = FluxaTask::decode(&body).unwrap();
         assert_eq!(decoded.payload_inline.unwrap().get(), "{ \"a\" :1 }");
     }
@@ -222,7 +231,7 @@ mod tests {
     #[test]
     fn a_null_inline_payload_is_still_a_payload() {
         let raw = RawValue::from_string("null".to_owned()).unwrap();
-        let body = FluxaTask::EventV1(EventMessageV1::inline(header(), raw)).encode();
+        let body = FluxaTask::EventV1(EventMessageV1::inline(header(), &raw)).encode();
         let FluxaTask::EventV1(decoded) = FluxaTask::decode(&body).unwrap();
         assert_eq!(decoded.payload_inline.unwrap().get(), "null");
     }

@@ -1,14 +1,19 @@
 //! The queue on PostgreSQL: SQS semantics over `queue_messages` and `dead_letters`, with
 //! receives that skip rows other replicas are claiming (`FOR UPDATE SKIP LOCKED`).
+//!
+//! A receive is one statement: it locks the first visible messages in `(visible_at, seq)`
+//! order (an index range scan that stops after the batch), moves those that have used up their
+//! receives to `dead_letters`, and claims the rest. No receive ever scans the backlog.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use fluxa_core::{ErrorCode, FailureInfo};
+use fluxa_core::{ErrorCode, FailureClass, FailureInfo};
 use fluxa_queue::{
-    DeadLetter, Delivery, Error, ExhaustedNotice, MessageAttributes, NewMessage, PendingMessage,
-    Queue, QueueDepth, Receivers, RedriveSelector, Result,
+    BlobReferences, Consumer, DeadLetter, DeadLetterAdmin, Delivery, Error, ExhaustedNotice,
+    MessageAttributes, NewMessage, PendingMessage, Producer, QueueDepth, Received, Receivers,
+    RedriveSelector, Result, SendError,
 };
 use sqlx::postgres::{PgListener, PgRow};
 use sqlx::{PgPool, Row};
@@ -22,9 +27,6 @@ const IDLE_POLL: Duration = Duration::from_millis(250);
 /// The `NOTIFY` channel on which every send and redrive announces new messages.
 pub(crate) const ENQUEUED_CHANNEL: &str = "fluxa_enqueued";
 
-/// Most expired messages one receive moves to the dead-letter queue, so a receive stays short.
-const REDRIVE_BATCH: i64 = 100;
-
 fn unavailable(error: sqlx::Error) -> Error {
     Error::unavailable(error)
 }
@@ -34,8 +36,7 @@ fn unavailable(error: sqlx::Error) -> Error {
 pub struct PgQueue {
     pool: PgPool,
     config: QueueConfig,
-    /// Woken whenever any replica enqueues (relayed from `LISTEN`); holds the notices of
-    /// dead-lettered messages.
+    /// Woken whenever any replica enqueues (relayed from `LISTEN`).
     receivers: Receivers,
     /// Stops the relay (and frees its connection) when the last clone of this queue is dropped.
     _relay: Arc<AbortOnDrop>,
@@ -65,82 +66,85 @@ impl PgQueue {
         })
     }
 
-    async fn receive_now(&self, max_messages: usize) -> Result<Vec<Delivery>> {
-        let mut tx = self.pool.begin().await.map_err(unavailable)?;
-        // SQS redrive: messages already received max_receives times go to the DLQ.
-        let exhausted = sqlx::query(
-            r#"WITH exhausted AS (
-                 DELETE FROM queue_messages
-                 WHERE seq IN (SELECT seq FROM queue_messages
-                               WHERE visible_at <= now() AND receive_count >= $1
-                               ORDER BY seq LIMIT $2 FOR UPDATE SKIP LOCKED)
-                 RETURNING *)
-               INSERT INTO dead_letters
-                 (message_id, body, event_id, correlation_id, blob_key, error_class, error_code,
-                  error_message, receive_count, enqueued_at, first_failure_at, last_failure_at,
-                  dead_lettered_at)
-               SELECT message_id, body, event_id, correlation_id, blob_key, 'retries_exhausted',
-                      'retries_exhausted',
-                      'gave up after ' || receive_count || ' receives; last error: ' ||
-                        COALESCE(last_error_code || ': ' || last_error_message, 'none recorded'),
-                      receive_count, enqueued_at, COALESCE(first_failure_at, now()),
-                      COALESCE(last_failure_at, now()), now()
-               FROM exhausted
-               RETURNING event_id, error_message"#,
-        )
-        .bind(i32::try_from(self.config.max_receives).unwrap_or(i32::MAX))
-        .bind(REDRIVE_BATCH)
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(unavailable)?;
-
+    async fn receive_now(&self, max_messages: usize) -> Result<Received> {
         let receipt = uuid::Uuid::new_v4().to_string();
+        // One statement (so one round trip and its own transaction): lock the head of the
+        // queue, dead-letter its exhausted messages (SQS redrive), claim the others.
         let rows = sqlx::query(
-            r#"UPDATE queue_messages
-               SET receive_count = receive_count + 1, receipt = $1,
-                   visible_at = now() + make_interval(secs => $2)
-               WHERE seq IN (SELECT seq FROM queue_messages
-                             WHERE visible_at <= now() AND receive_count < $3
-                             ORDER BY seq LIMIT $4 FOR UPDATE SKIP LOCKED)
-               RETURNING seq, message_id, body, event_id, correlation_id, blob_key, receive_count,
-                         enqueued_at"#,
+            r#"WITH head AS (
+                 SELECT seq, receive_count FROM queue_messages WHERE visible_at <= now()
+                 ORDER BY visible_at, seq LIMIT $4 FOR UPDATE SKIP LOCKED),
+               exhausted AS (
+                 DELETE FROM queue_messages q USING head
+                 WHERE q.seq = head.seq AND head.receive_count >= $3
+                 RETURNING q.*),
+               dead AS (
+                 INSERT INTO dead_letters
+                   (message_id, body, event_id, correlation_id, blob_key, error_class,
+                    error_code, error_message, receive_count, enqueued_at, first_failure_at,
+                    last_failure_at, dead_lettered_at)
+                 SELECT message_id, body, event_id, correlation_id, blob_key,
+                        'retries_exhausted', 'retries_exhausted',
+                        'gave up after ' || receive_count || ' receives; last error: ' ||
+                          COALESCE(last_error_code || ': ' || last_error_message,
+                                   'none recorded'),
+                        receive_count, enqueued_at, COALESCE(first_failure_at, now()),
+                        COALESCE(last_failure_at, now()), now()
+                 FROM exhausted
+                 RETURNING event_id, error_message),
+               delivered AS (
+                 UPDATE queue_messages q
+                 SET receive_count = q.receive_count + 1, receipt = $1,
+                     visible_at = now() + make_interval(secs => $2)
+                 FROM head WHERE q.seq = head.seq AND head.receive_count < $3
+                 RETURNING q.seq, q.message_id, q.body, q.event_id, q.correlation_id,
+                           q.blob_key, q.receive_count, q.enqueued_at)
+               SELECT seq, message_id, body, event_id, correlation_id, blob_key, receive_count,
+                      enqueued_at, NULL::text AS error_message
+               FROM delivered
+               UNION ALL
+               SELECT NULL, NULL, NULL, event_id, NULL, NULL, NULL, NULL, error_message
+               FROM dead"#,
         )
         .bind(&receipt)
         .bind(seconds(self.config.visibility_timeout))
         .bind(i32::try_from(self.config.max_receives).unwrap_or(i32::MAX))
         .bind(i64::try_from(max_messages).unwrap_or(i64::MAX))
-        .fetch_all(&mut *tx)
+        .fetch_all(&self.pool)
         .await
         .map_err(unavailable)?;
-        tx.commit().await.map_err(unavailable)?;
-        let notices = exhausted.iter().filter_map(|row| {
-            let event_id: Option<String> = row.get("event_id");
-            Some(ExhaustedNotice {
-                event_id: event_id?,
-                error: FailureInfo::new(
-                    ErrorCode::RetriesExhausted,
-                    row.get::<String, _>("error_message"),
-                ),
-            })
-        });
-        self.receivers.announce_exhausted(notices);
 
-        let mut deliveries: Vec<(i64, Delivery)> = rows
-            .iter()
-            .map(|row| {
-                let delivery = Delivery {
-                    message_id: row.get("message_id"),
-                    receipt: receipt.clone(),
-                    body: row.get("body"),
-                    attributes: attributes(row),
-                    receive_count: u32::try_from(row.get::<i32, _>("receive_count")).unwrap_or(0),
-                    enqueued_at: row.get("enqueued_at"),
-                };
-                (row.get("seq"), delivery)
-            })
-            .collect();
+        let mut received = Received::default();
+        let mut deliveries: Vec<(i64, Delivery)> = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let Some(seq) = row.get::<Option<i64>, _>("seq") else {
+                let event_id: Option<String> = row.get("event_id");
+                if let Some(event_id) = event_id {
+                    received.exhausted.push(ExhaustedNotice {
+                        event_id,
+                        error: FailureInfo::new(
+                            ErrorCode::RetriesExhausted,
+                            row.get::<String, _>("error_message"),
+                        ),
+                    });
+                }
+                continue;
+            };
+            let receive_count = u32::try_from(row.get::<i32, _>("receive_count")).unwrap_or(0);
+            let delivery = Delivery {
+                message_id: row.get("message_id"),
+                receipt: receipt.clone(),
+                body: row.get::<Vec<u8>, _>("body").into(),
+                attributes: attributes(row),
+                receive_count,
+                receives_left: self.config.max_receives.saturating_sub(receive_count),
+                enqueued_at: row.get("enqueued_at"),
+            };
+            deliveries.push((seq, delivery));
+        }
         deliveries.sort_by_key(|(seq, _)| *seq);
-        Ok(deliveries.into_iter().map(|(_, d)| d).collect())
+        received.deliveries = deliveries.into_iter().map(|(_, d)| d).collect();
+        Ok(received)
     }
 }
 
@@ -167,8 +171,8 @@ fn attributes(row: &PgRow) -> MessageAttributes {
 }
 
 #[async_trait]
-impl Queue for PgQueue {
-    async fn send(&self, messages: Vec<NewMessage>) -> Result<Vec<String>> {
+impl Producer for PgQueue {
+    async fn send(&self, messages: Vec<NewMessage>) -> Result<Vec<String>, SendError> {
         let n_messages = messages.len();
         let mut message_ids = Vec::with_capacity(n_messages);
         let mut bodies = Vec::with_capacity(n_messages);
@@ -192,20 +196,31 @@ impl Queue for PgQueue {
                  FROM UNNEST($1::text[], $2::bytea[], $3::text[], $4::text[], $5::text[])
                    WITH ORDINALITY AS m(message_id, body, event_id, correlation_id, blob_key, ord)
                  ORDER BY ord)
-               SELECT pg_notify('fluxa_enqueued', '')"#,
+               SELECT pg_notify($6, '')"#,
         )
         .bind(&message_ids)
         .bind(&bodies)
         .bind(&event_ids)
         .bind(&correlation_ids)
         .bind(&blob_keys)
+        .bind(ENQUEUED_CHANNEL)
         .execute(&self.pool)
         .await
-        .map_err(unavailable)?;
+        .map_err(|e| SendError {
+            sent: vec![None; n_messages],
+            source: unavailable(e),
+        })?;
         Ok(message_ids)
     }
 
-    async fn receive(&self, max_messages: usize, wait: Duration) -> Result<Vec<Delivery>> {
+    async fn ping(&self) -> Result<()> {
+        crate::ping(&self.pool).await.map_err(unavailable)
+    }
+}
+
+#[async_trait]
+impl Consumer for PgQueue {
+    async fn receive(&self, max_messages: usize, wait: Duration) -> Result<Received> {
         self.receivers
             .long_poll(max_messages, wait, IDLE_POLL, || {
                 self.receive_now(max_messages)
@@ -213,11 +228,7 @@ impl Queue for PgQueue {
             .await
     }
 
-    async fn delete(&self, delivery: &Delivery) -> Result<()> {
-        self.delete_many(std::slice::from_ref(delivery)).await
-    }
-
-    async fn delete_many(&self, deliveries: &[Delivery]) -> Result<()> {
+    async fn delete_many(&self, deliveries: &[&Delivery]) -> Result<()> {
         if deliveries.is_empty() {
             return Ok(());
         }
@@ -282,7 +293,10 @@ impl Queue for PgQueue {
         .map_err(unavailable)?;
         Ok(())
     }
+}
 
+#[async_trait]
+impl DeadLetterAdmin for PgQueue {
     async fn depth(&self) -> Result<QueueDepth> {
         let row = sqlx::query(
             r#"SELECT
@@ -367,16 +381,20 @@ impl Queue for PgQueue {
                  SELECT message_id, body, event_id, correlation_id, blob_key, now(), now()
                  FROM chosen ORDER BY seq
                  RETURNING 1)
-               SELECT COUNT(*) FROM inserted, (SELECT pg_notify('fluxa_enqueued', '')) AS n"#,
+               SELECT COUNT(*) FROM inserted, (SELECT pg_notify($3, '')) AS n"#,
         )
         .bind(event_id)
         .bind(message_id)
+        .bind(ENQUEUED_CHANNEL)
         .fetch_one(&self.pool)
         .await
         .map_err(unavailable)?;
         Ok(u64::try_from(n_moved).unwrap_or(0))
     }
+}
 
+#[async_trait]
+impl BlobReferences for PgQueue {
     async fn references_blob(&self, key: &str) -> Result<bool> {
         let referenced: bool = sqlx::query_scalar(
             r#"SELECT EXISTS (SELECT 1 FROM queue_messages WHERE blob_key = $1)
@@ -388,21 +406,14 @@ impl Queue for PgQueue {
         .map_err(unavailable)?;
         Ok(referenced)
     }
-
-    fn take_exhausted(&self) -> Vec<ExhaustedNotice> {
-        self.receivers.take_exhausted()
-    }
-
-    async fn ping(&self) -> Result<()> {
-        crate::ping(&self.pool).await.map_err(unavailable)
-    }
 }
 
 fn dead_letter(row: &PgRow) -> DeadLetter {
     DeadLetter {
         id: row.get("message_id"),
         attributes: attributes(row),
-        error_class: row.get("error_class"),
+        error_class: FailureClass::parse(&row.get::<String, _>("error_class"))
+            .unwrap_or(FailureClass::Permanent),
         error: FailureInfo {
             code: row.get("error_code"),
             message: row.get("error_message"),

@@ -1,42 +1,54 @@
-//! The processor: [`Processor::process`] takes one queue delivery to exactly one [`Outcome`]
-//! (contract section 3), and [`run_workers`] is the self-hosted worker pool around it.
+//! The processor: [`Processor::process_batch`] takes a batch of queue deliveries to exactly one
+//! [`Outcome`] each (contract section 3); [`Outcome::disposition`] says what the queue should do
+//! with each; [`settle`] does it on a [`Consumer`]; [`run_workers`] is the self-hosted worker pool
+//! around them.
 //!
-//! `process` is the one function every host calls: the embedded/self-hosted workers here, and
-//! the Lambda SQS handler, which settles outcomes its own way (partial batch failures).
+//! `process_batch` is the one function every host calls: the self-hosted workers here, and the
+//! Lambda SQS handler, which settles dispositions its own way (partial batch failures).
 //!
-//! The order of checks is what keeps seed invariants 1, 2, 3 and 6:
-//! 1. decode the message (undecodable: permanent `invalid_message`);
-//! 2. claim the event id in the store (already processed: duplicate or conflict, decided by the
-//!    payload hash *before* touching the payload, so a redelivered message never needs its blob);
-//! 3. load the payload (missing blob: permanent; blob store down: transient);
-//! 4. verify the SHA-256 (mismatch: permanent, no row written);
-//! 5. insert the row and mark the record processed in one transaction, if the lease is still ours.
+//! It works in phases, so the cost per event is amortised over the batch:
+//! 1. decode every message, once (undecodable: permanent `invalid_message`);
+//! 2. claim the events whose payload is in the blob store, in one [`Store::apply`] (a lease,
+//!    because fetching a blob happens outside any transaction); an event already processed is
+//!    decided as a duplicate or a conflict by its payload hash *before* any blob is read;
+//! 3. fetch those blobs concurrently (missing: permanent; blob store down: transient);
+//! 4. verify every payload's SHA-256 (mismatch: permanent, no row written);
+//! 5. store every event and settle every idempotency record in one [`Store::apply`]: an inline
+//!    event is claimed inside that same transaction, so it costs no commit of its own.
+//!
+//! One bad item never fails its neighbours: if a batch write fails as a whole, its writes are
+//! retried one by one.
 
 mod sweeper;
 mod worker;
 
+use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use fluxa_blob::BlobStore;
 use fluxa_core::{ErrorCode, EventId, EventMessageV1, FailureInfo, FluxaTask, PayloadHash};
-use fluxa_queue::{Delivery, Queue};
-use fluxa_store::{Claim, ClaimRequest, Completion, Lease, NewEvent, Store};
+use fluxa_queue::{Consumer, Delivery, ExhaustedNotice};
+use fluxa_store::{Lease, NewEvent, Store, Write, WriteAction, WriteResult};
 use futures::FutureExt;
-use tracing::{field, Instrument};
 
 pub use sweeper::{run_blob_sweeper, sweep_orphan_blobs};
 pub use worker::run_workers;
+
+/// Blobs fetched at once by one batch: bounds memory (payloads may be 10 MiB each).
+const CONCURRENT_BLOB_FETCHES: usize = 4;
+
+/// How much later than a live lease's expiry a message that met it comes back, so that the
+/// holder's own completion (or its expiry) is seen by then.
+const LEASE_EXPIRY_MARGIN: Duration = Duration::from_millis(50);
 
 /// Processor settings.
 #[derive(Clone, Copy, Debug)]
 pub struct ProcessorConfig {
     /// How long a claim on an event id stays exclusive; a crashed worker's claim expires then.
     pub lease: Duration,
-    /// The queue's receive limit; on the last receive a transient failure marks the record
-    /// `failed` (`retries_exhausted`) because the queue will dead-letter the message next.
-    pub max_receives: u32,
     /// First retry delay after a transient failure; doubles with every receive.
     pub backoff_base: Duration,
     /// Upper bound for the retry delay.
@@ -61,6 +73,17 @@ pub enum Outcome {
     },
 }
 
+/// What the queue should do with a delivery once its outcome is known.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Disposition {
+    /// Done with: delete the message.
+    Delete,
+    /// Deliver it again after `delay`.
+    RetryAfter { delay: Duration, error: FailureInfo },
+    /// Move it to the dead-letter queue with its reason.
+    DeadLetter(FailureInfo),
+}
+
 impl Outcome {
     /// The label used in logs and metrics.
     pub fn name(&self) -> &'static str {
@@ -70,6 +93,20 @@ impl Outcome {
             Self::Conflict(_) => "conflict",
             Self::Permanent(_) => "permanent_failure",
             Self::Transient { .. } => "transient_failure",
+        }
+    }
+
+    /// The queue's part of the contract's outcome table; pure, so every host maps alike.
+    pub fn disposition(&self) -> Disposition {
+        match self {
+            Self::Processed | Self::Duplicate => Disposition::Delete,
+            Self::Conflict(error) | Self::Permanent(error) => {
+                Disposition::DeadLetter(error.clone())
+            }
+            Self::Transient { error, retry_after } => Disposition::RetryAfter {
+                delay: *retry_after,
+                error: error.clone(),
+            },
         }
     }
 }
@@ -90,6 +127,27 @@ impl std::fmt::Debug for Processor {
     }
 }
 
+/// A decoded delivery on its way through the phases.
+struct Item<'d> {
+    delivery_idx: usize,
+    message: EventMessageV1<'d>,
+    /// The lease taken in phase 2 (blob payloads only).
+    lease: Option<Lease>,
+    /// The payload bytes once known: a slice of the message body, or the fetched blob.
+    payload: Option<Bytes>,
+    /// The blob store failed to answer (as opposed to the blob being missing).
+    blob_unavailable: bool,
+}
+
+/// What a phase-5 write was for, to turn its result into an outcome.
+enum Intent {
+    Store,
+    /// A permanent failure recorded as such.
+    Fail(FailureInfo),
+    /// A transient failure recorded on the record (release, or the last try's `failed`).
+    Transient(FailureInfo),
+}
+
 impl Processor {
     pub fn new(store: Arc<dyn Store>, blobs: BlobStore, config: ProcessorConfig) -> Self {
         Self {
@@ -99,116 +157,253 @@ impl Processor {
         }
     }
 
-    /// Decides one delivery's outcome and makes the store reflect it. Never touches the queue
-    /// and never panics outward: a panic inside becomes a transient `internal` failure.
+    /// Decides one delivery's outcome: [`Processor::process_batch`] with a batch of one.
     pub async fn process(&self, delivery: &Delivery) -> Outcome {
-        let span = tracing::info_span!(
-            "process_message",
-            message_id = %delivery.message_id,
-            receive_count = delivery.receive_count,
-            event_id = field::Empty,
-            correlation_id = field::Empty,
-        );
-        if let Some(event_id) = &delivery.attributes.event_id {
-            span.record("event_id", event_id.as_str());
-        }
-        if let Some(correlation_id) = &delivery.attributes.correlation_id {
-            span.record("correlation_id", correlation_id.as_str());
-        }
-        let started = Instant::now();
-        let outcome = AssertUnwindSafe(self.process_inner(delivery))
-            .catch_unwind()
-            .instrument(span.clone())
-            .await
-            .unwrap_or_else(|_| Outcome::Transient {
-                error: FailureInfo::new(ErrorCode::Internal, "processing panicked"),
-                // The panicking attempt may still hold the lease; wait it out.
-                retry_after: self.config.lease,
-            });
-        metrics::histogram!("fluxa_process_duration_seconds").record(started.elapsed());
-        span.in_scope(|| record_outcome(&outcome));
-        outcome
+        let mut outcomes = self.process_batch(std::slice::from_ref(delivery)).await;
+        outcomes.pop().unwrap_or_else(|| Outcome::Transient {
+            error: FailureInfo::new(ErrorCode::Internal, "no outcome was decided"),
+            retry_after: self.config.backoff_base,
+        })
     }
 
-    async fn process_inner(&self, delivery: &Delivery) -> Outcome {
-        let message = match FluxaTask::decode(&delivery.body) {
-            Ok(FluxaTask::EventV1(message)) => message,
-            Err(e) => {
-                let error = FailureInfo::new(ErrorCode::InvalidMessage, e.to_string());
-                let event_id = delivery
-                    .attributes
-                    .event_id
-                    .as_deref()
-                    .and_then(|id| EventId::parse(id).ok());
-                if let Some(event_id) = event_id {
-                    if let Err(e) = self.store.record_error(&event_id, &error).await {
-                        return self.transient(delivery, store_error(&e));
-                    }
-                }
-                return Outcome::Permanent(error);
-            }
-        };
-        let span = tracing::Span::current();
-        span.record("event_id", message.event_id.as_str());
-        span.record("correlation_id", message.correlation_id.as_str());
+    /// Decides every delivery's outcome (in order) and makes the store reflect them. Never
+    /// touches the queue and never panics outward: a panic inside becomes a transient
+    /// `internal` failure for the whole batch.
+    pub async fn process_batch(&self, deliveries: &[Delivery]) -> Vec<Outcome> {
+        let started = Instant::now();
+        let outcomes = AssertUnwindSafe(self.process_batch_inner(deliveries))
+            .catch_unwind()
+            .await
+            .unwrap_or_else(|_| {
+                tracing::error!(n_messages = deliveries.len(), "processing a batch panicked");
+                let error = FailureInfo::new(ErrorCode::Internal, "processing panicked");
+                // The panicking attempt may still hold leases; wait them out.
+                let retry_after = self.config.lease;
+                deliveries
+                    .iter()
+                    .map(|_| Outcome::Transient {
+                        error: error.clone(),
+                        retry_after,
+                    })
+                    .collect()
+            });
+        metrics::histogram!("fluxa_process_duration_seconds").record(started.elapsed());
+        metrics::histogram!("fluxa_process_batch_size").record(deliveries.len() as f64);
+        for (delivery, outcome) in deliveries.iter().zip(&outcomes) {
+            record_outcome(delivery, outcome);
+        }
+        outcomes
+    }
 
-        let claim = self
-            .store
-            .claim(ClaimRequest {
-                event_id: &message.event_id,
-                payload_sha256: &message.payload_sha256,
-                correlation_id: &message.correlation_id,
-                lease: self.config.lease,
-            })
+    async fn process_batch_inner(&self, deliveries: &[Delivery]) -> Vec<Outcome> {
+        let mut outcomes: Vec<Option<Outcome>> = vec![None; deliveries.len()];
+
+        // Phase 1: decode.
+        let mut items = Vec::with_capacity(deliveries.len());
+        for (delivery_idx, delivery) in deliveries.iter().enumerate() {
+            match FluxaTask::decode(&delivery.body) {
+                Ok(FluxaTask::EventV1(message)) => {
+                    let payload = message
+                        .payload_inline
+                        .map(|raw| delivery.body.slice_ref(raw.get().as_bytes()));
+                    items.push(Item {
+                        delivery_idx,
+                        message,
+                        lease: None,
+                        payload,
+                        blob_unavailable: false,
+                    });
+                }
+                Err(e) => {
+                    let error = FailureInfo::new(ErrorCode::InvalidMessage, e.to_string());
+                    outcomes[delivery_idx] = Some(self.undecodable(delivery, error).await);
+                }
+            }
+        }
+
+        // Phase 2: lease the events whose payload must be fetched first.
+        self.lease_blob_items(deliveries, &mut items, &mut outcomes)
             .await;
-        let lease = match claim {
-            Err(e) => return self.transient(delivery, store_error(&e)),
-            Ok(Claim::Acquired(lease)) => lease,
-            Ok(Claim::AlreadyProcessed { payload_sha256 })
-                if payload_sha256 == message.payload_sha256.as_str() =>
-            {
-                return Outcome::Duplicate;
-            }
-            Ok(Claim::AlreadyProcessed { payload_sha256 }) => {
-                let error = FailureInfo::new(
-                    ErrorCode::EventIdConflict,
-                    format!(
-                        "event {} was already processed with payload_sha256 {}; this message has {}",
-                        message.event_id, payload_sha256, message.payload_sha256
-                    ),
-                );
-                if let Err(e) = self.store.record_error(&message.event_id, &error).await {
-                    return self.transient(delivery, store_error(&e));
-                }
-                return Outcome::Conflict(error);
-            }
-            Ok(Claim::Busy { until }) => {
-                let error = FailureInfo::new(
-                    ErrorCode::LeaseHeld,
-                    format!("another worker holds the lease on {}", message.event_id),
-                );
-                // The holder usually finishes within moments, so retry on the normal back-off;
-                // but make the last allowed receive wait out the lease, so a holder that died
-                // is taken over instead of this message being dead-lettered.
-                let backoff = self.backoff(delivery.receive_count);
-                let retry_after = if delivery.receive_count + 1 >= self.config.max_receives {
-                    let lease_left = (until - chrono::Utc::now()).to_std().unwrap_or_default();
-                    lease_left.max(backoff) + Duration::from_millis(50)
-                } else {
-                    backoff
-                };
-                return Outcome::Transient { error, retry_after };
-            }
-        };
 
-        let payload = match self.load_payload(&message).await {
-            Ok(payload) => payload,
-            Err(PayloadError::Missing(error)) => return self.fail(&lease, error).await,
-            Err(PayloadError::Unavailable(error)) => {
-                return self.give_back(delivery, &lease, error).await
+        // Phase 3: fetch their blobs concurrently.
+        self.fetch_blobs(&mut items).await;
+
+        // Phases 4 and 5: verify, then store and settle every record in one transaction.
+        let mut writes = Vec::with_capacity(items.len());
+        let mut intents = Vec::with_capacity(items.len());
+        for item in items {
+            if outcomes[item.delivery_idx].is_some() {
+                continue;
             }
+            let delivery = &deliveries[item.delivery_idx];
+            let (action, intent) = self.decide_write(delivery, &item);
+            let message = &item.message;
+            writes.push(Write {
+                event_id: message.event_id.clone(),
+                payload_sha256: message.payload_sha256.clone(),
+                correlation_id: message.correlation_id.clone(),
+                lease: item.lease,
+                action,
+            });
+            intents.push((item.delivery_idx, intent));
+        }
+        let results = self.apply_isolating_failures(&writes).await;
+        let mut unstored = Vec::new();
+        for ((write, (delivery_idx, intent)), result) in writes.iter().zip(intents).zip(results) {
+            let delivery = &deliveries[delivery_idx];
+            let outcome = match result {
+                Ok(result) => self.outcome_of(delivery, write, intent, result).await,
+                Err(error) => {
+                    unstored.push((delivery, write, error.clone()));
+                    self.transient(delivery, error)
+                }
+            };
+            outcomes[delivery_idx] = Some(outcome);
+        }
+        self.note_transient_failures(unstored).await;
+
+        outcomes
+            .into_iter()
+            .map(|outcome| {
+                outcome.unwrap_or_else(|| Outcome::Transient {
+                    error: FailureInfo::new(ErrorCode::Internal, "no outcome was decided"),
+                    retry_after: self.config.backoff_base,
+                })
+            })
+            .collect()
+    }
+
+    /// An undecodable message: permanent, and noted on the event's record when the message's
+    /// attributes name a valid event id.
+    async fn undecodable(&self, delivery: &Delivery, error: FailureInfo) -> Outcome {
+        let event_id = delivery
+            .attributes
+            .event_id
+            .as_deref()
+            .and_then(|id| EventId::parse(id).ok());
+        if let Some(event_id) = event_id {
+            if let Err(e) = self.store.record_error(&event_id, &error).await {
+                return self.transient(delivery, store_error(&e));
+            }
+        }
+        Outcome::Permanent(error)
+    }
+
+    /// Phase 2: one `apply` of lease writes for the items whose payload is in the blob store.
+    async fn lease_blob_items(
+        &self,
+        deliveries: &[Delivery],
+        items: &mut [Item<'_>],
+        outcomes: &mut [Option<Outcome>],
+    ) {
+        let blob_items: Vec<usize> = (0..items.len())
+            .filter(|&i| items[i].payload.is_none())
+            .collect();
+        if blob_items.is_empty() {
+            return;
+        }
+        let writes: Vec<Write> = blob_items
+            .iter()
+            .map(|&i| {
+                let message = &items[i].message;
+                Write {
+                    event_id: message.event_id.clone(),
+                    payload_sha256: message.payload_sha256.clone(),
+                    correlation_id: message.correlation_id.clone(),
+                    lease: None,
+                    action: WriteAction::Lease(self.config.lease),
+                }
+            })
+            .collect();
+        let results = self.apply_isolating_failures(&writes).await;
+        for (&i, result) in blob_items.iter().zip(results) {
+            let item = &mut items[i];
+            let delivery = &deliveries[item.delivery_idx];
+            let outcome = match result {
+                Ok(WriteResult::Applied { lease }) => {
+                    item.lease = lease;
+                    continue;
+                }
+                Ok(WriteResult::AlreadyProcessed { payload_sha256 }) => {
+                    self.already_processed(&item.message, &payload_sha256).await
+                }
+                Ok(WriteResult::Busy { until }) => {
+                    self.busy(delivery, &item.message.event_id, until)
+                }
+                Ok(WriteResult::LeaseLost) => self.lease_lost(delivery),
+                Err(error) => self.transient(delivery, error),
+            };
+            outcomes[item.delivery_idx] = Some(outcome);
+        }
+    }
+
+    /// Phase 3: fetches the blobs of leased items, a few at a time. A missing or unreadable
+    /// blob leaves the payload `None`; `blob_unavailable` tells the two apart.
+    async fn fetch_blobs(&self, items: &mut [Item<'_>]) {
+        let mut waiting: Vec<&mut Item<'_>> = items
+            .iter_mut()
+            .filter(|item| item.lease.is_some() && item.payload.is_none())
+            .collect();
+        for chunk in waiting.chunks_mut(CONCURRENT_BLOB_FETCHES) {
+            futures::future::join_all(chunk.iter_mut().map(|item| self.fetch_blob(item))).await;
+        }
+    }
+
+    async fn fetch_blob(&self, item: &mut Item<'_>) {
+        let Some(blob) = &item.message.payload_blob else {
+            return;
         };
-        let actual = PayloadHash::of(&payload);
+        match self.blobs.get(blob).await {
+            Ok(bytes) => item.payload = Some(bytes),
+            Err(fluxa_blob::Error::NotFound { .. }) => {}
+            Err(e) => {
+                tracing::warn!(
+                    event_id = %item.message.event_id,
+                    correlation_id = %item.message.correlation_id,
+                    error.cause_chain = ?e, error.message = %e,
+                    "blob store read failed"
+                );
+                item.blob_unavailable = true;
+            }
+        }
+    }
+
+    /// Phase 4 for one item: what to write, and what it means.
+    fn decide_write(&self, delivery: &Delivery, item: &Item<'_>) -> (WriteAction, Intent) {
+        let message = &item.message;
+        let Some(payload) = &item.payload else {
+            if item.blob_unavailable {
+                let error = FailureInfo::new(
+                    ErrorCode::BlobStoreUnavailable,
+                    "the blob store could not be read",
+                );
+                if delivery.receives_left == 0 {
+                    // The queue dead-letters the message next: the record must not stay
+                    // `processing`.
+                    return (
+                        WriteAction::Fail(exhausted(delivery, &error)),
+                        Intent::Transient(error),
+                    );
+                }
+                return (
+                    WriteAction::Release(error.clone()),
+                    Intent::Transient(error),
+                );
+            }
+            let error = match &message.payload_blob {
+                Some(blob) => FailureInfo::new(
+                    ErrorCode::BlobMissing,
+                    format!("payload blob {} does not exist", blob.key),
+                ),
+                // FluxaTask::decode already refuses this shape; keep the processor total anyway.
+                None => FailureInfo::new(
+                    ErrorCode::InvalidMessage,
+                    "message carries neither an inline payload nor a blob",
+                ),
+            };
+            return (WriteAction::Fail(error.clone()), Intent::Fail(error));
+        };
+        let actual = PayloadHash::of(payload);
         if actual != message.payload_sha256 || payload.len() as u64 != message.payload_size {
             let error = FailureInfo::new(
                 ErrorCode::HashMismatch,
@@ -219,94 +414,167 @@ impl Processor {
                     message.payload_size
                 ),
             );
-            return self.fail(&lease, error).await;
+            return (WriteAction::Fail(error.clone()), Intent::Fail(error));
         }
-
         let event = NewEvent {
-            event_id: message.event_id.clone(),
-            event_type: message.event_type.to_string(),
-            source: message.source.as_ref().map(ToString::to_string),
+            event_type: message.event_type.clone(),
+            source: message.source.clone(),
             occurred_at: message.occurred_at,
-            payload,
-            payload_sha256: message.payload_sha256.clone(),
+            payload: payload.clone(),
             payload_mode: message.payload_mode,
-            correlation_id: message.correlation_id.clone(),
             received_at: message.received_at,
         };
-        match self.store.complete(&lease, event).await {
-            Ok(Completion::Stored) => Outcome::Processed,
-            Ok(Completion::LeaseLost) => Outcome::Transient {
-                error: FailureInfo::new(
-                    ErrorCode::LeaseHeld,
-                    "the lease expired and another worker took the event over",
-                ),
-                retry_after: self.backoff(delivery.receive_count),
+        (WriteAction::Store(event), Intent::Store)
+    }
+
+    /// Writes that failed transiently leave no trace of their own (an inline event's claim was
+    /// part of the failed transaction), so note each failed attempt on its record: the status
+    /// API then shows the attempts and the last error, and on the last receive the record
+    /// ends `failed` rather than missing. Best effort, only on the failure path.
+    async fn note_transient_failures(&self, failed: Vec<(&Delivery, &Write, FailureInfo)>) {
+        let notes: Vec<Write> = failed
+            .into_iter()
+            .map(|(delivery, write, error)| {
+                let action = if delivery.receives_left == 0 {
+                    WriteAction::Fail(exhausted(delivery, &error))
+                } else {
+                    WriteAction::Release(error)
+                };
+                Write {
+                    action,
+                    ..write.clone()
+                }
+            })
+            .collect();
+        // Errors were logged inside; the queue's redelivery and redrive carry on regardless.
+        let _ = self.apply_isolating_failures(&notes).await;
+    }
+
+    /// Turns a phase-5 write's result into the delivery's outcome.
+    async fn outcome_of(
+        &self,
+        delivery: &Delivery,
+        write: &Write,
+        intent: Intent,
+        result: WriteResult,
+    ) -> Outcome {
+        match result {
+            WriteResult::Applied { .. } => match intent {
+                Intent::Store => Outcome::Processed,
+                Intent::Fail(error) => Outcome::Permanent(error),
+                Intent::Transient(error) => self.transient(delivery, error),
             },
-            Err(e) => self.give_back(delivery, &lease, store_error(&e)).await,
+            WriteResult::AlreadyProcessed { payload_sha256 } => {
+                self.conflict_or_duplicate(&write.event_id, &write.payload_sha256, &payload_sha256)
+                    .await
+            }
+            WriteResult::Busy { until } => self.busy(delivery, &write.event_id, until),
+            WriteResult::LeaseLost => self.lease_lost(delivery),
         }
     }
 
-    async fn load_payload(&self, message: &EventMessageV1) -> Result<Vec<u8>, PayloadError> {
-        if let Some(inline) = &message.payload_inline {
-            return Ok(inline.get().as_bytes().to_vec());
-        }
-        let Some(blob) = &message.payload_blob else {
-            // FluxaTask::decode already refuses this shape; keep the processor total anyway.
-            return Err(PayloadError::Missing(FailureInfo::new(
-                ErrorCode::InvalidMessage,
-                "message carries neither an inline payload nor a blob",
-            )));
-        };
-        match self.blobs.get(blob).await {
-            Ok(bytes) => Ok(bytes.to_vec()),
-            Err(fluxa_blob::Error::NotFound { key }) => {
-                Err(PayloadError::Missing(FailureInfo::new(
-                    ErrorCode::BlobMissing,
-                    format!("payload blob {key} does not exist"),
-                )))
-            }
-            Err(e) => {
-                tracing::warn!(error.cause_chain = ?e, error.message = %e, "blob store read failed");
-                Err(PayloadError::Unavailable(FailureInfo::new(
-                    ErrorCode::BlobStoreUnavailable,
-                    "the blob store could not be read",
-                )))
-            }
-        }
+    async fn already_processed(
+        &self,
+        message: &EventMessageV1<'_>,
+        stored: &PayloadHash,
+    ) -> Outcome {
+        self.conflict_or_duplicate(&message.event_id, &message.payload_sha256, stored)
+            .await
     }
 
-    /// A permanent failure with a lease: mark the record failed.
-    async fn fail(&self, lease: &Lease, error: FailureInfo) -> Outcome {
-        if let Err(e) = self.store.fail(lease, &error).await {
-            tracing::warn!(error.cause_chain = ?e, error.message = %e, "could not mark the event failed");
+    /// The event is stored already: the same payload is a duplicate, another is a conflict
+    /// (noted on the record, which otherwise stays `processed`).
+    async fn conflict_or_duplicate(
+        &self,
+        event_id: &EventId,
+        ours: &PayloadHash,
+        stored: &PayloadHash,
+    ) -> Outcome {
+        if ours == stored {
+            return Outcome::Duplicate;
+        }
+        let error = FailureInfo::new(
+            ErrorCode::EventIdConflict,
+            format!(
+                "event {event_id} was already processed with payload_sha256 {stored}; this \
+                 message has {ours}"
+            ),
+        );
+        if let Err(e) = self.store.record_error(event_id, &error).await {
             return Outcome::Transient {
                 error: store_error(&e),
                 retry_after: self.config.backoff_base,
             };
         }
-        Outcome::Permanent(error)
+        Outcome::Conflict(error)
     }
 
-    /// A transient failure with a lease: hand the lease back (or, on the last allowed receive,
-    /// mark the record failed since the queue will dead-letter the message next).
-    async fn give_back(&self, delivery: &Delivery, lease: &Lease, error: FailureInfo) -> Outcome {
-        let result = if delivery.receive_count >= self.config.max_receives {
-            let exhausted = FailureInfo::new(
-                ErrorCode::RetriesExhausted,
-                format!(
-                    "gave up after {} receives; last error: {}: {}",
-                    delivery.receive_count, error.code, error.message
-                ),
-            );
-            self.store.fail(lease, &exhausted).await
+    /// Another worker holds a live lease on the event.
+    fn busy(
+        &self,
+        delivery: &Delivery,
+        event_id: &EventId,
+        until: chrono::DateTime<chrono::Utc>,
+    ) -> Outcome {
+        let error = FailureInfo::new(
+            ErrorCode::LeaseHeld,
+            format!("another worker holds the lease on {event_id}"),
+        );
+        // The holder usually finishes within moments, so retry on the normal back-off; but make
+        // the last allowed receive wait out the lease, so a holder that died is taken over
+        // instead of this message being dead-lettered.
+        let backoff = self.backoff(delivery.receive_count);
+        let retry_after = if delivery.receives_left <= 1 {
+            let lease_left = (until - chrono::Utc::now()).to_std().unwrap_or_default();
+            lease_left.max(backoff) + LEASE_EXPIRY_MARGIN
         } else {
-            self.store.release(lease, &error).await
+            backoff
         };
-        if let Err(e) = result {
-            // The lease will simply expire; nothing is lost.
-            tracing::warn!(error.cause_chain = ?e, error.message = %e, "could not release the lease");
+        Outcome::Transient { error, retry_after }
+    }
+
+    fn lease_lost(&self, delivery: &Delivery) -> Outcome {
+        self.transient(
+            delivery,
+            FailureInfo::new(
+                ErrorCode::LeaseHeld,
+                "the lease expired and another worker took the event over",
+            ),
+        )
+    }
+
+    /// Applies `writes` in one transaction; if that fails as a whole, applies them one by one
+    /// so that one write the database refuses cannot fail its neighbours.
+    async fn apply_isolating_failures(
+        &self,
+        writes: &[Write],
+    ) -> Vec<Result<WriteResult, FailureInfo>> {
+        if writes.is_empty() {
+            return Vec::new();
         }
-        self.transient(delivery, error)
+        let error = match self.store.apply(writes.to_vec()).await {
+            Ok(results) => return results.into_iter().map(Ok).collect(),
+            Err(e) => e,
+        };
+        if writes.len() == 1 {
+            return vec![Err(store_error(&error))];
+        }
+        tracing::warn!(
+            n_writes = writes.len(),
+            error.cause_chain = ?error, error.message = %error,
+            "a batch write failed; retrying its writes one by one"
+        );
+        let mut results = Vec::with_capacity(writes.len());
+        for write in writes {
+            let result = match self.store.apply(vec![write.clone()]).await {
+                Ok(mut one) => one
+                    .pop()
+                    .ok_or_else(|| FailureInfo::new(ErrorCode::Internal, "no write result")),
+                Err(e) => Err(store_error(&e)),
+            };
+            results.push(result);
+        }
+        results
     }
 
     fn transient(&self, delivery: &Delivery, error: FailureInfo) -> Outcome {
@@ -318,17 +586,68 @@ impl Processor {
 
     /// Exponential back-off: base, 2×base, 4×base, … capped at `backoff_max`.
     fn backoff(&self, receive_count: u32) -> Duration {
+        // 2^16 × any sensible base is past any sensible cap; the bound keeps the shift defined.
         let exponent = receive_count.saturating_sub(1).min(16);
         self.config
             .backoff_base
             .saturating_mul(1 << exponent)
             .min(self.config.backoff_max)
     }
+
+    /// Tells the store about messages the queue gave up on, so a record whose last worker died
+    /// mid-message ends `failed` rather than `processing`. Best effort: the DLQ entry is the
+    /// durable record, and a redrive settles the event either way.
+    pub async fn record_exhausted(&self, notices: &[ExhaustedNotice]) {
+        let exhausted: Vec<(EventId, FailureInfo)> = notices
+            .iter()
+            .filter_map(|notice| {
+                let event_id = EventId::parse(&notice.event_id).ok()?;
+                Some((event_id, notice.error.clone()))
+            })
+            .collect();
+        if exhausted.is_empty() {
+            return;
+        }
+        if let Err(e) = self.store.mark_exhausted(&exhausted).await {
+            tracing::warn!(
+                n_events = exhausted.len(),
+                error.cause_chain = ?e,
+                error.message = %e,
+                "could not mark dead-lettered events failed"
+            );
+        }
+    }
+
+    /// Deletes the blobs of messages that are done with (processed or duplicate), a few at a
+    /// time: the payload now lives in the store, and a redelivery of the same message is
+    /// decided as a duplicate before any payload is read. Dead-lettered messages keep theirs.
+    pub async fn discard_payloads(&self, deliveries: &[&Delivery]) {
+        let keys: Vec<&str> = deliveries
+            .iter()
+            .filter_map(|delivery| delivery.attributes.blob_key.as_deref())
+            .collect();
+        for chunk in keys.chunks(CONCURRENT_BLOB_FETCHES) {
+            futures::future::join_all(chunk.iter().map(|key| self.discard_payload(key))).await;
+        }
+    }
+
+    async fn discard_payload(&self, key: &str) {
+        if let Err(e) = self.blobs.delete(key).await {
+            // Harmless: an unreferenced blob is collected by the sweeper later.
+            tracing::warn!(blob_key = %key, error.message = %e, "could not delete a payload blob");
+        }
+    }
 }
 
-enum PayloadError {
-    Missing(FailureInfo),
-    Unavailable(FailureInfo),
+/// What the record says once the queue will dead-letter a message after this last failure.
+fn exhausted(delivery: &Delivery, last: &FailureInfo) -> FailureInfo {
+    FailureInfo::new(
+        ErrorCode::RetriesExhausted,
+        format!(
+            "gave up after {} receives; last error: {}: {}",
+            delivery.receive_count, last.code, last.message
+        ),
+    )
 }
 
 fn store_error(error: &fluxa_store::Error) -> FailureInfo {
@@ -339,7 +658,16 @@ fn store_error(error: &fluxa_store::Error) -> FailureInfo {
     )
 }
 
-fn record_outcome(outcome: &Outcome) {
+/// Logs and counts one outcome, in a span that carries the message's ids (invariant 9).
+fn record_outcome(delivery: &Delivery, outcome: &Outcome) {
+    let span = tracing::info_span!(
+        "process_message",
+        message_id = %delivery.message_id,
+        receive_count = delivery.receive_count,
+        event_id = delivery.attributes.event_id.as_deref(),
+        correlation_id = delivery.attributes.correlation_id.as_deref(),
+    );
+    let _entered = span.enter();
     match outcome {
         Outcome::Processed => {
             metrics::counter!("fluxa_events_processed_total").increment(1);
@@ -375,61 +703,39 @@ fn record_outcome(outcome: &Outcome) {
     }
 }
 
-impl Processor {
-    /// Deletes the blob of a message that is done with (processed or duplicate): the payload now
-    /// lives in the store, and a redelivery of the same message is decided as a duplicate
-    /// before any payload is read. Dead-lettered messages keep their blobs for a redrive.
-    pub async fn discard_payload(&self, delivery: &Delivery) {
-        // The key travels as a message attribute, so this costs nothing for inline messages.
-        if let Some(key) = &delivery.attributes.blob_key {
-            if let Err(e) = self.blobs.delete(key).await {
-                // Harmless: an unreferenced blob is collected by the sweeper later.
-                tracing::warn!(blob_key = %key, error.message = %e, "could not delete a payload blob");
-            }
-        }
-    }
-
-    /// Tells the store about messages the queue gave up on, so a record whose last worker died
-    /// mid-message ends `failed` rather than `processing`. Best effort: the DLQ entry is the
-    /// durable record, and a redrive settles the event either way.
-    pub async fn record_exhausted(&self, notices: Vec<fluxa_queue::ExhaustedNotice>) {
-        for notice in notices {
-            let Ok(event_id) = EventId::parse(&notice.event_id) else {
+/// Carries out every delivery's disposition on `consumer`: the deletes in one round trip, the
+/// retries and dead-letter moves one by one. Returns one result per delivery, so the host sees
+/// every failure to apply a disposition (a Lambda turns them into batch item failures).
+pub async fn settle(
+    consumer: &dyn Consumer,
+    deliveries: &[Delivery],
+    outcomes: &[Outcome],
+) -> Vec<Result<(), Arc<fluxa_queue::Error>>> {
+    let mut results = vec![Ok(()); deliveries.len()];
+    let mut deletes: HashMap<usize, &Delivery> = HashMap::new();
+    for (delivery_idx, (delivery, outcome)) in deliveries.iter().zip(outcomes).enumerate() {
+        let result = match outcome.disposition() {
+            Disposition::Delete => {
+                deletes.insert(delivery_idx, delivery);
                 continue;
-            };
-            if let Err(e) = self.store.mark_exhausted(&event_id, &notice.error).await {
-                tracing::warn!(
-                    event_id = %event_id,
-                    error.cause_chain = ?e,
-                    error.message = %e,
-                    "could not mark a dead-lettered event failed"
-                );
+            }
+            Disposition::RetryAfter { delay, error } => {
+                consumer.retry_later(delivery, delay, &error).await
+            }
+            Disposition::DeadLetter(error) => consumer.dead_letter(delivery, &error).await,
+        };
+        results[delivery_idx] = result.map_err(Arc::new);
+    }
+    if !deletes.is_empty() {
+        let batch: Vec<&Delivery> = deletes.values().copied().collect();
+        if let Err(e) = consumer.delete_many(&batch).await {
+            let e = Arc::new(e);
+            for delivery_idx in deletes.keys() {
+                results[*delivery_idx] = Err(Arc::clone(&e));
             }
         }
     }
-}
-
-/// Settles a delivery on the queue the way the self-hosted worker does: delete on success,
-/// dead-letter permanent failures, delay transient ones. A settle error only delays things: the
-/// message reappears after its visibility timeout and the store's idempotency absorbs it.
-pub async fn settle(queue: &dyn Queue, delivery: &Delivery, outcome: &Outcome) {
-    let result = match outcome {
-        Outcome::Processed | Outcome::Duplicate => queue.delete(delivery).await,
-        Outcome::Conflict(error) | Outcome::Permanent(error) => {
-            queue.dead_letter(delivery, error).await
-        }
-        Outcome::Transient { error, retry_after } => {
-            queue.retry_later(delivery, *retry_after, error).await
-        }
-    };
-    if let Err(e) = result {
-        tracing::warn!(
-            message_id = %delivery.message_id,
-            error.cause_chain = ?e,
-            error.message = %e,
-            "could not settle the message; it will be redelivered"
-        );
-    }
+    results
 }
 
 #[cfg(test)]
@@ -439,34 +745,25 @@ mod tests {
     use fluxa_core::task::EventHeader;
     use fluxa_core::{CorrelationId, EventType};
     use fluxa_queue::MessageAttributes;
-    use fluxa_store::{Completion, NewEvent, Result};
+    use fluxa_store::Result;
     use serde_json::value::RawValue;
 
     use super::*;
 
-    /// A store whose every answer is scripted by the test.
+    /// A store whose every batch answer is scripted by the test.
     struct ScriptedStore {
-        claim: fn() -> Result<Claim>,
+        apply: fn() -> Result<WriteResult>,
     }
 
     #[async_trait]
     impl Store for ScriptedStore {
-        async fn claim(&self, _: ClaimRequest<'_>) -> Result<Claim> {
-            (self.claim)()
-        }
-        async fn complete(&self, _: &Lease, _: NewEvent) -> Result<Completion> {
-            Ok(Completion::Stored)
-        }
-        async fn fail(&self, _: &Lease, _: &FailureInfo) -> Result<()> {
-            Ok(())
-        }
-        async fn release(&self, _: &Lease, _: &FailureInfo) -> Result<()> {
-            Ok(())
+        async fn apply(&self, writes: Vec<Write>) -> Result<Vec<WriteResult>> {
+            writes.iter().map(|_| (self.apply)()).collect()
         }
         async fn record_error(&self, _: &EventId, _: &FailureInfo) -> Result<()> {
             Ok(())
         }
-        async fn mark_exhausted(&self, _: &EventId, _: &FailureInfo) -> Result<()> {
+        async fn mark_exhausted(&self, _: &[(EventId, FailureInfo)]) -> Result<()> {
             Ok(())
         }
         async fn ping(&self) -> Result<()> {
@@ -474,21 +771,21 @@ mod tests {
         }
     }
 
-    fn processor(claim: fn() -> Result<Claim>) -> Processor {
-        let dir = std::env::temp_dir().join(format!("fluxa-proc-{}", std::process::id()));
-        Processor::new(
-            Arc::new(ScriptedStore { claim }),
-            BlobStore::local(&dir).unwrap(),
+    fn processor(apply: fn() -> Result<WriteResult>) -> (tempfile::TempDir, Processor) {
+        let dir = tempfile::tempdir().unwrap();
+        let processor = Processor::new(
+            Arc::new(ScriptedStore { apply }),
+            BlobStore::local(dir.path()).unwrap(),
             ProcessorConfig {
                 lease: Duration::from_secs(30),
-                max_receives: 3,
                 backoff_base: Duration::from_millis(100),
                 backoff_max: Duration::from_secs(1),
             },
-        )
+        );
+        (dir, processor)
     }
 
-    fn delivery(receive_count: u32) -> Delivery {
+    fn delivery(receive_count: u32, payload: &str, claimed: &[u8]) -> Delivery {
         let header = EventHeader {
             event_id: EventId::parse("e").unwrap(),
             event_type: EventType::parse("t").unwrap(),
@@ -496,26 +793,31 @@ mod tests {
             occurred_at: None,
             correlation_id: CorrelationId::parse("c").unwrap(),
             received_at: Utc::now(),
-            payload_sha256: PayloadHash::of(b"1"),
-            payload_size: 1,
+            payload_sha256: PayloadHash::of(claimed),
+            payload_size: claimed.len() as u64,
         };
-        let message = EventMessageV1::inline(header, RawValue::from_string("1".into()).unwrap());
+        let raw = RawValue::from_string(payload.into()).unwrap();
+        let message = EventMessageV1::inline(header, &raw);
         Delivery {
             message_id: "m".into(),
             receipt: "r".into(),
-            body: FluxaTask::EventV1(message).encode(),
+            body: FluxaTask::EventV1(message).encode().into(),
             attributes: MessageAttributes::default(),
             receive_count,
+            receives_left: 3u32.saturating_sub(receive_count),
             enqueued_at: Utc::now(),
         }
+    }
+
+    fn good(receive_count: u32) -> Delivery {
+        delivery(receive_count, "1", b"1")
     }
 
     /// Seed invariant 8: a panic inside processing is caught and becomes a retry, not a crash.
     #[tokio::test]
     async fn a_panic_while_processing_becomes_a_transient_internal_failure() {
-        let outcome = processor(|| panic!("store exploded"))
-            .process(&delivery(1))
-            .await;
+        let (_dir, panicking) = processor(|| panic!("store exploded"));
+        let outcome = panicking.process(&good(1)).await;
         let Outcome::Transient { error, .. } = outcome else {
             panic!("expected a transient failure, got {outcome:?}");
         };
@@ -525,10 +827,10 @@ mod tests {
     /// Seed invariant 6: store errors are transient and back off exponentially up to the cap.
     #[tokio::test]
     async fn a_store_error_is_transient_with_exponential_backoff() {
-        let failing = processor(|| Err(fluxa_store::Error::Corrupt("boom".into())));
+        let (_dir, failing) = processor(|| Err(fluxa_store::Error::Corrupt("boom".into())));
         let mut delays = Vec::new();
         for receive_count in 1..=6 {
-            match failing.process(&delivery(receive_count)).await {
+            match failing.process(&good(receive_count)).await {
                 Outcome::Transient { error, retry_after } => {
                     assert_eq!(error.code, "store_unavailable");
                     delays.push(retry_after.as_millis());
@@ -541,18 +843,59 @@ mod tests {
 
     #[tokio::test]
     async fn a_busy_event_is_retried_soon_but_its_last_try_waits_out_the_lease() {
-        let busy = processor(|| {
-            Ok(Claim::Busy {
+        let (_dir, busy) = processor(|| {
+            Ok(WriteResult::Busy {
                 until: Utc::now() + chrono::Duration::seconds(10),
             })
         });
-        let Outcome::Transient { retry_after, .. } = busy.process(&delivery(1)).await else {
+        let Outcome::Transient { retry_after, .. } = busy.process(&good(1)).await else {
             panic!("expected transient");
         };
         assert!(retry_after < Duration::from_secs(1));
-        let Outcome::Transient { retry_after, .. } = busy.process(&delivery(2)).await else {
+        let Outcome::Transient { retry_after, .. } = busy.process(&good(2)).await else {
             panic!("expected transient");
         };
         assert!(retry_after >= Duration::from_secs(9), "{retry_after:?}");
+    }
+
+    /// Seed invariant 3: a payload that does not hash to what the message says is permanent.
+    #[tokio::test]
+    async fn in_a_batch_a_corrupt_payload_fails_alone_and_its_neighbours_are_processed() {
+        let (_dir, storing) = processor(|| Ok(WriteResult::Applied { lease: None }));
+        let batch = [good(1), delivery(1, "2", b"1"), good(1)];
+        let outcomes = storing.process_batch(&batch).await;
+        assert_eq!(outcomes[0], Outcome::Processed);
+        assert!(
+            matches!(&outcomes[1], Outcome::Permanent(e) if e.code == "hash_mismatch"),
+            "{:?}",
+            outcomes[1]
+        );
+        assert_eq!(outcomes[2], Outcome::Processed);
+    }
+
+    #[test]
+    fn every_outcome_maps_to_the_disposition_of_the_contracts_table() {
+        let error = FailureInfo::new(ErrorCode::HashMismatch, "x");
+        assert_eq!(Outcome::Processed.disposition(), Disposition::Delete);
+        assert_eq!(Outcome::Duplicate.disposition(), Disposition::Delete);
+        assert_eq!(
+            Outcome::Conflict(error.clone()).disposition(),
+            Disposition::DeadLetter(error.clone())
+        );
+        assert_eq!(
+            Outcome::Permanent(error.clone()).disposition(),
+            Disposition::DeadLetter(error.clone())
+        );
+        assert_eq!(
+            Outcome::Transient {
+                error: error.clone(),
+                retry_after: Duration::from_secs(2)
+            }
+            .disposition(),
+            Disposition::RetryAfter {
+                delay: Duration::from_secs(2),
+                error
+            }
+        );
     }
 }

@@ -9,12 +9,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fluxa_blob::BlobStore;
-use fluxa_queue::Queue;
+use fluxa_queue::BlobReferences;
 use tokio_util::sync::CancellationToken;
 
 /// Sweeps every `every` until `shutdown`.
 pub async fn run_blob_sweeper(
-    queue: Arc<dyn Queue>,
+    queue: Arc<dyn BlobReferences>,
     blobs: BlobStore,
     every: Duration,
     grace: Duration,
@@ -36,7 +36,7 @@ pub async fn run_blob_sweeper(
 /// One sweep: deletes the blobs older than `grace` that no queued or dead-lettered message
 /// references, and returns how many it deleted.
 pub async fn sweep_orphan_blobs(
-    queue: &dyn Queue,
+    queue: &dyn BlobReferences,
     blobs: &BlobStore,
     grace: Duration,
 ) -> anyhow::Result<usize> {

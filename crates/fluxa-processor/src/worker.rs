@@ -1,40 +1,45 @@
-//! The self-hosted worker pool: N tasks that receive a small batch, process it message by
-//! message, delete the successes in one round trip, and stop at shutdown only after finishing
-//! the batch in hand.
+//! The self-hosted worker pool: N tasks that each receive a batch, tell the store about
+//! messages the queue gave up on, process the batch with [`Processor::process_batch`], settle
+//! every disposition, and stop at shutdown only after finishing the batch in hand.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use fluxa_queue::Queue;
+use fluxa_queue::{Consumer, Delivery};
 use tokio_util::sync::CancellationToken;
 
-use crate::{settle, Outcome, Processor};
+use crate::{settle, Disposition, Processor};
 
 /// How long one receive waits for a message; also the worst-case delay before a worker notices
 /// shutdown while idle (we never abandon a receive midway, so no message is left hidden).
 const RECEIVE_WAIT: Duration = Duration::from_millis(500);
 
-/// Messages one worker receives at once: claims and deletes are batched, and a batch is small
-/// enough to finish quickly at shutdown.
-const RECEIVE_BATCH: usize = 8;
-
 /// Pause after a failed receive, so a down queue is not hammered.
 const RECEIVE_ERROR_PAUSE: Duration = Duration::from_secs(1);
 
-/// Runs `n_workers` workers until `shutdown` is cancelled and each has finished its message.
+/// Runs `n_workers` workers, each receiving up to `batch_size` messages at a time, until
+/// `shutdown` is cancelled and each has finished its batch.
 pub async fn run_workers(
     processor: Processor,
-    queue: Arc<dyn Queue>,
+    consumer: Arc<dyn Consumer>,
     n_workers: usize,
+    batch_size: usize,
     shutdown: CancellationToken,
 ) {
     let mut workers = tokio::task::JoinSet::new();
     let spawn = |workers: &mut tokio::task::JoinSet<usize>, worker_idx: usize| {
         let processor = processor.clone();
-        let queue = Arc::clone(&queue);
+        let consumer = Arc::clone(&consumer);
         let shutdown = shutdown.clone();
         workers.spawn(async move {
-            run_worker(worker_idx, &processor, queue.as_ref(), &shutdown).await;
+            run_worker(
+                worker_idx,
+                &processor,
+                consumer.as_ref(),
+                batch_size,
+                &shutdown,
+            )
+            .await;
             worker_idx
         });
     };
@@ -58,13 +63,14 @@ pub async fn run_workers(
 async fn run_worker(
     worker_idx: usize,
     processor: &Processor,
-    queue: &dyn Queue,
+    consumer: &dyn Consumer,
+    batch_size: usize,
     shutdown: &CancellationToken,
 ) {
     tracing::debug!(worker_idx, "worker started");
     while !shutdown.is_cancelled() {
-        let deliveries = match queue.receive(RECEIVE_BATCH, RECEIVE_WAIT).await {
-            Ok(deliveries) => deliveries,
+        let received = match consumer.receive(batch_size, RECEIVE_WAIT).await {
+            Ok(received) => received,
             Err(e) => {
                 tracing::warn!(worker_idx, error.cause_chain = ?e, error.message = %e, "receive failed");
                 tokio::select! {
@@ -73,27 +79,43 @@ async fn run_worker(
                 }
             }
         };
-        processor.record_exhausted(queue.take_exhausted()).await;
-        let mut done = Vec::with_capacity(deliveries.len());
-        for delivery in deliveries {
-            let outcome = processor.process(&delivery).await;
-            if matches!(outcome, Outcome::Processed | Outcome::Duplicate) {
-                done.push(delivery);
-            } else {
-                settle(queue, &delivery, &outcome).await;
-            }
+        processor.record_exhausted(&received.exhausted).await;
+        let deliveries = received.deliveries;
+        if deliveries.is_empty() {
+            continue;
         }
-        match queue.delete_many(&done).await {
-            Ok(()) => {
-                for delivery in &done {
-                    processor.discard_payload(delivery).await;
+        let outcomes = processor.process_batch(&deliveries).await;
+        let settled = settle(consumer, &deliveries, &outcomes).await;
+        let mut done: Vec<&Delivery> = Vec::with_capacity(deliveries.len());
+        for ((delivery, outcome), result) in deliveries.iter().zip(&outcomes).zip(settled) {
+            let disposition = outcome.disposition();
+            match (result, disposition) {
+                (Ok(()), Disposition::Delete) => done.push(delivery),
+                (Ok(()), _) => {}
+                // Never silent: the message reappears after its visibility timeout and is
+                // decided again (the store's idempotency absorbs the repeat), but say so.
+                (Err(e), disposition) => {
+                    let name = match disposition {
+                        Disposition::Delete => "delete",
+                        Disposition::RetryAfter { .. } => "retry",
+                        Disposition::DeadLetter(_) => "dead_letter",
+                    };
+                    metrics::counter!("fluxa_settle_failures_total", "disposition" => name)
+                        .increment(1);
+                    tracing::error!(
+                        worker_idx,
+                        message_id = %delivery.message_id,
+                        event_id = delivery.attributes.event_id.as_deref(),
+                        correlation_id = delivery.attributes.correlation_id.as_deref(),
+                        disposition = name,
+                        error.cause_chain = ?e,
+                        error.message = %e,
+                        "could not settle a message; it will be delivered again"
+                    );
                 }
             }
-            // The store already holds the outcome; redelivery will be a harmless duplicate.
-            Err(e) => {
-                tracing::warn!(worker_idx, error.cause_chain = ?e, error.message = %e, "batch delete failed");
-            }
         }
+        processor.discard_payloads(&done).await;
     }
     tracing::debug!(worker_idx, "worker stopped");
 }

@@ -1,14 +1,23 @@
-//! The queue boundary: a small trait with SQS semantics that every backend implements
-//! (embedded SQLite in `fluxa-sqlite`; PostgreSQL and SQS later), plus the types that cross it.
+//! The queue boundary, cut so that pull hosts (the self-hosted workers) and push hosts (a Lambda
+//! fed by SQS) use the same seams:
+//! - [`Producer`]: what ingest needs (send).
+//! - [`Consumer`]: what a processor host needs (receive, and apply a disposition).
+//! - [`DeadLetterAdmin`]: an optional capability for operators (depth, DLQ list, show, redrive).
+//! - [`BlobReferences`]: an optional capability for the blob sweeper (does a message still
+//!   point at this blob?). Backends that cannot answer it (SQS) leave orphans to a lifecycle
+//!   rule on the bucket instead.
 //!
-//! Semantics every backend keeps:
-//! - `send` returns only once the messages are durable (the API answers 202 after it).
+//! Backends: embedded SQLite (`fluxa-sqlite`) and PostgreSQL (`fluxa-postgres`) implement all
+//! four. Semantics every backend keeps:
+//! - `send` reports per message; a message is acknowledged only once it is durable.
 //! - `receive` hides each returned message for the visibility timeout and counts the receive; a
 //!   message whose receiver dies reappears after the timeout.
 //! - A message that has already been received `max_receives` times is not delivered again: the
-//!   next receive moves it to the dead-letter queue as `retries_exhausted` (SQS redrive).
-//! - `delete`, `retry_later` and `dead_letter` act only if the delivery's receipt is still the
-//!   current one, so a slow worker can never settle a message someone else now holds.
+//!   receive that meets it moves it to the dead-letter queue as `retries_exhausted` (SQS
+//!   redrive) and reports it in [`Received::exhausted`]. A receive costs O(batch): it never scans
+//!   for exhausted messages.
+//! - Settling with a stale receipt never settles someone else's newer receive on the database
+//!   backends (SQS makes a weaker promise, so the core conformance checks do not require it).
 
 #[cfg(feature = "conformance")]
 pub mod conformance;
@@ -17,8 +26,9 @@ mod receivers;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use bytes::Bytes;
 use chrono::{DateTime, Utc};
-use fluxa_core::FailureInfo;
+use fluxa_core::{FailureClass, FailureInfo};
 
 pub use receivers::Receivers;
 
@@ -27,8 +37,6 @@ pub use receivers::Receivers;
 pub enum Error {
     #[error("queue unavailable")]
     Unavailable(#[source] Box<dyn std::error::Error + Send + Sync>),
-    #[error("queue holds a malformed record: {0}")]
-    Corrupt(String),
 }
 
 impl Error {
@@ -56,20 +64,52 @@ pub struct NewMessage {
     pub attributes: MessageAttributes,
 }
 
+/// A send that did not fully succeed: `sent[i]` is message `i`'s id if that message was sent
+/// (a partial batch on SQS), `None` if it was not. Database backends send all or nothing.
+#[derive(Debug, thiserror::Error)]
+#[error("{source}")]
+pub struct SendError {
+    pub sent: Vec<Option<String>>,
+    #[source]
+    pub source: Error,
+}
+
 /// A received message, hidden from other receivers until settled or timed out.
 #[derive(Clone, Debug)]
 pub struct Delivery {
     pub message_id: String,
-    /// Proves this receive is the current one; settling with a stale receipt does nothing.
+    /// Proves this receive is the current one.
     pub receipt: String,
-    pub body: Vec<u8>,
+    /// Shared, so the processor can hand slices of it (an inline payload) to the store
+    /// without copying.
+    pub body: Bytes,
     pub attributes: MessageAttributes,
     /// How many times the message has been received, this receive included.
     pub receive_count: u32,
+    /// How many more times the queue will deliver this message after this receive before its
+    /// redrive dead-letters it: 0 means a transient failure now is its last (`u32::MAX` when
+    /// the queue has no limit).
+    pub receives_left: u32,
     pub enqueued_at: DateTime<Utc>,
 }
 
-/// A message waiting in the queue, as shown by [`Queue::peek`] (for operators and tests).
+/// A message the queue's redrive moved to the DLQ as `retries_exhausted`: its last receiver
+/// may have died without recording anything, so the store should hear of it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExhaustedNotice {
+    pub event_id: String,
+    pub error: FailureInfo,
+}
+
+/// What one receive got.
+#[derive(Debug, Default)]
+pub struct Received {
+    pub deliveries: Vec<Delivery>,
+    /// Messages this receive dead-lettered as `retries_exhausted` (those with an event id).
+    pub exhausted: Vec<ExhaustedNotice>,
+}
+
+/// A message waiting in the queue, as shown by [`DeadLetterAdmin::peek`] (operators, tests).
 #[derive(Clone, Debug)]
 pub struct PendingMessage {
     pub message_id: String,
@@ -84,8 +124,7 @@ pub struct PendingMessage {
 pub struct DeadLetter {
     pub id: String,
     pub attributes: MessageAttributes,
-    /// `permanent` or `retries_exhausted`.
-    pub error_class: String,
+    pub error_class: FailureClass,
     pub error: FailureInfo,
     pub receive_count: u32,
     pub enqueued_at: DateTime<Utc>,
@@ -94,14 +133,6 @@ pub struct DeadLetter {
     pub dead_lettered_at: DateTime<Utc>,
     /// The original message body, byte for byte.
     pub body: Vec<u8>,
-}
-
-/// A message the queue's redrive just moved to the DLQ as `retries_exhausted`: its last
-/// receiver may have died without recording anything, so the store should hear of it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ExhaustedNotice {
-    pub event_id: String,
-    pub error: FailureInfo,
 }
 
 /// Which dead letters to move back to the queue.
@@ -122,25 +153,25 @@ pub struct QueueDepth {
     pub dead_letters: u64,
 }
 
-/// A durable queue with a dead-letter queue beside it.
+/// Ingest's side of the queue.
 #[async_trait]
-pub trait Queue: Send + Sync + 'static {
-    /// Enqueues messages atomically (all or none) and returns their ids once durable.
-    async fn send(&self, messages: Vec<NewMessage>) -> Result<Vec<String>>;
+pub trait Producer: Send + Sync + 'static {
+    /// Enqueues messages and returns their ids once durable, in order. On failure, says which
+    /// messages were sent anyway (none, on the database backends).
+    async fn send(&self, messages: Vec<NewMessage>) -> Result<Vec<String>, SendError>;
 
+    /// Readiness: the backend answers.
+    async fn ping(&self) -> Result<()>;
+}
+
+/// A processor host's side of the queue.
+#[async_trait]
+pub trait Consumer: Send + Sync + 'static {
     /// Receives up to `max_messages`, waiting up to `wait` for the first one (long polling).
-    async fn receive(&self, max_messages: usize, wait: Duration) -> Result<Vec<Delivery>>;
+    async fn receive(&self, max_messages: usize, wait: Duration) -> Result<Received>;
 
-    /// Settles a delivery as done.
-    async fn delete(&self, delivery: &Delivery) -> Result<()>;
-
-    /// Settles several deliveries as done; backends override this with one round trip.
-    async fn delete_many(&self, deliveries: &[Delivery]) -> Result<()> {
-        for delivery in deliveries {
-            self.delete(delivery).await?;
-        }
-        Ok(())
-    }
+    /// Settles deliveries as done, in one round trip.
+    async fn delete_many(&self, deliveries: &[&Delivery]) -> Result<()>;
 
     /// Makes a delivery visible again after `delay`, remembering why it failed.
     async fn retry_later(
@@ -152,7 +183,11 @@ pub trait Queue: Send + Sync + 'static {
 
     /// Moves a delivery to the dead-letter queue as a permanent failure.
     async fn dead_letter(&self, delivery: &Delivery, error: &FailureInfo) -> Result<()>;
+}
 
+/// Operators' view of the queue and its DLQ (an optional capability).
+#[async_trait]
+pub trait DeadLetterAdmin: Send + Sync + 'static {
     async fn depth(&self) -> Result<QueueDepth>;
 
     /// The oldest waiting messages, without receiving them.
@@ -169,18 +204,11 @@ pub trait Queue: Send + Sync + 'static {
 
     /// Moves dead letters back to the queue with a fresh receive count; returns how many.
     async fn redrive(&self, selector: &RedriveSelector) -> Result<u64>;
+}
 
-    /// Whether any waiting, in-flight or dead-lettered message points at the blob `key`; the
-    /// blob sweeper deletes only blobs that none does.
+/// Whether a queued or dead-lettered message points at a blob (an optional capability).
+#[async_trait]
+pub trait BlobReferences: Send + Sync + 'static {
+    /// The blob sweeper deletes only blobs for which this is false.
     async fn references_blob(&self, key: &str) -> Result<bool>;
-
-    /// Readiness: the backend answers.
-    async fn ping(&self) -> Result<()>;
-
-    /// Drains the notices of messages this handle's receives dead-lettered as
-    /// `retries_exhausted` (only those with an event id). Backends whose redrive happens
-    /// elsewhere (SQS) have none.
-    fn take_exhausted(&self) -> Vec<ExhaustedNotice> {
-        Vec::new()
-    }
 }

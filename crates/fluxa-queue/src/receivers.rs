@@ -1,20 +1,19 @@
 //! What a database-backed queue handle shares with its own receivers: the long-poll loop with
-//! wake-one notifications, and the buffer of `retries_exhausted` notices. Both backends
-//! (`fluxa-sqlite`, `fluxa-postgres`) use it, so the wake-up rules exist once.
+//! wake-one notifications. Both backends (`fluxa-sqlite`, `fluxa-postgres`) use it, so the
+//! wake-up rules exist once.
 
 use std::future::Future;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::Notify;
 
-use crate::{Delivery, ExhaustedNotice, Result};
+use crate::{Received, Result};
 
-/// Cheap to clone; clones share the same wake-ups and notices.
+/// Cheap to clone; clones share the same wake-ups.
 #[derive(Clone, Debug, Default)]
 pub struct Receivers {
     enqueued: Arc<Notify>,
-    exhausted: Arc<Mutex<Vec<ExhaustedNotice>>>,
 }
 
 impl Receivers {
@@ -22,24 +21,6 @@ impl Receivers {
     /// a full batch), rather than every receiver for every message.
     pub fn wake_one(&self) {
         self.enqueued.notify_one();
-    }
-
-    /// Keeps notices of messages a receive dead-lettered, for [`Receivers::take_exhausted`].
-    pub fn announce_exhausted(&self, notices: impl IntoIterator<Item = ExhaustedNotice>) {
-        self.exhausted
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .extend(notices);
-    }
-
-    /// Drains the notices (the `Queue::take_exhausted` of every backend that uses this).
-    pub fn take_exhausted(&self) -> Vec<ExhaustedNotice> {
-        std::mem::take(
-            &mut *self
-                .exhausted
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner),
-        )
     }
 
     /// Long polling: calls `receive_now` until it returns something or `wait` has passed,
@@ -51,10 +32,10 @@ impl Receivers {
         wait: Duration,
         idle_poll: Duration,
         mut receive_now: F,
-    ) -> Result<Vec<Delivery>>
+    ) -> Result<Received>
     where
         F: FnMut() -> Fut,
-        Fut: Future<Output = Result<Vec<Delivery>>>,
+        Fut: Future<Output = Result<Received>>,
     {
         let deadline = tokio::time::Instant::now() + wait;
         loop {
@@ -63,14 +44,16 @@ impl Receivers {
             let enqueued = self.enqueued.notified();
             tokio::pin!(enqueued);
             enqueued.as_mut().enable();
-            let deliveries = receive_now().await?;
+            let received = receive_now().await?;
             let now = tokio::time::Instant::now();
-            if deliveries.len() == max_messages {
+            let n_met = received.deliveries.len() + received.exhausted.len();
+            if n_met == max_messages {
                 // A full batch suggests more is waiting: wake one idle peer to help.
                 self.wake_one();
             }
-            if !deliveries.is_empty() || now >= deadline {
-                return Ok(deliveries);
+            // Exhausted notices are news for the caller too (the store must hear of them).
+            if n_met > 0 || now >= deadline {
+                return Ok(received);
             }
             tokio::select! {
                 () = &mut enqueued => {}

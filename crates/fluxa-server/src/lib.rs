@@ -4,206 +4,165 @@
 //! Entry points take a pre-bound listener and a `CancellationToken`, so tests can bind port 0
 //! and stop a server without signals.
 
-use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::Context;
-use fluxa_api::{ApiToken, AppState, Limits};
+use fluxa_api::AppState;
 use fluxa_blob::BlobStore;
 use fluxa_processor::{Processor, ProcessorConfig};
-use fluxa_queue::Queue;
+use fluxa_queue::{BlobReferences, Consumer, DeadLetterAdmin, Producer};
 use fluxa_store::{EventReader, Store};
-use secrecy::SecretString;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-/// Which parts of Fluxa a process runs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Role {
-    /// The API and the workers (the default).
-    All,
-    /// Only the HTTP API.
-    Api,
-    /// Only the queue workers.
-    Worker,
-}
+mod config;
 
-impl Role {
-    fn runs_api(self) -> bool {
-        matches!(self, Self::All | Self::Api)
-    }
-
-    fn runs_workers(self) -> bool {
-        matches!(self, Self::All | Self::Worker)
-    }
-}
-
-/// Default worker count on the embedded backend: its writes are group-committed, so more
-/// concurrent workers share more fsyncs (16 roughly doubles throughput over 4 in `bench/`).
-pub const DEFAULT_WORKERS_EMBEDDED: usize = 16;
-
-/// Default worker count on PostgreSQL: each worker may hold a connection, and replicas share
-/// the server's connection limit.
-pub const DEFAULT_WORKERS_POSTGRES: usize = 4;
-
-/// Everything `fluxa serve` needs, validated by [`Config::validate`].
-#[derive(Clone, Debug)]
-pub struct Config {
-    /// Where the API listens.
-    pub bind: SocketAddr,
-    /// Folder of the embedded backends: `store.db`, `queue.db` and `blobs/` (with PostgreSQL,
-    /// only `blobs/`).
-    pub data_dir: PathBuf,
-    /// A `postgres://` URL puts the store and the queue on PostgreSQL; `None` keeps them
-    /// embedded in SQLite.
-    pub database_url: Option<SecretString>,
-    pub role: Role,
-    /// Concurrent processor workers in this process.
-    pub workers: usize,
-    pub limits: Limits,
-    /// How long a received message stays hidden before it is delivered again.
-    pub visibility_timeout: Duration,
-    /// How long a worker's claim on an event id stays exclusive.
-    pub lease: Duration,
-    /// Receives after which a failing message is dead-lettered as `retries_exhausted`.
-    pub max_receives: u32,
-    /// First retry delay after a transient failure (doubles per receive).
-    pub retry_backoff: Duration,
-    /// Upper bound on the retry delay.
-    pub retry_backoff_max: Duration,
-    /// How often workers look for orphaned payload blobs.
-    pub blob_sweep_interval: Duration,
-    /// Blobs younger than this are never swept (their ingest may still be enqueuing).
-    pub blob_grace: Duration,
-    /// API tokens (`SCOPES=TOKEN,…`); `None` turns authentication off.
-    pub api_tokens: Option<SecretString>,
-    /// Allows serving without tokens on a non-loopback address.
-    pub insecure_no_auth: bool,
-}
-
-impl Config {
-    /// A configuration with the documented defaults, keeping data under `data_dir`.
-    pub fn with_data_dir(data_dir: impl Into<PathBuf>) -> Self {
-        Self {
-            bind: SocketAddr::from(([127, 0, 0, 1], 8080)),
-            data_dir: data_dir.into(),
-            database_url: None,
-            role: Role::All,
-            workers: DEFAULT_WORKERS_EMBEDDED,
-            limits: Limits::default(),
-            visibility_timeout: Duration::from_secs(30),
-            lease: Duration::from_secs(30),
-            max_receives: 3,
-            retry_backoff: Duration::from_secs(1),
-            retry_backoff_max: Duration::from_secs(60),
-            blob_sweep_interval: Duration::from_secs(600),
-            blob_grace: Duration::from_secs(3600),
-            api_tokens: None,
-            insecure_no_auth: false,
-        }
-    }
-
-    /// Refuses configurations that would run but misbehave.
-    pub fn validate(&self) -> anyhow::Result<Vec<ApiToken>> {
-        anyhow::ensure!(
-            self.workers >= 1 || !self.role.runs_workers(),
-            "--workers must be at least 1"
-        );
-        anyhow::ensure!(self.max_receives >= 1, "--max-receives must be at least 1");
-        anyhow::ensure!(
-            !self.visibility_timeout.is_zero() && !self.lease.is_zero(),
-            "--visibility-timeout and --lease must be positive"
-        );
-        anyhow::ensure!(
-            !self.blob_sweep_interval.is_zero() && self.blob_grace >= Duration::from_secs(1),
-            "--blob-sweep-interval must be positive and --blob-grace at least 1s"
-        );
-        anyhow::ensure!(
-            self.limits.max_payload_bytes >= 1 && self.limits.max_batch_bytes >= 1,
-            "--max-payload-bytes and --max-batch-bytes must be positive"
-        );
-        if let Some(url) = &self.database_url {
-            anyhow::ensure!(
-                fluxa_postgres::is_postgres_url(url),
-                "--database-url must be a postgres:// or postgresql:// URL"
-            );
-        }
-        let tokens = match &self.api_tokens {
-            Some(spec) => ApiToken::parse_list(spec)?,
-            None => Vec::new(),
-        };
-        if tokens.is_empty()
-            && self.role.runs_api()
-            && !self.bind.ip().is_loopback()
-            && !self.insecure_no_auth
-        {
-            anyhow::bail!(
-                "refusing to serve on {} without API tokens: set FLUXA_API_TOKENS, bind to a \
-                 loopback address, or pass --insecure-no-auth",
-                self.bind
-            );
-        }
-        Ok(tokens)
-    }
-}
+pub use config::{
+    setting_named, BackendChoice, BlobBackend, Config, FlagKind, QueueBackend, Role, Setting,
+    Sources, StoreBackend, ValidatedConfig, CONFIG_FILE_ENV, DEFAULT_BATCH_SIZE,
+    DEFAULT_WORKERS_EMBEDDED, DEFAULT_WORKERS_POSTGRES, SETTINGS,
+};
 
 /// The opened backends.
 pub struct Backends {
     pub store: Arc<dyn Store>,
     pub reader: Arc<dyn EventReader>,
-    pub queue: Arc<dyn Queue>,
+    pub queue: QueueHandles,
     pub blobs: BlobStore,
+}
+
+/// One queue backend, seen through each of its capabilities.
+#[derive(Clone)]
+pub struct QueueHandles {
+    pub producer: Arc<dyn Producer>,
+    pub consumer: Arc<dyn Consumer>,
+    pub dead_letters: Arc<dyn DeadLetterAdmin>,
+    pub blob_references: Arc<dyn BlobReferences>,
+}
+
+impl QueueHandles {
+    fn of<Q>(queue: Q) -> Self
+    where
+        Q: Producer + Consumer + DeadLetterAdmin + BlobReferences,
+    {
+        let queue = Arc::new(queue);
+        Self {
+            producer: queue.clone(),
+            consumer: queue.clone(),
+            dead_letters: queue.clone(),
+            blob_references: queue,
+        }
+    }
+}
+
+/// The store's two sides: writes (the processor's) and reads (the query API's).
+#[derive(Clone)]
+pub struct StoreHandles {
+    pub store: Arc<dyn Store>,
+    pub reader: Arc<dyn EventReader>,
 }
 
 /// Opens (and migrates) the backends `config` names.
 pub async fn open_backends(config: &Config) -> anyhow::Result<Backends> {
-    std::fs::create_dir_all(&config.data_dir).with_context(|| {
-        format!(
-            "failed to create data directory {}",
-            config.data_dir.display()
+    open_chosen(config, &config.backends()?).await
+}
+
+/// Opens (and migrates) the backends a validated configuration names.
+pub async fn open_validated(validated: &ValidatedConfig) -> anyhow::Result<Backends> {
+    open_chosen(validated.config(), validated.backends()).await
+}
+
+/// Opens `choice`, sharing one connection set when the store and the queue are in the same
+/// database (`fluxa_sqlite::open` and `fluxa_postgres::open` open both at once, and two
+/// writers on one SQLite file would only contend).
+async fn open_chosen(config: &Config, choice: &BackendChoice) -> anyhow::Result<Backends> {
+    let (store, queue) = if choice.store.shares_with(&choice.queue) {
+        open_store_and_queue(config, &choice.store).await?
+    } else {
+        (
+            open_store(config, &choice.store).await?,
+            open_queue(config, &choice.queue).await?,
         )
-    })?;
-    let (store, reader, queue): (Arc<dyn Store>, Arc<dyn EventReader>, Arc<dyn Queue>) =
-        match &config.database_url {
-            None => {
-                let queue_config = fluxa_sqlite::QueueConfig {
-                    visibility_timeout: config.visibility_timeout,
-                    max_receives: config.max_receives,
-                };
-                let sqlite = fluxa_sqlite::open(&config.data_dir, queue_config)
-                    .await
-                    .context("failed to open the embedded store and queue")?;
-                (
-                    Arc::new(sqlite.store),
-                    Arc::new(sqlite.reader),
-                    Arc::new(sqlite.queue),
-                )
-            }
-            Some(url) => {
-                let queue_config = fluxa_postgres::QueueConfig {
-                    visibility_timeout: config.visibility_timeout,
-                    max_receives: config.max_receives,
-                };
-                // Every worker may hold a connection, plus room for API requests.
-                let pool_size = u32::try_from(config.workers)
-                    .unwrap_or(u32::MAX)
-                    .saturating_add(8);
-                let pg = fluxa_postgres::open(url, pool_size, queue_config)
-                    .await
-                    .context("failed to open the PostgreSQL store and queue")?;
-                (Arc::new(pg.store), Arc::new(pg.reader), Arc::new(pg.queue))
-            }
-        };
-    let blobs = BlobStore::local(&config.data_dir.join("blobs"))
-        .context("failed to open the local blob store")?;
+    };
+    let blobs = open_blobs(&choice.blobs)?;
     Ok(Backends {
-        store,
-        reader,
+        store: store.store,
+        reader: store.reader,
         queue,
         blobs,
     })
+}
+
+/// Opens (and migrates) the store `backend` names.
+pub async fn open_store(config: &Config, backend: &StoreBackend) -> anyhow::Result<StoreHandles> {
+    Ok(open_store_and_queue(config, backend).await?.0)
+}
+
+/// Opens (and migrates) the queue `backend` names.
+pub async fn open_queue(config: &Config, backend: &QueueBackend) -> anyhow::Result<QueueHandles> {
+    // Today every queue backend is also a store backend, opened as a pair; SQS will not be.
+    let as_store = match backend {
+        QueueBackend::Sqlite { data_dir } => StoreBackend::Sqlite {
+            data_dir: data_dir.clone(),
+        },
+        QueueBackend::Postgres { url } => StoreBackend::Postgres { url: url.clone() },
+    };
+    Ok(open_store_and_queue(config, &as_store).await?.1)
+}
+
+/// Opens the blob store `backend` names, creating its folder if missing.
+pub fn open_blobs(backend: &BlobBackend) -> anyhow::Result<BlobStore> {
+    match backend {
+        BlobBackend::Fs { root } => BlobStore::local(root)
+            .with_context(|| format!("failed to open the local blob store {}", root.display())),
+    }
+}
+
+async fn open_store_and_queue(
+    config: &Config,
+    backend: &StoreBackend,
+) -> anyhow::Result<(StoreHandles, QueueHandles)> {
+    match backend {
+        StoreBackend::Sqlite { data_dir } => {
+            std::fs::create_dir_all(data_dir).with_context(|| {
+                format!("failed to create data directory {}", data_dir.display())
+            })?;
+            let queue_config = fluxa_sqlite::QueueConfig {
+                visibility_timeout: config.visibility_timeout,
+                max_receives: config.max_receives,
+            };
+            let sqlite = fluxa_sqlite::open(data_dir, queue_config)
+                .await
+                .context("failed to open the embedded store and queue")?;
+            Ok((
+                StoreHandles {
+                    store: Arc::new(sqlite.store),
+                    reader: Arc::new(sqlite.reader),
+                },
+                QueueHandles::of(sqlite.queue),
+            ))
+        }
+        StoreBackend::Postgres { url } => {
+            let queue_config = fluxa_postgres::QueueConfig {
+                visibility_timeout: config.visibility_timeout,
+                max_receives: config.max_receives,
+            };
+            // Every worker may hold a connection, plus room for API requests.
+            let pool_size = u32::try_from(config.workers)
+                .unwrap_or(u32::MAX)
+                .saturating_add(8);
+            let pg = fluxa_postgres::open(url, pool_size, queue_config)
+                .await
+                .context("failed to open the PostgreSQL store and queue")?;
+            Ok((
+                StoreHandles {
+                    store: Arc::new(pg.store),
+                    reader: Arc::new(pg.reader),
+                },
+                QueueHandles::of(pg.queue),
+            ))
+        }
+    }
 }
 
 /// Names the store/queue backend for logs: never the URL itself (it may hold a password).
@@ -224,23 +183,24 @@ pub async fn bind(config: &Config) -> anyhow::Result<TcpListener> {
 /// Runs Fluxa until `shutdown` is cancelled, then stops accepting, finishes in-flight requests
 /// and messages, and returns.
 pub async fn run(
-    config: Config,
+    validated: ValidatedConfig,
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let tokens = config.validate()?;
-    let backends = open_backends(&config).await?;
+    let config = validated.config();
+    let backends = open_validated(&validated).await?;
     let local_addr = listener
         .local_addr()
         .context("the listener has no local address")?;
 
     let api = config.role.runs_api().then(|| {
         let state = AppState {
-            queue: Arc::clone(&backends.queue),
+            queue: Arc::clone(&backends.queue.producer),
+            dead_letters: Arc::clone(&backends.queue.dead_letters),
             blobs: backends.blobs.clone(),
             reader: Arc::clone(&backends.reader),
             limits: config.limits,
-            tokens: Arc::new(tokens),
+            tokens: Arc::new(validated.tokens().to_vec()),
             metrics: fluxa_telemetry::metrics_handle(),
         };
         let app = fluxa_api::app(state);
@@ -258,13 +218,12 @@ pub async fn run(
             backends.blobs.clone(),
             ProcessorConfig {
                 lease: config.lease,
-                max_receives: config.max_receives,
                 backoff_base: config.retry_backoff,
                 backoff_max: config.retry_backoff_max,
             },
         );
         let sweeper = fluxa_processor::run_blob_sweeper(
-            Arc::clone(&backends.queue),
+            Arc::clone(&backends.queue.blob_references),
             backends.blobs.clone(),
             config.blob_sweep_interval,
             config.blob_grace,
@@ -272,8 +231,9 @@ pub async fn run(
         );
         let workers = fluxa_processor::run_workers(
             processor,
-            Arc::clone(&backends.queue),
+            Arc::clone(&backends.queue.consumer),
             config.workers,
+            config.batch_size,
             shutdown.clone(),
         );
         async move {
@@ -286,7 +246,7 @@ pub async fn run(
         role = ?config.role,
         workers = if config.role.runs_workers() { config.workers } else { 0 },
         data_dir = %config.data_dir.display(),
-        backend = backend_name(&config),
+        backend = backend_name(config),
         "fluxa started"
     );
     let api_task = async {

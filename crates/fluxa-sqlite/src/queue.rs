@@ -2,9 +2,11 @@
 //! dead-letter table) on `queue.db`.
 //!
 //! Every write goes through the file's [`GroupCommit`] writer, so concurrent enqueues from the
-//! API and receives from the workers share commits. A receive first moves every visible message
-//! that has used up its receives to `dead_letters`, then claims the oldest visible messages by
-//! bumping their receive count, receipt and `visible_at`. SQLite has no `SKIP LOCKED`; the
+//! API and receives from the workers share commits. A receive looks at the first visible
+//! messages in `(visible_at, seq)` order, an index range scan that stops after the batch: those
+//! that have used up their receives go to `dead_letters` (and are reported in the result), the
+//! others are claimed by bumping their receive count, receipt and `visible_at`. No receive ever
+//! scans the backlog, so its cost does not grow with it. SQLite has no `SKIP LOCKED`; the
 //! database's single write lock gives the same "one receiver per message" guarantee, which the
 //! conformance checks prove with concurrent receivers in two processes' worth of handles.
 //!
@@ -15,10 +17,12 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use fluxa_core::time::from_unix_millis;
+use fluxa_core::FailureClass;
 use fluxa_core::{ErrorCode, FailureInfo};
 use fluxa_queue::{
-    DeadLetter, Delivery, Error, ExhaustedNotice, MessageAttributes, NewMessage, PendingMessage,
-    Queue, QueueDepth, Receivers, RedriveSelector, Result,
+    BlobReferences, Consumer, DeadLetter, DeadLetterAdmin, Delivery, Error, ExhaustedNotice,
+    MessageAttributes, NewMessage, PendingMessage, Producer, QueueDepth, Received, Receivers,
+    RedriveSelector, Result, SendError,
 };
 use sqlx::sqlite::SqliteRow;
 use sqlx::{Row, SqliteConnection};
@@ -40,7 +44,7 @@ pub struct SqliteQueue {
     pools: Pools,
     config: QueueConfig,
     writes: GroupCommit,
-    /// Wake-ups for this process's idle receivers, and the notices of dead-lettered messages.
+    /// Wake-ups for this process's idle receivers.
     receivers: Receivers,
 }
 
@@ -55,29 +59,33 @@ impl SqliteQueue {
         }
     }
 
-    async fn receive_now(&self, max_messages: usize) -> Result<Vec<Delivery>> {
+    async fn receive_now(&self, max_messages: usize) -> Result<Received> {
         let config = self.config;
-        let (deliveries, exhausted) = self
-            .writes
+        self.writes
             .run(move |connection| Box::pin(receive(connection, config, max_messages)))
             .await
-            .map_err(unavailable)?;
-        self.receivers.announce_exhausted(exhausted);
-        Ok(deliveries)
+            .map_err(unavailable)
     }
 }
 
-/// One receive: the SQS redrive of exhausted messages, then the claim of visible ones.
+/// The first `?3` visible messages, oldest `visible_at` first: served by the
+/// `(visible_at, seq)` index, so it reads only the rows it returns.
+const HEAD_SQL: &str = "SELECT seq FROM queue_messages WHERE visible_at <= ?1 \
+                        ORDER BY visible_at, seq LIMIT ?3";
+
+/// One receive: the SQS redrive of the exhausted messages at the head of the queue, then the
+/// claim of the visible ones.
 async fn receive(
     connection: &mut SqliteConnection,
     config: QueueConfig,
     max_messages: usize,
-) -> std::result::Result<(Vec<Delivery>, Vec<ExhaustedNotice>), sqlx::Error> {
+) -> std::result::Result<Received, sqlx::Error> {
     let now = now_millis();
     let max_receives = i64::from(config.max_receives);
+    let limit = i64::try_from(max_messages).unwrap_or(i64::MAX);
     // A message that was already received max_receives times goes to the DLQ instead of being
     // delivered again.
-    let exhausted = sqlx::query(
+    let exhausted = sqlx::query(&format!(
         r#"INSERT INTO dead_letters
              (message_id, body, event_id, correlation_id, blob_key, error_class, error_code,
               error_message, receive_count, enqueued_at, first_failure_at, last_failure_at,
@@ -88,45 +96,52 @@ async fn receive(
                     COALESCE(last_error_code || ': ' || last_error_message, 'none recorded'),
                   receive_count, enqueued_at, COALESCE(first_failure_at, ?1),
                   COALESCE(last_failure_at, ?1), ?1
-           FROM queue_messages WHERE visible_at <= ?1 AND receive_count >= ?2
-           RETURNING event_id, error_message"#,
-    )
+           FROM queue_messages WHERE seq IN ({HEAD_SQL}) AND receive_count >= ?2
+           RETURNING event_id, error_message"#
+    ))
     .bind(now)
     .bind(max_receives)
+    .bind(limit)
     .fetch_all(&mut *connection)
     .await?;
-    let exhausted = exhausted_notices(&exhausted);
-    sqlx::query("DELETE FROM queue_messages WHERE visible_at <= ?1 AND receive_count >= ?2")
+    if !exhausted.is_empty() {
+        sqlx::query(&format!(
+            "DELETE FROM queue_messages WHERE seq IN ({HEAD_SQL}) AND receive_count >= ?2"
+        ))
         .bind(now)
         .bind(max_receives)
+        .bind(limit)
         .execute(&mut *connection)
         .await?;
+    }
 
     let receipt = uuid::Uuid::new_v4().to_string();
-    let rows = sqlx::query(
+    let rows = sqlx::query(&format!(
         r#"UPDATE queue_messages
-           SET receive_count = receive_count + 1, receipt = ?1, visible_at = ?2
-           WHERE seq IN (SELECT seq FROM queue_messages WHERE visible_at <= ?3
-                         ORDER BY seq LIMIT ?4)
+           SET receive_count = receive_count + 1, receipt = ?4, visible_at = ?5
+           WHERE seq IN ({HEAD_SQL}) AND receive_count < ?2
            RETURNING seq, message_id, body, event_id, correlation_id, blob_key, receive_count,
-                     enqueued_at"#,
-    )
+                     enqueued_at"#
+    ))
+    .bind(now)
+    .bind(max_receives)
+    .bind(limit)
     .bind(&receipt)
     .bind(now.saturating_add(millis(config.visibility_timeout)))
-    .bind(now)
-    .bind(i64::try_from(max_messages).unwrap_or(i64::MAX))
     .fetch_all(&mut *connection)
     .await?;
 
     let mut deliveries: Vec<(i64, Delivery)> = rows
         .iter()
         .map(|row| {
+            let receive_count = u32::try_from(row.get::<i64, _>("receive_count")).unwrap_or(0);
             let delivery = Delivery {
                 message_id: row.get("message_id"),
                 receipt: receipt.clone(),
-                body: row.get("body"),
+                body: row.get::<Vec<u8>, _>("body").into(),
                 attributes: attributes(row),
-                receive_count: u32::try_from(row.get::<i64, _>("receive_count")).unwrap_or(0),
+                receive_count,
+                receives_left: config.max_receives.saturating_sub(receive_count),
                 enqueued_at: from_unix_millis(row.get("enqueued_at")),
             };
             (row.get("seq"), delivery)
@@ -134,7 +149,10 @@ async fn receive(
         .collect();
     // RETURNING does not promise an order; deliver oldest first.
     deliveries.sort_by_key(|(seq, _)| *seq);
-    Ok((deliveries.into_iter().map(|(_, d)| d).collect(), exhausted))
+    Ok(Received {
+        deliveries: deliveries.into_iter().map(|(_, d)| d).collect(),
+        exhausted: exhausted_notices(&exhausted),
+    })
 }
 
 /// Notices for dead-lettered rows (`event_id`, `error_message`) that carry an event id.
@@ -182,8 +200,9 @@ const DEAD_LETTER_SQL: &str = r#"INSERT INTO dead_letters
    FROM queue_messages WHERE message_id = ?1 AND receipt = ?2"#;
 
 #[async_trait]
-impl Queue for SqliteQueue {
-    async fn send(&self, messages: Vec<NewMessage>) -> Result<Vec<String>> {
+impl Producer for SqliteQueue {
+    async fn send(&self, messages: Vec<NewMessage>) -> Result<Vec<String>, SendError> {
+        let n_messages = messages.len();
         let message_ids = self
             .writes
             .run(move |connection| {
@@ -212,12 +231,26 @@ impl Queue for SqliteQueue {
                 })
             })
             .await
-            .map_err(unavailable)?;
+            .map_err(|e| SendError {
+                sent: vec![None; n_messages],
+                source: unavailable(e),
+            })?;
         self.receivers.wake_one();
         Ok(message_ids)
     }
 
-    async fn receive(&self, max_messages: usize, wait: Duration) -> Result<Vec<Delivery>> {
+    async fn ping(&self) -> Result<()> {
+        sqlx::query("SELECT 1")
+            .execute(&self.pools.reader)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Consumer for SqliteQueue {
+    async fn receive(&self, max_messages: usize, wait: Duration) -> Result<Received> {
         self.receivers
             .long_poll(max_messages, wait, IDLE_POLL, || {
                 self.receive_now(max_messages)
@@ -225,11 +258,10 @@ impl Queue for SqliteQueue {
             .await
     }
 
-    async fn delete(&self, delivery: &Delivery) -> Result<()> {
-        self.delete_many(std::slice::from_ref(delivery)).await
-    }
-
-    async fn delete_many(&self, deliveries: &[Delivery]) -> Result<()> {
+    async fn delete_many(&self, deliveries: &[&Delivery]) -> Result<()> {
+        if deliveries.is_empty() {
+            return Ok(());
+        }
         let keys: Vec<(String, String)> = deliveries
             .iter()
             .map(|d| (d.message_id.clone(), d.receipt.clone()))
@@ -313,7 +345,10 @@ impl Queue for SqliteQueue {
             .await
             .map_err(unavailable)
     }
+}
 
+#[async_trait]
+impl DeadLetterAdmin for SqliteQueue {
     async fn depth(&self) -> Result<QueueDepth> {
         let now = now_millis();
         let row = sqlx::query(
@@ -421,7 +456,10 @@ impl Queue for SqliteQueue {
         }
         Ok(n_moved)
     }
+}
 
+#[async_trait]
+impl BlobReferences for SqliteQueue {
     async fn references_blob(&self, key: &str) -> Result<bool> {
         let referenced: bool = sqlx::query_scalar(
             r#"SELECT EXISTS (SELECT 1 FROM queue_messages WHERE blob_key = ?1)
@@ -433,25 +471,14 @@ impl Queue for SqliteQueue {
         .map_err(unavailable)?;
         Ok(referenced)
     }
-
-    fn take_exhausted(&self) -> Vec<ExhaustedNotice> {
-        self.receivers.take_exhausted()
-    }
-
-    async fn ping(&self) -> Result<()> {
-        sqlx::query("SELECT 1")
-            .execute(&self.pools.reader)
-            .await
-            .map_err(unavailable)?;
-        Ok(())
-    }
 }
 
 fn dead_letter(row: &SqliteRow) -> DeadLetter {
     DeadLetter {
         id: row.get("message_id"),
         attributes: attributes(row),
-        error_class: row.get("error_class"),
+        error_class: FailureClass::parse(&row.get::<String, _>("error_class"))
+            .unwrap_or(FailureClass::Permanent),
         error: FailureInfo {
             code: row.get("error_code"),
             message: row.get("error_message"),

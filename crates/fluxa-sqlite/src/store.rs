@@ -7,10 +7,10 @@
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use fluxa_core::time::{format_rfc3339, from_unix_millis};
-use fluxa_core::{CorrelationId, EventId, FailureInfo, PayloadHash};
+use fluxa_core::{EventId, FailureInfo};
 use fluxa_store::{
-    Claim, ClaimRequest, Completion, Error, EventReader, EventStatus, Lease, NewEvent, Result,
-    Status, Store, StoredEvent,
+    decide, Decision, Error, EventReader, EventStatus, Lease, RecordState, Result, Status, Store,
+    StoredEvent, Write, WriteAction, WriteResult,
 };
 use sqlx::sqlite::SqliteRow;
 use sqlx::{Row, SqliteConnection};
@@ -34,87 +34,26 @@ impl SqliteStore {
         let writes = GroupCommit::start(pools.writer.clone());
         Self { pools, writes }
     }
-
-    /// Runs `sql` against the record `lease` holds (`?1` event id, `?2` lease token) with the
-    /// error's code and message as `?3` and `?4` and the time as `?5`; a lost lease matches
-    /// nothing.
-    async fn update_leased(
-        &self,
-        sql: &'static str,
-        lease: &Lease,
-        error: &FailureInfo,
-    ) -> Result<()> {
-        let (lease, error) = (lease.clone(), error.clone());
-        self.writes
-            .run(move |connection| {
-                Box::pin(async move {
-                    sqlx::query(sql)
-                        .bind(lease.event_id.as_str())
-                        .bind(&lease.token)
-                        .bind(&error.code)
-                        .bind(&error.message)
-                        .bind(now_millis())
-                        .execute(&mut *connection)
-                        .await
-                        .map(|_| ())
-                })
-            })
-            .await
-            .map_err(unavailable)
-    }
 }
 
 #[async_trait]
 impl Store for SqliteStore {
-    async fn claim(&self, request: ClaimRequest<'_>) -> Result<Claim> {
-        let event_id = request.event_id.clone();
-        let payload_sha256 = request.payload_sha256.clone();
-        let correlation_id = request.correlation_id.clone();
-        let lease_ms = millis(request.lease);
+    async fn apply(&self, writes: Vec<Write>) -> Result<Vec<WriteResult>> {
+        // One group-commit job: the whole batch is one savepoint inside a shared transaction.
+        // Statements on SQLite are in-process calls, so a statement per write costs little;
+        // what costs is the commit, and the batch shares one with every other writer.
         self.writes
             .run(move |connection| {
-                Box::pin(claim(
-                    connection,
-                    event_id,
-                    payload_sha256,
-                    correlation_id,
-                    lease_ms,
-                ))
+                Box::pin(async move {
+                    let mut results = Vec::with_capacity(writes.len());
+                    for write in &writes {
+                        results.push(apply_one(connection, write).await?);
+                    }
+                    Ok(results)
+                })
             })
             .await
             .map_err(unavailable)
-    }
-
-    async fn complete(&self, lease: &Lease, event: NewEvent) -> Result<Completion> {
-        let lease = lease.clone();
-        self.writes
-            .run(move |connection| Box::pin(complete(connection, lease, event)))
-            .await
-            .map_err(unavailable)
-    }
-
-    async fn fail(&self, lease: &Lease, error: &FailureInfo) -> Result<()> {
-        self.update_leased(
-            r#"UPDATE idempotency_keys
-               SET status = 'failed', lease_token = NULL, lease_expires_at = NULL,
-                   last_error_code = ?3, last_error_message = ?4, updated_at = ?5
-               WHERE event_id = ?1 AND lease_token = ?2"#,
-            lease,
-            error,
-        )
-        .await
-    }
-
-    async fn release(&self, lease: &Lease, error: &FailureInfo) -> Result<()> {
-        self.update_leased(
-            r#"UPDATE idempotency_keys
-               SET lease_token = NULL, lease_expires_at = ?5,
-                   last_error_code = ?3, last_error_message = ?4, updated_at = ?5
-               WHERE event_id = ?1 AND lease_token = ?2"#,
-            lease,
-            error,
-        )
-        .await
     }
 
     async fn record_error(&self, event_id: &EventId, error: &FailureInfo) -> Result<()> {
@@ -145,26 +84,31 @@ impl Store for SqliteStore {
             .map_err(unavailable)
     }
 
-    async fn mark_exhausted(&self, event_id: &EventId, error: &FailureInfo) -> Result<()> {
-        let (event_id, error) = (event_id.clone(), error.clone());
+    async fn mark_exhausted(&self, exhausted: &[(EventId, FailureInfo)]) -> Result<()> {
+        if exhausted.is_empty() {
+            return Ok(());
+        }
+        let exhausted = exhausted.to_vec();
         self.writes
             .run(move |connection| {
                 Box::pin(async move {
                     let now = now_millis();
-                    sqlx::query(
-                        r#"UPDATE idempotency_keys
-                           SET status = 'failed', lease_token = NULL, lease_expires_at = NULL,
-                               last_error_code = ?2, last_error_message = ?3, updated_at = ?4
-                           WHERE event_id = ?1 AND status = 'processing'
-                             AND (lease_expires_at IS NULL OR lease_expires_at <= ?4)"#,
-                    )
-                    .bind(event_id.as_str())
-                    .bind(&error.code)
-                    .bind(&error.message)
-                    .bind(now)
-                    .execute(&mut *connection)
-                    .await
-                    .map(|_| ())
+                    for (event_id, error) in &exhausted {
+                        sqlx::query(
+                            r#"UPDATE idempotency_keys
+                               SET status = 'failed', lease_token = NULL, lease_expires_at = NULL,
+                                   last_error_code = ?2, last_error_message = ?3, updated_at = ?4
+                               WHERE event_id = ?1 AND status = 'processing'
+                                 AND (lease_expires_at IS NULL OR lease_expires_at <= ?4)"#,
+                        )
+                        .bind(event_id.as_str())
+                        .bind(&error.code)
+                        .bind(&error.message)
+                        .bind(now)
+                        .execute(&mut *connection)
+                        .await?;
+                    }
+                    Ok(())
                 })
             })
             .await
@@ -176,139 +120,111 @@ impl Store for SqliteStore {
     }
 }
 
-/// Checks the idempotency record and takes a lease if no one else may be working on the event.
-async fn claim(
+/// Reads the record `write` targets, decides, and carries the decision out.
+async fn apply_one(
     connection: &mut SqliteConnection,
-    event_id: EventId,
-    payload_sha256: PayloadHash,
-    correlation_id: CorrelationId,
-    lease_ms: i64,
-) -> std::result::Result<Claim, sqlx::Error> {
+    write: &Write,
+) -> std::result::Result<WriteResult, sqlx::Error> {
     let now = now_millis();
-    let expires_at = now.saturating_add(lease_ms);
-    let token = uuid::Uuid::new_v4().to_string();
-    let existing = sqlx::query(
-        r#"SELECT status, payload_sha256, lease_expires_at, attempts
+    let row = sqlx::query(
+        r#"SELECT status, payload_sha256, lease_token, lease_expires_at, attempts
            FROM idempotency_keys WHERE event_id = ?1"#,
     )
-    .bind(event_id.as_str())
+    .bind(write.event_id.as_str())
     .fetch_optional(&mut *connection)
     .await?;
-
-    let attempts: i64 = match existing {
-        None => {
-            sqlx::query(
-                r#"INSERT INTO idempotency_keys
-                     (event_id, status, payload_sha256, attempts, lease_token, lease_expires_at,
-                      correlation_id, created_at, updated_at)
-                   VALUES (?1, 'processing', ?2, 1, ?3, ?4, ?5, ?6, ?6)"#,
-            )
-            .bind(event_id.as_str())
-            .bind(payload_sha256.as_str())
-            .bind(&token)
-            .bind(expires_at)
-            .bind(correlation_id.as_str())
-            .bind(now)
-            .execute(&mut *connection)
-            .await?;
-            1
-        }
-        Some(row) => {
-            let status: String = row.get("status");
-            let lease_expires_at: Option<i64> = row.get("lease_expires_at");
-            match Status::parse(&status) {
-                Some(Status::Processed) => {
-                    let payload_sha256: Option<String> = row.get("payload_sha256");
-                    return Ok(Claim::AlreadyProcessed {
-                        payload_sha256: payload_sha256.unwrap_or_default(),
-                    });
-                }
-                Some(Status::Processing) if lease_expires_at.is_some_and(|at| at > now) => {
-                    return Ok(Claim::Busy {
-                        until: from_unix_millis(lease_expires_at.unwrap_or(now)),
-                    });
-                }
-                // An expired lease (its worker died or gave up) or a failed record: take over.
-                Some(Status::Processing | Status::Failed) => {
-                    let attempts: i64 = row.get::<i64, _>("attempts") + 1;
-                    sqlx::query(
-                        r#"UPDATE idempotency_keys
-                           SET status = 'processing', payload_sha256 = ?2, attempts = ?3,
-                               lease_token = ?4, lease_expires_at = ?5, correlation_id = ?6,
-                               updated_at = ?7
-                           WHERE event_id = ?1"#,
-                    )
-                    .bind(event_id.as_str())
-                    .bind(payload_sha256.as_str())
-                    .bind(attempts)
-                    .bind(&token)
-                    .bind(expires_at)
-                    .bind(correlation_id.as_str())
-                    .bind(now)
-                    .execute(&mut *connection)
-                    .await?;
-                    attempts
-                }
-                None => {
-                    return Err(sqlx::Error::Protocol(format!(
-                        "idempotency record of {event_id} has unknown status {status:?}"
-                    )))
-                }
-            }
+    let existing = row.map(|row| record_state(&row, now)).transpose()?;
+    let attempts = match decide(write, existing.as_ref()) {
+        Decision::Skip(result) => return Ok(result),
+        Decision::Insert => 1,
+        Decision::Update { take_over } => {
+            existing.as_ref().map_or(0, |record| record.attempts) + u32::from(take_over)
         }
     };
-    Ok(Claim::Acquired(Lease {
-        event_id,
-        token,
-        attempts: u32::try_from(attempts).unwrap_or(u32::MAX),
-        expires_at: from_unix_millis(expires_at),
-    }))
+    let action = &write.action;
+    let token = matches!(action, WriteAction::Lease(_)).then(|| uuid::Uuid::new_v4().to_string());
+    let lease_expires_at = match action {
+        WriteAction::Lease(duration) => Some(now.saturating_add(millis(*duration))),
+        // Expired at once: the next delivery may take over without waiting.
+        WriteAction::Release(_) => Some(now),
+        WriteAction::Store(_) | WriteAction::Fail(_) => None,
+    };
+    let last_error = action.last_error();
+    // One upsert serves the insert and both kinds of update: the decision above already ruled
+    // out every case where the record must stay as it is.
+    sqlx::query(
+        r#"INSERT INTO idempotency_keys
+             (event_id, status, payload_sha256, attempts, lease_token, lease_expires_at,
+              last_error_code, last_error_message, correlation_id, created_at, updated_at)
+           VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?10)
+           ON CONFLICT (event_id) DO UPDATE
+           SET status = excluded.status, payload_sha256 = excluded.payload_sha256,
+               attempts = excluded.attempts, lease_token = excluded.lease_token,
+               lease_expires_at = excluded.lease_expires_at,
+               last_error_code = CASE WHEN ?11 THEN excluded.last_error_code
+                                      ELSE last_error_code END,
+               last_error_message = CASE WHEN ?11 THEN excluded.last_error_message
+                                         ELSE last_error_message END,
+               correlation_id = excluded.correlation_id, updated_at = excluded.updated_at"#,
+    )
+    .bind(write.event_id.as_str())
+    .bind(action.status().as_str())
+    .bind(write.payload_sha256.as_str())
+    .bind(i64::from(attempts))
+    .bind(token.as_deref())
+    .bind(lease_expires_at)
+    .bind(last_error.flatten().map(|error| error.code.as_str()))
+    .bind(last_error.flatten().map(|error| error.message.as_str()))
+    .bind(write.correlation_id.as_str())
+    .bind(now)
+    .bind(last_error.is_some())
+    .execute(&mut *connection)
+    .await?;
+    if let WriteAction::Store(event) = action {
+        sqlx::query(
+            r#"INSERT INTO events
+                 (event_id, event_type, source, occurred_at, payload, payload_sha256, payload_size,
+                  payload_mode, correlation_id, received_at, processed_at)
+               VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
+               ON CONFLICT (event_id) DO NOTHING"#,
+        )
+        .bind(write.event_id.as_str())
+        .bind(event.event_type.as_str())
+        .bind(event.source.as_ref().map(|source| source.as_str()))
+        .bind(event.occurred_at.as_ref().map(format_rfc3339))
+        .bind(event.payload.as_ref())
+        .bind(write.payload_sha256.as_str())
+        .bind(i64::try_from(event.payload.len()).unwrap_or(i64::MAX))
+        .bind(event.payload_mode.as_str())
+        .bind(write.correlation_id.as_str())
+        .bind(event.received_at.timestamp_millis())
+        .bind(now)
+        .execute(&mut *connection)
+        .await?;
+    }
+    Ok(WriteResult::Applied {
+        lease: token.map(|token| Lease {
+            event_id: write.event_id.clone(),
+            token,
+            attempts,
+        }),
+    })
 }
 
-/// Marks the record processed and inserts the event, provided the lease is still ours.
-async fn complete(
-    connection: &mut SqliteConnection,
-    lease: Lease,
-    event: NewEvent,
-) -> std::result::Result<Completion, sqlx::Error> {
-    let now = now_millis();
-    let marked = sqlx::query(
-        r#"UPDATE idempotency_keys
-           SET status = 'processed', payload_sha256 = ?3, lease_token = NULL,
-               lease_expires_at = NULL, last_error_code = NULL, last_error_message = NULL,
-               updated_at = ?4
-           WHERE event_id = ?1 AND lease_token = ?2 AND status = 'processing'"#,
-    )
-    .bind(lease.event_id.as_str())
-    .bind(&lease.token)
-    .bind(event.payload_sha256.as_str())
-    .bind(now)
-    .execute(&mut *connection)
-    .await?;
-    if marked.rows_affected() == 0 {
-        return Ok(Completion::LeaseLost);
-    }
-    sqlx::query(
-        r#"INSERT INTO events
-             (event_id, event_type, source, occurred_at, payload, payload_sha256, payload_size,
-              payload_mode, correlation_id, received_at, processed_at)
-           VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
-           ON CONFLICT (event_id) DO NOTHING"#,
-    )
-    .bind(event.event_id.as_str())
-    .bind(&event.event_type)
-    .bind(event.source.as_deref())
-    .bind(event.occurred_at.as_ref().map(format_rfc3339))
-    .bind(event.payload.as_slice())
-    .bind(event.payload_sha256.as_str())
-    .bind(i64::try_from(event.payload.len()).unwrap_or(i64::MAX))
-    .bind(event.payload_mode.as_str())
-    .bind(event.correlation_id.as_str())
-    .bind(event.received_at.timestamp_millis())
-    .bind(now)
-    .execute(&mut *connection)
-    .await?;
-    Ok(Completion::Stored)
+fn record_state(row: &SqliteRow, now: i64) -> std::result::Result<RecordState, sqlx::Error> {
+    let status: String = row.try_get("status")?;
+    let status = Status::parse(&status).ok_or_else(|| {
+        sqlx::Error::Decode(format!("idempotency record has unknown status {status:?}").into())
+    })?;
+    let lease_expires_at: Option<i64> = row.try_get("lease_expires_at")?;
+    Ok(RecordState {
+        status,
+        payload_sha256: row.try_get("payload_sha256")?,
+        lease_token: row.try_get("lease_token")?,
+        lease_live: status == Status::Processing && lease_expires_at.is_some_and(|at| at > now),
+        lease_expires_at: lease_expires_at.map(from_unix_millis),
+        attempts: u32::try_from(row.try_get::<i64, _>("attempts")?).unwrap_or(0),
+    })
 }
 
 /// The query API's side of `store.db`, over read-only connections only.

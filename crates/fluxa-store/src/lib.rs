@@ -1,19 +1,23 @@
 //! The relational store boundary. Two traits, so that the query API can be handed something that
 //! cannot write (seed invariant 7):
-//! - [`Store`]: the processor's idempotency claims and event inserts (seed invariants 1 and 2).
+//! - [`Store`]: the processor's idempotency records and event inserts (seed invariants 1 and 2),
+//!   batch-first: [`Store::apply`] takes a whole batch of [`Write`]s in one transaction.
 //! - [`EventReader`]: read-only lookups for the query API.
 //!
-//! Backends (`fluxa-sqlite`, later PostgreSQL) implement both over their own migrations.
+//! Backends (`fluxa-sqlite`, `fluxa-postgres`) implement both over their own migrations.
 //!
 //! **Architecture Invariant:** `events.event_id` is the primary key and inserts use
-//! `ON CONFLICT (event_id) DO NOTHING`; an event row is written only by [`Store::complete`],
+//! `ON CONFLICT (event_id) DO NOTHING`; an event row is written only by a [`WriteAction::Store`],
 //! in the same transaction that marks its idempotency record `processed`.
 
 use std::time::Duration;
 
 use async_trait::async_trait;
+use bytes::Bytes;
 use chrono::{DateTime, Utc};
-use fluxa_core::{CorrelationId, EventId, FailureInfo, PayloadHash, PayloadMode};
+use fluxa_core::{
+    CorrelationId, EventId, EventType, FailureInfo, PayloadHash, PayloadMode, Source,
+};
 
 /// Store failures; all transient from the processor's point of view.
 #[derive(Debug, thiserror::Error)]
@@ -59,7 +63,65 @@ impl Status {
     }
 }
 
-/// What the processor asks for before doing any work on an event.
+#[cfg(feature = "conformance")]
+pub mod conformance;
+mod plan;
+
+pub use plan::{decide, Decision, RecordState};
+
+/// What a [`Write`] does to an event's idempotency record.
+#[derive(Clone, Debug)]
+pub enum WriteAction {
+    /// Take a lease, because the work happens outside a transaction (fetching a blob).
+    Lease(Duration),
+    /// Insert the event (`ON CONFLICT DO NOTHING`) and mark the record `processed`.
+    Store(NewEvent),
+    /// Mark the record `failed` (a permanent failure, or the last transient one).
+    Fail(FailureInfo),
+    /// A transient failure: the record stays (or becomes) `processing` with an expired lease,
+    /// so the next delivery may take over at once, and remembers `error`. With a lease, gives
+    /// it back; without one, counts a failed attempt on an event that could not be stored.
+    Release(FailureInfo),
+}
+
+/// One change to one event's idempotency record.
+#[derive(Clone, Debug)]
+pub struct Write {
+    pub event_id: EventId,
+    pub payload_sha256: PayloadHash,
+    pub correlation_id: CorrelationId,
+    /// The lease this write finishes. `None` claims the record in the same transaction: it
+    /// applies if no record exists, or the record is `failed`, or its lease has expired (a
+    /// take-over, which counts an attempt); it does not apply to a `processed` record or a
+    /// live lease. That is how an inline event is claimed and stored with one commit.
+    pub lease: Option<Lease>,
+    pub action: WriteAction,
+}
+
+/// Proof that this worker, and no other, may finish an event while the lease lasts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Lease {
+    pub event_id: EventId,
+    pub token: String,
+    /// How many times the record has been claimed, this claim included.
+    pub attempts: u32,
+}
+
+/// What happened to one [`Write`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum WriteResult {
+    /// The write took effect. A [`WriteAction::Lease`] returns its new lease.
+    Applied { lease: Option<Lease> },
+    /// The event is already stored, with this payload hash; nothing was written.
+    AlreadyProcessed { payload_sha256: PayloadHash },
+    /// Another worker holds a live lease until `until`; nothing was written.
+    Busy { until: DateTime<Utc> },
+    /// The write's lease is no longer the record's (it expired and was taken over); nothing
+    /// was written.
+    LeaseLost,
+}
+
+/// What [`Store::claim`] asks for: a lease on one event.
 #[derive(Clone, Debug)]
 pub struct ClaimRequest<'a> {
     pub event_id: &'a EventId,
@@ -68,46 +130,26 @@ pub struct ClaimRequest<'a> {
     pub lease: Duration,
 }
 
-/// Proof that this worker, and no other, may finish an event until `expires_at`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Lease {
-    pub event_id: EventId,
-    pub token: String,
-    pub attempts: u32,
-    pub expires_at: DateTime<Utc>,
-}
-
 /// The answer to a claim.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Claim {
     /// Go ahead: no one has processed this event and no live lease is held on it.
     Acquired(Lease),
     /// The event is already stored, with this payload hash.
-    AlreadyProcessed { payload_sha256: String },
+    AlreadyProcessed { payload_sha256: PayloadHash },
     /// Another worker holds a live lease until `until`.
     Busy { until: DateTime<Utc> },
 }
 
-/// What [`Store::complete`] did.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Completion {
-    /// The event row was inserted and the record marked `processed`.
-    Stored,
-    /// Our lease was taken over (it had expired); nothing was written.
-    LeaseLost,
-}
-
-/// An event ready to be persisted.
+/// The event columns a [`WriteAction::Store`] inserts beside the write's ids and hash.
 #[derive(Clone, Debug)]
 pub struct NewEvent {
-    pub event_id: EventId,
-    pub event_type: String,
-    pub source: Option<String>,
+    pub event_type: EventType,
+    pub source: Option<Source>,
     pub occurred_at: Option<DateTime<Utc>>,
-    pub payload: Vec<u8>,
-    pub payload_sha256: PayloadHash,
+    /// The exact payload bytes; shared with the queue message they were read from.
+    pub payload: Bytes,
     pub payload_mode: PayloadMode,
-    pub correlation_id: CorrelationId,
     pub received_at: DateTime<Utc>,
 }
 
@@ -141,35 +183,43 @@ pub struct EventStatus {
 /// The processor's view of the store.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
-    /// Atomically checks the idempotency record and, if no one else may be working on the
-    /// event, takes a lease on it (creating the record, or taking over an expired or failed
-    /// one; `attempts` counts the takes).
-    async fn claim(&self, request: ClaimRequest<'_>) -> Result<Claim>;
-
-    /// In one transaction: inserts the event (`ON CONFLICT DO NOTHING`) and marks the record
-    /// `processed`, provided the lease is still ours.
-    async fn complete(&self, lease: &Lease, event: NewEvent) -> Result<Completion>;
-
-    /// Marks a leased record `failed` with `error` (a permanent failure, or the last transient
-    /// one before the queue gives up).
-    async fn fail(&self, lease: &Lease, error: &FailureInfo) -> Result<()>;
-
-    /// Gives a lease back after a transient failure so the next delivery can take over at once;
-    /// the record stays `processing` and remembers `error`.
-    async fn release(&self, lease: &Lease, error: &FailureInfo) -> Result<()>;
+    /// Applies `writes` in order in one transaction and returns one result per write. Each
+    /// write sees the ones before it (two writes for one event id are decided one after the
+    /// other). An `Err` means nothing was written; the caller may retry the writes one by one
+    /// to isolate a write that the database refuses.
+    async fn apply(&self, writes: Vec<Write>) -> Result<Vec<WriteResult>>;
 
     /// Records an error against an event id without holding a lease: creates a `failed` record
     /// if none exists, and otherwise only sets `last_error`, never touching a `processed`
     /// record's status or a live lease (used for conflicts and undecodable messages).
     async fn record_error(&self, event_id: &EventId, error: &FailureInfo) -> Result<()>;
 
-    /// The queue gave up on a message of this event (`retries_exhausted`): marks a `processing`
-    /// record whose lease is no longer live `failed` with `error`, so a worker that died on the
-    /// last attempt does not leave the event looking in progress forever. Any other record is
-    /// left alone.
-    async fn mark_exhausted(&self, event_id: &EventId, error: &FailureInfo) -> Result<()>;
+    /// The queue gave up on messages of these events (`retries_exhausted`): marks each
+    /// `processing` record whose lease is no longer live `failed` with its error, so a worker
+    /// that died on the last attempt does not leave the event looking in progress forever. Any
+    /// other record is left alone. One statement or transaction for the lot.
+    async fn mark_exhausted(&self, exhausted: &[(EventId, FailureInfo)]) -> Result<()>;
 
     async fn ping(&self) -> Result<()>;
+
+    /// Takes a lease on one event: [`Store::apply`] with one [`WriteAction::Lease`].
+    async fn claim(&self, request: ClaimRequest<'_>) -> Result<Claim> {
+        let write = Write {
+            event_id: request.event_id.clone(),
+            payload_sha256: request.payload_sha256.clone(),
+            correlation_id: request.correlation_id.clone(),
+            lease: None,
+            action: WriteAction::Lease(request.lease),
+        };
+        match self.apply(vec![write]).await?.pop() {
+            Some(WriteResult::Applied { lease: Some(lease) }) => Ok(Claim::Acquired(lease)),
+            Some(WriteResult::AlreadyProcessed { payload_sha256 }) => {
+                Ok(Claim::AlreadyProcessed { payload_sha256 })
+            }
+            Some(WriteResult::Busy { until }) => Ok(Claim::Busy { until }),
+            other => Err(Error::Corrupt(format!("a lease write answered {other:?}"))),
+        }
+    }
 }
 
 /// The query API's view of the store: reads only.

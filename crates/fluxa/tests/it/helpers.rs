@@ -7,7 +7,7 @@ use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use fluxa_queue::Queue;
+use fluxa_queue::{Consumer, DeadLetterAdmin, Producer};
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
@@ -157,9 +157,19 @@ impl TestData {
             .await
     }
 
-    /// The queue, opened from the test process with a 1 s visibility timeout.
-    pub async fn queue(&self) -> Arc<dyn Queue> {
-        Arc::clone(&self.backends().await.queue)
+    /// The queue's ingest side, opened from the test process.
+    pub async fn producer(&self) -> Arc<dyn Producer> {
+        Arc::clone(&self.backends().await.queue.producer)
+    }
+
+    /// The queue's worker side, opened from the test process with a 1 s visibility timeout.
+    pub async fn consumer(&self) -> Arc<dyn Consumer> {
+        Arc::clone(&self.backends().await.queue.consumer)
+    }
+
+    /// The queue's operator side, opened from the test process.
+    pub async fn dead_letters(&self) -> Arc<dyn DeadLetterAdmin> {
+        Arc::clone(&self.backends().await.queue.dead_letters)
     }
 
     /// The store's processor side, opened from the test process.

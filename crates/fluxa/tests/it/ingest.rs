@@ -112,7 +112,7 @@ async fn a_262144_byte_payload_stays_inline_and_never_touches_the_blob_store() {
     assert_eq!(accepted["payload_size"], 262_144);
     assert_eq!(accepted["payload_mode"], "INLINE");
 
-    let pending = data.queue().await.peek(10).await.unwrap();
+    let pending = data.dead_letters().await.peek(10).await.unwrap();
     assert_eq!(pending.len(), 1);
     let FluxaTask::EventV1(message) = FluxaTask::decode(&pending[0].body).unwrap();
     assert_eq!(message.payload_inline.unwrap().get(), payload);
@@ -137,7 +137,7 @@ async fn a_262145_byte_payload_goes_to_the_blob_store_and_its_message_carries_on
     assert_eq!(accepted["payload_mode"], "S3");
     assert_eq!(accepted["payload_size"], 262_145);
 
-    let pending = data.queue().await.peek(10).await.unwrap();
+    let pending = data.dead_letters().await.peek(10).await.unwrap();
     assert_eq!(pending.len(), 1);
     assert!(
         pending[0].body.len() < 4096,
@@ -697,5 +697,5 @@ async fn whole_batch_problems_answer_like_a_single_ingest_and_accept_nothing() {
         let body: Value = response.json().await.unwrap();
         assert_eq!(body["error"]["code"], code, "case: {name}");
     }
-    assert!(data.queue().await.peek(10).await.unwrap().is_empty());
+    assert!(data.dead_letters().await.peek(10).await.unwrap().is_empty());
 }

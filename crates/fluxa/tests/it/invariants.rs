@@ -92,11 +92,9 @@ async fn an_inline_payload_that_does_not_match_its_hash_goes_to_the_dlq_and_writ
     let data = TestData::new().await;
     let app = data.spawn(&[]).await;
     // A message whose payload was altered after hashing (what corruption in transit looks like).
-    let message = EventMessageV1::inline(
-        header_for("corrupt-1", br#"{"amount":100}"#),
-        RawValue::from_string(r#"{"amount":999}"#.to_owned()).unwrap(),
-    );
-    data.queue()
+    let payload = RawValue::from_string(r#"{"amount":999}"#.to_owned()).unwrap();
+    let message = EventMessageV1::inline(header_for("corrupt-1", br#"{"amount":100}"#), &payload);
+    data.producer()
         .await
         .send(vec![NewMessage {
             body: FluxaTask::EventV1(message).encode(),
@@ -176,7 +174,7 @@ async fn a_message_whose_blob_is_gone_is_dead_lettered_as_blob_missing() {
 async fn an_unparsable_message_is_dead_lettered_at_once_with_its_original_bytes() {
     let data = TestData::new().await;
     let app = data.spawn(&[]).await;
-    data.queue()
+    data.producer()
         .await
         .send(vec![NewMessage {
             body: b"{\"type\":\"event.v1\",\"garbage\":true}".to_vec(),
@@ -262,8 +260,12 @@ async fn a_worker_that_dies_holding_an_event_does_not_leave_it_stuck() {
 
     // Play the worker that dies mid-message: receive the message, claim the event, then vanish
     // without settling either.
-    let queue = data.queue().await;
-    let deliveries = queue.receive(1, Duration::from_secs(1)).await.unwrap();
+    let queue = data.consumer().await;
+    let deliveries = queue
+        .receive(1, Duration::from_secs(1))
+        .await
+        .unwrap()
+        .deliveries;
     assert_eq!(deliveries.len(), 1);
     let FluxaTask::EventV1(message) = FluxaTask::decode(&deliveries[0].body).unwrap();
     let store = data.store().await;
@@ -310,10 +312,14 @@ async fn a_worker_that_dies_on_the_last_attempt_leaves_the_event_failed_not_proc
     );
 
     // Three receives, none settled (visibility 1 s); the third receiver claims and dies.
-    let queue = data.queue().await;
+    let queue = data.consumer().await;
     let mut last = None;
     for receive in 1..=3 {
-        let mut deliveries = queue.receive(1, Duration::from_secs(5)).await.unwrap();
+        let mut deliveries = queue
+            .receive(1, Duration::from_secs(5))
+            .await
+            .unwrap()
+            .deliveries;
         assert_eq!(deliveries.len(), 1, "receive {receive}");
         last = deliveries.pop();
     }

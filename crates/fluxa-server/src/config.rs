@@ -1,0 +1,737 @@
+//! Fluxa's configuration as a library: [`Config::load`] layers built-in defaults, an optional
+//! TOML file, `FLUXA_*` environment variables and command-line overrides, then validates once.
+//!
+//! Every setting is one row of [`SETTINGS`]: its file key, its `FLUXA_*` variable and (derived
+//! from the key) its flag, so the three spellings cannot drift apart. The CLI builds its flags
+//! from that table and a Lambda `main` calls [`Sources::from_process_env`]; neither parses a
+//! value itself, so adding a setting touches this file (and `config.example.toml`) only.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context;
+use fluxa_api::{ApiToken, Limits};
+use secrecy::{ExposeSecret, SecretString};
+
+/// Which parts of Fluxa a process runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// The API and the workers (the default).
+    All,
+    /// Only the HTTP API.
+    Api,
+    /// Only the queue workers.
+    Worker,
+}
+
+impl Role {
+    pub(crate) fn runs_api(self) -> bool {
+        matches!(self, Self::All | Self::Api)
+    }
+
+    pub(crate) fn runs_workers(self) -> bool {
+        matches!(self, Self::All | Self::Worker)
+    }
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::All => "all",
+            Self::Api => "api",
+            Self::Worker => "worker",
+        }
+    }
+}
+
+/// Default batch size: large enough that one commit carries many events, small enough that a
+/// batch finishes quickly at shutdown and a slow blob does not hold many events back.
+pub const DEFAULT_BATCH_SIZE: usize = 64;
+
+/// Default worker count on the embedded backend: its writes are group-committed, so more
+/// concurrent workers share more fsyncs (16 roughly doubles throughput over 4 in `bench/`).
+pub const DEFAULT_WORKERS_EMBEDDED: usize = 16;
+
+/// Default worker count on PostgreSQL: each worker may hold a connection, and replicas share
+/// the server's connection limit.
+pub const DEFAULT_WORKERS_POSTGRES: usize = 4;
+
+/// Everything `fluxa serve` needs; [`Config::load`] builds and validates it.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Where the API listens.
+    pub bind: SocketAddr,
+    /// Folder of the embedded backends: `store.db`, `queue.db` and, unless `blob_url` says
+    /// otherwise, `blobs/`.
+    pub data_dir: PathBuf,
+    /// A `postgres://` URL puts the store (and the queue) on PostgreSQL; `None` keeps them
+    /// embedded in SQLite.
+    pub database_url: Option<SecretString>,
+    /// An SQS queue URL (not supported yet: validation refuses it).
+    pub queue_url: Option<String>,
+    /// Where large payloads live: `file:///path`; `None` means `<data_dir>/blobs`.
+    pub blob_url: Option<String>,
+    pub role: Role,
+    /// Concurrent processor workers in this process.
+    pub workers: usize,
+    /// Messages one worker receives and processes as one batch.
+    pub batch_size: usize,
+    pub limits: Limits,
+    /// How long a received message stays hidden before it is delivered again.
+    pub visibility_timeout: Duration,
+    /// How long a worker's claim on an event id stays exclusive.
+    pub lease: Duration,
+    /// Receives after which a failing message is dead-lettered as `retries_exhausted`.
+    pub max_receives: u32,
+    /// First retry delay after a transient failure (doubles per receive).
+    pub retry_backoff: Duration,
+    /// Upper bound on the retry delay.
+    pub retry_backoff_max: Duration,
+    /// How often workers look for orphaned payload blobs.
+    pub blob_sweep_interval: Duration,
+    /// Blobs younger than this are never swept (their ingest may still be enqueuing).
+    pub blob_grace: Duration,
+    /// API tokens (`SCOPES=TOKEN,…`); `None` turns authentication off.
+    pub api_tokens: Option<SecretString>,
+    /// Allows serving without tokens on a non-loopback address.
+    pub insecure_no_auth: bool,
+}
+
+/// The one place the defaults are written (payload limits come from [`Limits::default`]);
+/// `config.example.toml` repeats them as documentation and a test keeps the two equal.
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            bind: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            data_dir: PathBuf::from("./fluxa-data"),
+            database_url: None,
+            queue_url: None,
+            blob_url: None,
+            role: Role::All,
+            workers: DEFAULT_WORKERS_EMBEDDED,
+            batch_size: DEFAULT_BATCH_SIZE,
+            limits: Limits::default(),
+            visibility_timeout: Duration::from_secs(30),
+            lease: Duration::from_secs(30),
+            max_receives: 3,
+            retry_backoff: Duration::from_secs(1),
+            retry_backoff_max: Duration::from_secs(60),
+            blob_sweep_interval: Duration::from_secs(600),
+            blob_grace: Duration::from_secs(3600),
+            api_tokens: None,
+            insecure_no_auth: false,
+        }
+    }
+}
+
+/// How a setting appears on the command line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FlagKind {
+    /// `--key VALUE`.
+    Value,
+    /// `--key` alone means `true`.
+    Switch,
+}
+
+/// One setting: a file key, a `FLUXA_*` variable and a flag (`--` + the key in kebab-case),
+/// all with the same meaning.
+#[derive(Clone, Copy, Debug)]
+pub struct Setting {
+    /// The config-file key.
+    pub key: &'static str,
+    /// The long flag, without the leading `--` (the key in kebab-case).
+    pub flag: &'static str,
+    /// The environment variable.
+    pub env: &'static str,
+    /// What `--help` calls the flag's value.
+    pub value_name: &'static str,
+    /// One-paragraph help for `--help`.
+    pub help: &'static str,
+    pub kind: FlagKind,
+    /// Never shown, logged or quoted in an error.
+    pub secret: bool,
+    /// Says where the backends are, so `fluxa migrate` and `fluxa dlq` take it too.
+    pub locates_backends: bool,
+}
+
+const fn setting(
+    key: &'static str,
+    flag: &'static str,
+    env: &'static str,
+    value_name: &'static str,
+    help: &'static str,
+) -> Setting {
+    Setting {
+        key,
+        flag,
+        env,
+        value_name,
+        help,
+        kind: FlagKind::Value,
+        secret: false,
+        locates_backends: false,
+    }
+}
+
+/// Every setting, in `--help` order.
+pub const SETTINGS: &[Setting] = &[
+    Setting {
+        locates_backends: true,
+        ..setting(
+            "data_dir",
+            "data-dir",
+            "FLUXA_DATA_DIR",
+            "DIR",
+            "Folder holding the embedded backends (store.db, queue.db) and, unless --blob-url \
+             says otherwise, the local blob store (blobs/).",
+        )
+    },
+    Setting {
+        secret: true,
+        locates_backends: true,
+        ..setting(
+            "database_url",
+            "database-url",
+            "FLUXA_DATABASE_URL",
+            "URL",
+            "PostgreSQL URL (postgres://user:password@host:port/db) for the store and the \
+             queue, shared by any number of replicas. Unset: embedded SQLite under --data-dir. \
+             Prefer the environment variable, which keeps the password off the command line.",
+        )
+    },
+    Setting {
+        locates_backends: true,
+        ..setting(
+            "queue_url",
+            "queue-url",
+            "FLUXA_QUEUE_URL",
+            "URL",
+            "An SQS queue URL for the queue (not supported yet). Unset: the queue lives with \
+             the store.",
+        )
+    },
+    Setting {
+        locates_backends: true,
+        ..setting(
+            "blob_url",
+            "blob-url",
+            "FLUXA_BLOB_URL",
+            "URL",
+            "Where large payloads live: file:///absolute/path (s3://bucket/prefix is not \
+             supported yet). Unset: <data-dir>/blobs.",
+        )
+    },
+    setting(
+        "bind",
+        "bind",
+        "FLUXA_BIND",
+        "ADDR",
+        "Address the HTTP API listens on (port 0 picks a free port).",
+    ),
+    setting(
+        "role",
+        "role",
+        "FLUXA_ROLE",
+        "ROLE",
+        "Which parts to run in this process: all, api or worker.",
+    ),
+    setting(
+        "workers",
+        "workers",
+        "FLUXA_WORKERS",
+        "N",
+        "Number of concurrent processor workers [default: 16 embedded, where concurrent \
+         workers share commits; 4 on PostgreSQL, where each holds a database connection].",
+    ),
+    setting(
+        "batch_size",
+        "batch-size",
+        "FLUXA_BATCH_SIZE",
+        "N",
+        "Messages one worker receives and processes as one batch (one commit for the lot).",
+    ),
+    setting(
+        "max_payload_bytes",
+        "max-payload-bytes",
+        "FLUXA_MAX_PAYLOAD_BYTES",
+        "BYTES",
+        "Largest accepted payload in bytes (larger: 413 payload_too_large).",
+    ),
+    setting(
+        "max_batch_bytes",
+        "max-batch-bytes",
+        "FLUXA_MAX_BATCH_BYTES",
+        "BYTES",
+        "Largest accepted batch request body in bytes.",
+    ),
+    setting(
+        "visibility_timeout",
+        "visibility-timeout",
+        "FLUXA_VISIBILITY_TIMEOUT",
+        "DURATION",
+        "How long a received message stays hidden before redelivery (e.g. 30s, 500ms).",
+    ),
+    setting(
+        "lease",
+        "lease",
+        "FLUXA_LEASE",
+        "DURATION",
+        "How long a worker's claim on an event id stays exclusive (a crashed worker's claim \
+         expires after it).",
+    ),
+    setting(
+        "max_receives",
+        "max-receives",
+        "FLUXA_MAX_RECEIVES",
+        "N",
+        "Receives after which a failing message is dead-lettered as retries_exhausted.",
+    ),
+    setting(
+        "retry_backoff",
+        "retry-backoff",
+        "FLUXA_RETRY_BACKOFF",
+        "DURATION",
+        "First retry delay after a transient failure; doubles with each receive.",
+    ),
+    setting(
+        "retry_backoff_max",
+        "retry-backoff-max",
+        "FLUXA_RETRY_BACKOFF_MAX",
+        "DURATION",
+        "Upper bound for the retry delay.",
+    ),
+    setting(
+        "blob_sweep_interval",
+        "blob-sweep-interval",
+        "FLUXA_BLOB_SWEEP_INTERVAL",
+        "DURATION",
+        "How often workers delete payload blobs that no message points at.",
+    ),
+    setting(
+        "blob_grace",
+        "blob-grace",
+        "FLUXA_BLOB_GRACE",
+        "DURATION",
+        "Payload blobs younger than this are never swept (their ingest may still be \
+         enqueuing).",
+    ),
+    Setting {
+        secret: true,
+        ..setting(
+            "api_tokens",
+            "api-tokens",
+            "FLUXA_API_TOKENS",
+            "TOKENS",
+            "API tokens as SCOPES=TOKEN pairs separated by commas; SCOPES joins ingest, read \
+             and admin with '+' (e.g. \"ingest+read=…,admin=…\"). Unset: no authentication, \
+             loopback only. Prefer the environment variable: command lines are visible to \
+             other local users.",
+        )
+    },
+    Setting {
+        kind: FlagKind::Switch,
+        ..setting(
+            "insecure_no_auth",
+            "insecure-no-auth",
+            "FLUXA_INSECURE_NO_AUTH",
+            "",
+            "Serve without API tokens even on a non-loopback address.",
+        )
+    },
+];
+
+/// The variable naming the config file when no `--config` flag does.
+pub const CONFIG_FILE_ENV: &str = "FLUXA_CONFIG";
+
+/// The setting with this file key.
+pub fn setting_named(key: &str) -> Option<&'static Setting> {
+    SETTINGS.iter().find(|s| s.key == key)
+}
+
+/// Where [`Config::load`] reads from. Deliberately not `Debug`: it holds secrets as plain text.
+#[derive(Default)]
+pub struct Sources {
+    /// A TOML config file; `None` falls back to `FLUXA_CONFIG` in `env`, then to no file.
+    pub file: Option<PathBuf>,
+    /// The environment, passed in (not read from the process) so tests can run in parallel.
+    pub env: HashMap<String, String>,
+    /// Values the user gave on the command line, by file key (`"max_receives"`), as text;
+    /// a switch given is `"true"`. Only what the user actually typed belongs here.
+    pub flags: BTreeMap<String, String>,
+}
+
+impl Sources {
+    /// The process's `FLUXA_*` variables and nothing else: what a Lambda `main` loads.
+    pub fn from_process_env() -> anyhow::Result<Self> {
+        let mut env = HashMap::new();
+        for (name, value) in std::env::vars_os() {
+            let Some(name) = name.to_str() else { continue };
+            if !name.starts_with("FLUXA_") {
+                continue;
+            }
+            // Never quote the value: it may be a secret.
+            let value = value
+                .into_string()
+                .map_err(|_| anyhow::anyhow!("{name} is not valid UTF-8"))?;
+            env.insert(name.to_owned(), value);
+        }
+        Ok(Self {
+            env,
+            ..Self::default()
+        })
+    }
+}
+
+impl Config {
+    /// A configuration with the documented defaults, keeping data under `data_dir`.
+    pub fn with_data_dir(data_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            data_dir: data_dir.into(),
+            ..Self::default()
+        }
+    }
+
+    /// Layers, lowest first: [`Config::default`], the TOML file, `FLUXA_*` variables, flags;
+    /// then validates once. Errors name the source and the key but never quote a value, which
+    /// may be a password or a token.
+    pub fn load(sources: Sources) -> anyhow::Result<ValidatedConfig> {
+        let mut config = Self::default();
+        let mut workers_given = false;
+
+        let file = sources.file.clone().or_else(|| {
+            sources
+                .env
+                .get(CONFIG_FILE_ENV)
+                .filter(|path| !path.is_empty())
+                .map(PathBuf::from)
+        });
+        if let Some(path) = &file {
+            for (key, line, text) in read_file(path)? {
+                config.set(key, &text).map_err(|reason| {
+                    anyhow::anyhow!("config file {} line {line}: {key} {reason}", path.display())
+                })?;
+                workers_given |= key == "workers";
+            }
+        }
+
+        for setting in SETTINGS {
+            // An empty variable counts as unset, as with most tools (`FLUXA_DATABASE_URL=`).
+            let Some(text) = sources.env.get(setting.env).filter(|t| !t.is_empty()) else {
+                continue;
+            };
+            config
+                .set(setting.key, text)
+                .map_err(|reason| anyhow::anyhow!("{} {reason}", setting.env))?;
+            workers_given |= setting.key == "workers";
+        }
+
+        for (key, text) in &sources.flags {
+            let setting =
+                setting_named(key).with_context(|| format!("--{key} is not a setting"))?;
+            config
+                .set(setting.key, text)
+                .map_err(|reason| anyhow::anyhow!("--{} {reason}", setting.flag))?;
+            workers_given |= setting.key == "workers";
+        }
+
+        // The worker default depends on the backend, which is known only after every layer.
+        if !workers_given && config.database_url.is_some() {
+            config.workers = DEFAULT_WORKERS_POSTGRES;
+        }
+        config.validate()
+    }
+
+    /// Sets one setting from its text form. The error is a reason that quotes no value.
+    fn set(&mut self, key: &str, text: &str) -> Result<(), String> {
+        fn count<T: std::str::FromStr>(text: &str) -> Result<T, String> {
+            text.trim()
+                .parse()
+                .map_err(|_| "must be a whole number".to_owned())
+        }
+        fn duration(text: &str) -> Result<Duration, String> {
+            humantime::parse_duration(text.trim())
+                .map_err(|_| "must be a duration such as 30s or 500ms".to_owned())
+        }
+        match key {
+            "bind" => {
+                self.bind = text
+                    .trim()
+                    .parse()
+                    .map_err(|_| "must be an address such as 127.0.0.1:8080".to_owned())?;
+            }
+            "data_dir" => self.data_dir = PathBuf::from(text),
+            "database_url" => self.database_url = Some(SecretString::from(text)),
+            "queue_url" => self.queue_url = Some(text.to_owned()),
+            "blob_url" => self.blob_url = Some(text.to_owned()),
+            "role" => {
+                self.role = match text.trim() {
+                    "all" => Role::All,
+                    "api" => Role::Api,
+                    "worker" => Role::Worker,
+                    _ => return Err("must be all, api or worker".to_owned()),
+                };
+            }
+            "workers" => self.workers = count(text)?,
+            "batch_size" => self.batch_size = count(text)?,
+            "max_payload_bytes" => self.limits.max_payload_bytes = count(text)?,
+            "max_batch_bytes" => self.limits.max_batch_bytes = count(text)?,
+            "visibility_timeout" => self.visibility_timeout = duration(text)?,
+            "lease" => self.lease = duration(text)?,
+            "max_receives" => self.max_receives = count(text)?,
+            "retry_backoff" => self.retry_backoff = duration(text)?,
+            "retry_backoff_max" => self.retry_backoff_max = duration(text)?,
+            "blob_sweep_interval" => self.blob_sweep_interval = duration(text)?,
+            "blob_grace" => self.blob_grace = duration(text)?,
+            "api_tokens" => self.api_tokens = Some(SecretString::from(text)),
+            "insecure_no_auth" => {
+                self.insecure_no_auth = match text.trim().to_ascii_lowercase().as_str() {
+                    "true" | "1" | "yes" | "on" => true,
+                    "false" | "0" | "no" | "off" => false,
+                    _ => return Err("must be true or false".to_owned()),
+                };
+            }
+            _ => return Err("is not a setting".to_owned()),
+        }
+        Ok(())
+    }
+
+    /// The default of `key` as `--help` shows it; `None` for secrets, unset settings and those
+    /// whose help explains their default.
+    pub fn default_text(key: &str) -> Option<String> {
+        let d = Self::default();
+        let duration = |d: Duration| humantime::format_duration(d).to_string();
+        Some(match key {
+            "bind" => d.bind.to_string(),
+            "data_dir" => d.data_dir.display().to_string(),
+            "role" => d.role.as_str().to_owned(),
+            "batch_size" => d.batch_size.to_string(),
+            "max_payload_bytes" => d.limits.max_payload_bytes.to_string(),
+            "max_batch_bytes" => d.limits.max_batch_bytes.to_string(),
+            "visibility_timeout" => duration(d.visibility_timeout),
+            "lease" => duration(d.lease),
+            "max_receives" => d.max_receives.to_string(),
+            "retry_backoff" => duration(d.retry_backoff),
+            "retry_backoff_max" => duration(d.retry_backoff_max),
+            "blob_sweep_interval" => duration(d.blob_sweep_interval),
+            "blob_grace" => duration(d.blob_grace),
+            _ => return None,
+        })
+    }
+
+    /// Refuses configurations that would run but misbehave, and derives the backends.
+    pub fn validate(self) -> anyhow::Result<ValidatedConfig> {
+        anyhow::ensure!(
+            self.workers >= 1 || !self.role.runs_workers(),
+            "--workers must be at least 1"
+        );
+        anyhow::ensure!(self.max_receives >= 1, "--max-receives must be at least 1");
+        anyhow::ensure!(
+            (1..=1000).contains(&self.batch_size),
+            "--batch-size must be 1 to 1000"
+        );
+        anyhow::ensure!(
+            !self.visibility_timeout.is_zero() && !self.lease.is_zero(),
+            "--visibility-timeout and --lease must be positive"
+        );
+        anyhow::ensure!(
+            !self.blob_sweep_interval.is_zero() && self.blob_grace >= Duration::from_secs(1),
+            "--blob-sweep-interval must be positive and --blob-grace at least 1s"
+        );
+        anyhow::ensure!(
+            self.limits.max_payload_bytes >= 1 && self.limits.max_batch_bytes >= 1,
+            "--max-payload-bytes and --max-batch-bytes must be positive"
+        );
+        let backends = self.backends()?;
+        let tokens = match &self.api_tokens {
+            Some(spec) => ApiToken::parse_list(spec)?,
+            None => Vec::new(),
+        };
+        if tokens.is_empty()
+            && self.role.runs_api()
+            && !self.bind.ip().is_loopback()
+            && !self.insecure_no_auth
+        {
+            anyhow::bail!(
+                "refusing to serve on {} without API tokens: set FLUXA_API_TOKENS, bind to a \
+                 loopback address, or pass --insecure-no-auth",
+                self.bind
+            );
+        }
+        Ok(ValidatedConfig {
+            config: self,
+            tokens,
+            backends,
+        })
+    }
+
+    /// Which store, queue and blob backends this configuration names.
+    pub fn backends(&self) -> anyhow::Result<BackendChoice> {
+        let store = match &self.database_url {
+            Some(url) => {
+                anyhow::ensure!(
+                    fluxa_postgres::is_postgres_url(url),
+                    "--database-url / FLUXA_DATABASE_URL must be a postgres:// or \
+                     postgresql:// URL"
+                );
+                StoreBackend::Postgres { url: url.clone() }
+            }
+            None => StoreBackend::Sqlite {
+                data_dir: self.data_dir.clone(),
+            },
+        };
+        if self.queue_url.is_some() {
+            anyhow::bail!(
+                "--queue-url / FLUXA_QUEUE_URL: SQS queues are not supported yet; unset it to \
+                 keep the queue with the store"
+            );
+        }
+        let queue = match &store {
+            StoreBackend::Sqlite { data_dir } => QueueBackend::Sqlite {
+                data_dir: data_dir.clone(),
+            },
+            StoreBackend::Postgres { url } => QueueBackend::Postgres { url: url.clone() },
+        };
+        let blobs = match &self.blob_url {
+            None => BlobBackend::Fs {
+                root: self.data_dir.join("blobs"),
+            },
+            Some(url) => BlobBackend::parse(url)?,
+        };
+        Ok(BackendChoice {
+            store,
+            queue,
+            blobs,
+        })
+    }
+}
+
+/// Reads a config file into `(key, line, value as text)`. Errors give the line and the reason
+/// but never quote the file, which may hold tokens or a database password.
+fn read_file(path: &Path) -> anyhow::Result<Vec<(&'static str, usize, String)>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("failed to read config file {}", path.display()))?;
+    let line_of = |offset: usize| {
+        text.as_bytes()[..offset.min(text.len())]
+            .iter()
+            .filter(|b| **b == b'\n')
+            .count()
+            + 1
+    };
+    let table: BTreeMap<String, toml::Spanned<toml::Value>> =
+        toml::from_str(&text).map_err(|e| {
+            let line = e.span().map_or(0, |span| line_of(span.start));
+            anyhow::anyhow!(
+                "config file {} line {line}: {}",
+                path.display(),
+                e.message().trim()
+            )
+        })?;
+    let mut values = Vec::with_capacity(table.len());
+    for (key, value) in table {
+        let line = line_of(value.span().start);
+        // The key is safe to name (it is ours, or a typo of ours); its value is not.
+        let setting = setting_named(&key).with_context(|| {
+            format!(
+                "config file {} line {line}: unknown field `{key}`",
+                path.display()
+            )
+        })?;
+        let text = match value.into_inner() {
+            toml::Value::String(s) => s,
+            toml::Value::Integer(i) => i.to_string(),
+            toml::Value::Boolean(b) => b.to_string(),
+            _ => anyhow::bail!(
+                "config file {} line {line}: {key} must be a string, a number or a boolean",
+                path.display()
+            ),
+        };
+        values.push((setting.key, line, text));
+    }
+    Ok(values)
+}
+
+/// Where the store lives.
+#[derive(Clone, Debug)]
+pub enum StoreBackend {
+    Sqlite { data_dir: PathBuf },
+    Postgres { url: SecretString },
+}
+
+/// Where the queue lives (SQS comes later).
+#[derive(Clone, Debug)]
+pub enum QueueBackend {
+    Sqlite { data_dir: PathBuf },
+    Postgres { url: SecretString },
+}
+
+/// Where large payloads live (S3 comes later).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BlobBackend {
+    Fs { root: PathBuf },
+}
+
+impl BlobBackend {
+    /// Parses `FLUXA_BLOB_URL`. Errors do not quote the URL.
+    pub fn parse(url: &str) -> anyhow::Result<Self> {
+        if url.starts_with("s3://") {
+            anyhow::bail!(
+                "--blob-url / FLUXA_BLOB_URL: S3 blob stores (s3://…) are not supported yet; \
+                 use file:///absolute/path or leave it unset for <data-dir>/blobs"
+            );
+        }
+        match url.strip_prefix("file://") {
+            Some(path) if path.starts_with('/') && path.len() > 1 => Ok(Self::Fs {
+                root: PathBuf::from(path),
+            }),
+            _ => anyhow::bail!(
+                "--blob-url / FLUXA_BLOB_URL must be file:///absolute/path (or unset for \
+                 <data-dir>/blobs)"
+            ),
+        }
+    }
+}
+
+/// The three backends a configuration names; each has its own opener.
+#[derive(Clone, Debug)]
+pub struct BackendChoice {
+    pub store: StoreBackend,
+    pub queue: QueueBackend,
+    pub blobs: BlobBackend,
+}
+
+impl StoreBackend {
+    /// Whether `queue` lives in the same database, so one opened connection set serves both.
+    pub(crate) fn shares_with(&self, queue: &QueueBackend) -> bool {
+        match (self, queue) {
+            (Self::Sqlite { data_dir: a }, QueueBackend::Sqlite { data_dir: b }) => a == b,
+            (Self::Postgres { url: a }, QueueBackend::Postgres { url: b }) => {
+                a.expose_secret() == b.expose_secret()
+            }
+            _ => false,
+        }
+    }
+}
+
+/// A configuration that passed [`Config::validate`]: what [`crate::run`] takes, so it never
+/// validates twice.
+#[derive(Clone, Debug)]
+pub struct ValidatedConfig {
+    config: Config,
+    tokens: Vec<ApiToken>,
+    backends: BackendChoice,
+}
+
+impl ValidatedConfig {
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The parsed API tokens; empty means authentication is off.
+    pub fn tokens(&self) -> &[ApiToken] {
+        &self.tokens
+    }
+
+    pub fn backends(&self) -> &BackendChoice {
+        &self.backends
+    }
+}
