@@ -28,8 +28,8 @@ use clap::{Parser, ValueEnum};
 use futures::{StreamExt, TryStreamExt};
 
 use crate::anchors::{pgbench_anchors, sqlite_rows_per_second};
-use crate::load::{open_loop, post_batches, post_singles};
-use crate::report::{Row, Target};
+use crate::load::{open_loop, post_batches, post_singles, OpenLoop};
+use crate::report::{AnchorRow, Row, Target};
 use crate::server::{bench_database_name, Backend, Counter, Deployment, Progress, Role, Server};
 
 #[derive(Parser, Debug)]
@@ -157,12 +157,19 @@ async fn main() -> anyhow::Result<()> {
     );
 
     let mut rows = Vec::new();
+    let mut anchors = Vec::new();
     let mut failures = Vec::new();
     for backend in &backends {
         // One backend failing (PostgreSQL down, say) should not hide the other's figures.
-        if let Err(e) = measure_backend(&run, backend, &mut rows).await {
-            eprintln!("{}: measurement failed: {e:#}", backend.name());
-            failures.push(format!("{}: {e:#}", backend.name()));
+        match measure_backend(&run, backend).await {
+            Ok((backend_rows, backend_anchors)) => {
+                rows.extend(backend_rows);
+                anchors.extend(backend_anchors);
+            }
+            Err(e) => {
+                eprintln!("{}: measurement failed: {e:#}", backend.name());
+                failures.push(backend.name());
+            }
         }
     }
 
@@ -176,6 +183,8 @@ async fn main() -> anyhow::Result<()> {
             .map_or("server default".to_owned(), |w| w.to_string()),
     );
     print!("{}", report::table(&rows));
+    println!("\nanchors, measured before and after each backend's figures (the mean is used):\n");
+    print!("{}", report::anchor_table(&anchors));
     let missed: Vec<&Row> = rows
         .iter()
         .filter(|r| r.target.as_ref().is_some_and(|t| !t.met))
@@ -183,7 +192,7 @@ async fn main() -> anyhow::Result<()> {
     let n_targets = rows.iter().filter(|r| r.target.is_some()).count();
     println!("\n{} of {n_targets} targets met", n_targets - missed.len());
     if !failures.is_empty() {
-        bail!("{} backend(s) could not be measured", failures.len());
+        bail!("not measured: {}", failures.join(", "));
     }
     if run.args.strict && !missed.is_empty() {
         bail!("{} target(s) missed", missed.len());
@@ -199,163 +208,181 @@ fn run_id() -> String {
     format!("r{secs:x}{:x}", std::process::id())
 }
 
-/// The anchors a backend's figures are divided by.
-struct Anchors {
-    /// For batches and drains.
-    batch: (String, f64),
-    /// For single-event requests.
-    single: (String, f64),
-    /// For latencies, in ms.
-    latency: (String, f64),
-    /// The targets for batches and single events, as ratios.
-    batch_target: f64,
-    single_target: f64,
-}
+/// One backend's anchor readings, by name, from one pass.
+type Readings = Vec<(&'static str, f64)>;
 
-async fn measure_anchors(run: &Run, backend: &Backend) -> anyhow::Result<Anchors> {
+/// Measures a backend's anchors once. Each backend measures them before and after its figures,
+/// since a neighbour's burst of disk writes can change fsync costs several-fold within minutes.
+async fn measure_anchors(run: &Run, backend: &Backend) -> anyhow::Result<Readings> {
     let seconds = run.args.anchor_seconds;
     match backend {
         Backend::Embedded => {
-            let dir = run.scratch.path().join("sqlite-anchors");
-            std::fs::create_dir_all(&dir)?;
-            let hundred = sqlite_rows_per_second(&dir, 100, Duration::from_secs(seconds)).await?;
-            eprintln!("  SQLite 100 rows/txn: {hundred:.0} rows/s");
-            let one = sqlite_rows_per_second(&dir, 1, Duration::from_secs(seconds.min(3))).await?;
-            eprintln!("  SQLite 1 row/txn: {one:.0} rows/s");
-            Ok(Anchors {
-                batch: ("SQLite 100 rows/txn".to_owned(), hundred),
-                single: ("SQLite 100 rows/txn".to_owned(), hundred),
-                latency: ("one SQLite commit (ms)".to_owned(), 1000.0 / one),
-                batch_target: 0.4,
-                single_target: 0.2,
-            })
+            let dir = tempfile::tempdir_in(run.scratch.path())?;
+            let hundred =
+                sqlite_rows_per_second(dir.path(), 100, Duration::from_secs(seconds)).await?;
+            let one =
+                sqlite_rows_per_second(dir.path(), 1, Duration::from_secs(seconds.min(3))).await?;
+            eprintln!("  SQLite: 100 rows/txn {hundred:.0} rows/s; 1 row/txn {one:.0} rows/s");
+            Ok(vec![
+                (SQLITE_100, hundred),
+                (SQLITE_1, one),
+                (SQLITE_COMMIT_MS, 1000.0 / one),
+            ])
         }
         Backend::Postgres { url } => {
             let pg = pgbench_anchors(&run.args.pgbench, url, seconds, run.scratch.path()).await?;
             eprintln!(
-                "  pgbench 1 row/txn: {:.0} rows/s ({:.2} ms/txn); 100 rows/txn: {:.0} rows/s",
+                "  pgbench: 1 row/txn {:.0} rows/s ({:.2} ms/txn); 100 rows/txn {:.0} rows/s",
                 pg.one_row.rows_per_s, pg.one_row.latency_ms, pg.hundred_rows.rows_per_s
             );
-            Ok(Anchors {
-                batch: (
-                    "pgbench 100 rows/txn".to_owned(),
-                    pg.hundred_rows.rows_per_s,
-                ),
-                single: ("pgbench 1 row/txn".to_owned(), pg.one_row.rows_per_s),
-                latency: (
-                    "pgbench 1 row/txn latency (ms)".to_owned(),
-                    pg.one_row.latency_ms,
-                ),
-                batch_target: 0.15,
-                single_target: 0.6,
-            })
+            Ok(vec![
+                (PGBENCH_1, pg.one_row.rows_per_s),
+                (PGBENCH_1_MS, pg.one_row.latency_ms),
+                (PGBENCH_100, pg.hundred_rows.rows_per_s),
+            ])
         }
     }
 }
 
-/// Measures one backend, appending its rows as they are measured.
-async fn measure_backend(run: &Run, backend: &Backend, rows: &mut Vec<Row>) -> anyhow::Result<()> {
-    let args = &run.args;
+const SQLITE_100: &str = "SQLite 100 rows/txn";
+const SQLITE_1: &str = "SQLite 1 row/txn";
+const SQLITE_COMMIT_MS: &str = "one SQLite commit (ms)";
+const PGBENCH_1: &str = "pgbench 1 row/txn";
+const PGBENCH_1_MS: &str = "pgbench 1 row/txn latency (ms)";
+const PGBENCH_100: &str = "pgbench 100 rows/txn";
+
+/// Which anchor each figure of a backend is divided by, and the targets.
+struct Plan {
+    /// For batches and drains (rows/s).
+    batch: &'static str,
+    /// For single-event requests (rows/s).
+    single: &'static str,
+    /// For latencies (ms).
+    latency: &'static str,
+    batch_target: f64,
+    single_target: f64,
+}
+
+fn plan(backend: &Backend) -> Plan {
+    match backend {
+        Backend::Embedded => Plan {
+            batch: SQLITE_100,
+            single: SQLITE_100,
+            latency: SQLITE_COMMIT_MS,
+            batch_target: 0.4,
+            single_target: 0.2,
+        },
+        Backend::Postgres { .. } => Plan {
+            batch: PGBENCH_100,
+            single: PGBENCH_1,
+            latency: PGBENCH_1_MS,
+            batch_target: 0.15,
+            single_target: 0.6,
+        },
+    }
+}
+
+/// What Fluxa did on one backend.
+struct Figures {
+    single_end_to_end: f64,
+    single_ingest: f64,
+    batch_end_to_end: f64,
+    batch_ingest: f64,
+    /// Backlog and how its drain went, small then large.
+    drains: Vec<(usize, Progress)>,
+    latency: OpenLoop,
+    /// Peak extra memory and the bytes in flight that caused it.
+    memory: (f64, f64),
+}
+
+/// Measures one backend: anchors, Fluxa's figures, anchors again.
+async fn measure_backend(
+    run: &Run,
+    backend: &Backend,
+) -> anyhow::Result<(Vec<Row>, Vec<AnchorRow>)> {
     let name = backend.name();
-    let patience = Duration::from_secs(args.patience_seconds);
-    let row = |measure: String, value: f64, unit, anchor: &(String, f64), target| Row {
-        backend: name,
+    eprintln!("{name}: measuring anchors…");
+    let before = measure_anchors(run, backend).await?;
+    let figures = measure_figures(run, backend).await?;
+    eprintln!("{name}: measuring anchors again…");
+    let after = measure_anchors(run, backend).await?;
+    if let Backend::Postgres { url } = backend {
+        server::drop_database(url).await?;
+    }
+    let anchors: Vec<AnchorRow> = before
+        .iter()
+        .zip(&after)
+        .map(|(&(anchor, before), &(_, after))| AnchorRow {
+            backend: name,
+            anchor,
+            before,
+            after,
+        })
+        .collect();
+    let rows = rows(name, &plan(backend), &figures, &anchors);
+    Ok((rows, anchors))
+}
+
+/// The report's rows for one backend's figures.
+fn rows(backend: &'static str, plan: &Plan, figures: &Figures, anchors: &[AnchorRow]) -> Vec<Row> {
+    let anchor = |name: &str| {
+        let value = anchors
+            .iter()
+            .find(|a| a.anchor == name)
+            .map_or(f64::NAN, AnchorRow::value);
+        (name.to_owned(), value)
+    };
+    let row = |measure: String, value: f64, unit, (anchor, anchor_value): (String, f64)| Row {
+        backend,
         measure,
         value,
         unit,
-        anchor: anchor.0.clone(),
-        anchor_value: anchor.1,
-        target,
+        anchor,
+        anchor_value,
+        target: None,
+    };
+    let with_target = |mut row: Row, target: Target| {
+        row.target = Some(target);
+        row
+    };
+    let ratio_at_least = |row: Row, min: f64| {
+        let target = Target::ratio_at_least(row.ratio(), min);
+        with_target(row, target)
     };
 
-    eprintln!("{name}: measuring anchors…");
-    let anchors = measure_anchors(run, backend).await?;
-
-    let n = args.single_events.unwrap_or(args.events / 4).max(1);
-    eprintln!("{name}: {n} single-event requests, end to end…");
-    let (ingest_rate, rate) = {
-        let deployment = Deployment::fresh(backend, run.scratch.path(), "single").await?;
-        let server = Server::start(&run.fluxa, &deployment, Role::All, args.workers).await?;
-        let counter = Counter::open(&deployment).await?;
-        let started = Instant::now();
-        let prefix = format!("{}-single", run.id);
-        let accepted_in = post_singles(
-            &server.client,
-            &server.base_url(),
-            &prefix,
-            n,
-            args.concurrency,
-        )
-        .await?;
-        let processed = counter
-            .wait_for(n as u64, started, patience)
-            .await?
-            .completed()?;
-        server.stop().await?;
-        (n as f64 / accepted_in.as_secs_f64(), processed.rate())
-    };
-    eprintln!("  {rate:.0} events/s end to end, {ingest_rate:.0} events/s accepted");
-    let target = Target::ratio_at_least(rate / anchors.single.1, anchors.single_target);
-    rows.push(row(
-        "single events, end to end".to_owned(),
-        rate,
-        "events/s",
-        &anchors.single,
-        Some(target),
-    ));
-    rows.push(row(
-        "single events, ingest only (all 202s)".to_owned(),
-        ingest_rate,
-        "events/s",
-        &anchors.single,
-        None,
-    ));
-
-    let n = args.events;
-    eprintln!("{name}: {n} events in {BATCH}-event batches, end to end…");
-    let (ingest_rate, rate) = {
-        let deployment = Deployment::fresh(backend, run.scratch.path(), "batches").await?;
-        let server = Server::start(&run.fluxa, &deployment, Role::All, args.workers).await?;
-        let counter = Counter::open(&deployment).await?;
-        let started = Instant::now();
-        let prefix = format!("{}-batch", run.id);
-        let accepted_in = post_batches(
-            &server.client,
-            &server.base_url(),
-            &prefix,
-            n,
-            BATCH,
-            args.batch_concurrency,
-        )
-        .await?;
-        let processed = counter
-            .wait_for(n as u64, started, patience)
-            .await?
-            .completed()?;
-        server.stop().await?;
-        (n as f64 / accepted_in.as_secs_f64(), processed.rate())
-    };
-    eprintln!("  {rate:.0} events/s end to end, {ingest_rate:.0} events/s accepted");
-    let target = Target::ratio_at_least(rate / anchors.batch.1, anchors.batch_target);
-    rows.push(row(
-        format!("{BATCH}-event batches, end to end"),
-        rate,
-        "events/s",
-        &anchors.batch,
-        Some(target),
-    ));
-    rows.push(row(
-        format!("{BATCH}-event batches, ingest only"),
-        ingest_rate,
-        "events/s",
-        &anchors.batch,
-        None,
-    ));
-
-    let mut drains = Vec::new();
-    for backlog in [args.backlog_small, args.backlog_large] {
-        eprintln!("{name}: draining a backlog of {backlog}…");
-        let drained = drain(run, backend, backlog).await?;
+    let mut rows = vec![
+        ratio_at_least(
+            row(
+                "single events, end to end".to_owned(),
+                figures.single_end_to_end,
+                "events/s",
+                anchor(plan.single),
+            ),
+            plan.single_target,
+        ),
+        row(
+            "single events, ingest only (all 202s)".to_owned(),
+            figures.single_ingest,
+            "events/s",
+            anchor(plan.single),
+        ),
+        ratio_at_least(
+            row(
+                format!("{BATCH}-event batches, end to end"),
+                figures.batch_end_to_end,
+                "events/s",
+                anchor(plan.batch),
+            ),
+            plan.batch_target,
+        ),
+        row(
+            format!("{BATCH}-event batches, ingest only"),
+            figures.batch_ingest,
+            "events/s",
+            anchor(plan.batch),
+        ),
+    ];
+    for (backlog, drained) in &figures.drains {
         let partial = if drained.complete {
             String::new()
         } else {
@@ -365,33 +392,129 @@ async fn measure_backend(run: &Run, backend: &Backend, rows: &mut Vec<Row>) -> a
                 drained.elapsed.as_secs_f64()
             )
         };
-        eprintln!("  {:.0} events/s{partial}", drained.rate());
         rows.push(row(
-            format!("drain, {} backlog{partial}", thousands(backlog)),
+            format!("drain, {} backlog{partial}", thousands(*backlog)),
             drained.rate(),
             "events/s",
-            &anchors.batch,
-            None,
+            anchor(plan.batch),
         ));
-        drains.push(drained.rate());
     }
-    let small = (
-        format!("drain, {} backlog", thousands(args.backlog_small)),
-        drains[0],
-    );
+    if let [(small, small_drain), (large, large_drain)] = figures.drains.as_slice() {
+        rows.push(ratio_at_least(
+            row(
+                format!(
+                    "drain, {} : {} backlog",
+                    thousands(*large),
+                    thousands(*small)
+                ),
+                large_drain.rate(),
+                "events/s",
+                (
+                    format!("drain, {} backlog", thousands(*small)),
+                    small_drain.rate(),
+                ),
+            ),
+            0.9,
+        ));
+    }
+    let latency = &figures.latency;
     rows.push(row(
-        format!(
-            "drain, {} : {} backlog",
-            thousands(args.backlog_large),
-            thousands(args.backlog_small)
-        ),
-        drains[1],
-        "events/s",
-        &small,
-        Some(Target::ratio_at_least(drains[1] / drains[0], 0.9)),
+        format!("p50 single-event ingest at {:.0}/s", latency.rate),
+        latency.p50_ms,
+        "ms",
+        anchor(plan.latency),
     ));
+    rows.push(with_target(
+        row(
+            format!(
+                "p99 single-event ingest at {:.0}/s, {} errors of {}",
+                latency.rate, latency.errors, latency.sent
+            ),
+            latency.p99_ms,
+            "ms",
+            anchor(plan.latency),
+        ),
+        Target {
+            text: format!("≤ {P99_TARGET_MS} ms, 0 errors"),
+            met: latency.p99_ms <= P99_TARGET_MS && latency.errors == 0,
+        },
+    ));
+    let (peak_extra, in_flight) = figures.memory;
+    let memory = row(
+        "peak extra memory, 4 × 10 MiB in flight".to_owned(),
+        peak_extra / 1e6,
+        "MB",
+        ("bytes in flight (MB)".to_owned(), in_flight / 1e6),
+    );
+    // Each request's body is held once (blob writes and messages borrow from it).
+    let target = Target {
+        text: "≤ 2.5".to_owned(),
+        met: memory.ratio() <= 2.5,
+    };
+    rows.push(with_target(memory, target));
+    rows
+}
 
-    let rate = (ingest_rate_single(rows, name) / 2.0).max(1.0);
+/// Measures Fluxa's figures on one backend, each scenario on an empty deployment.
+async fn measure_figures(run: &Run, backend: &Backend) -> anyhow::Result<Figures> {
+    let args = &run.args;
+    let name = backend.name();
+    let patience = Duration::from_secs(args.patience_seconds);
+
+    let n = args.single_events.unwrap_or(args.events / 4).max(1);
+    eprintln!("{name}: {n} single-event requests, end to end…");
+    let (single_ingest, single_end_to_end) = {
+        let deployment = Deployment::fresh(backend, run.scratch.path(), "single").await?;
+        let server = Server::start(&run.fluxa, &deployment, Role::All, args.workers).await?;
+        let counter = Counter::open(&deployment).await?;
+        let started = Instant::now();
+        let prefix = format!("{}-single", run.id);
+        let url = server.base_url();
+        let accepted_in = post_singles(&server.client, &url, &prefix, n, args.concurrency).await?;
+        let processed = counter
+            .wait_for(n as u64, started, patience)
+            .await?
+            .completed()?;
+        server.stop().await?;
+        (n as f64 / accepted_in.as_secs_f64(), processed.rate())
+    };
+    eprintln!("  {single_end_to_end:.0} events/s end to end, {single_ingest:.0} accepted");
+
+    let n = args.events;
+    eprintln!("{name}: {n} events in {BATCH}-event batches, end to end…");
+    let (batch_ingest, batch_end_to_end) = {
+        let deployment = Deployment::fresh(backend, run.scratch.path(), "batches").await?;
+        let server = Server::start(&run.fluxa, &deployment, Role::All, args.workers).await?;
+        let counter = Counter::open(&deployment).await?;
+        let started = Instant::now();
+        let prefix = format!("{}-batch", run.id);
+        let url = server.base_url();
+        let concurrency = args.batch_concurrency;
+        let accepted_in =
+            post_batches(&server.client, &url, &prefix, n, BATCH, concurrency).await?;
+        let processed = counter
+            .wait_for(n as u64, started, patience)
+            .await?
+            .completed()?;
+        server.stop().await?;
+        (n as f64 / accepted_in.as_secs_f64(), processed.rate())
+    };
+    eprintln!("  {batch_end_to_end:.0} events/s end to end, {batch_ingest:.0} accepted");
+
+    let mut drains = Vec::new();
+    for backlog in [args.backlog_small, args.backlog_large] {
+        eprintln!("{name}: draining a backlog of {backlog}…");
+        let drained = drain(run, backend, backlog).await?;
+        eprintln!(
+            "  {:.0} events/s ({} in {:.1} s)",
+            drained.rate(),
+            drained.processed,
+            drained.elapsed.as_secs_f64()
+        );
+        drains.push((backlog, drained));
+    }
+
+    let rate = (single_ingest / 2.0).max(1.0);
     eprintln!(
         "{name}: single-event ingest latency, open loop at {rate:.0}/s for {} s…",
         args.latency_seconds
@@ -399,13 +522,13 @@ async fn measure_backend(run: &Run, backend: &Backend, rows: &mut Vec<Row>) -> a
     let latency = {
         let deployment = Deployment::fresh(backend, run.scratch.path(), "latency").await?;
         let server = Server::start(&run.fluxa, &deployment, Role::All, args.workers).await?;
-        // Connections are opened once in real clients; do not time their setup.
+        let url = server.base_url();
+        // Real clients keep their connections; do not time opening them.
         let warm_up = format!("{}-warm-up", run.id);
-        post_singles(&server.client, &server.base_url(), &warm_up, 64, 16).await?;
+        post_singles(&server.client, &url, &warm_up, 64, 16).await?;
         let prefix = format!("{}-latency", run.id);
         let duration = Duration::from_secs(args.latency_seconds);
-        let latency =
-            open_loop(&server.client, &server.base_url(), &prefix, rate, duration).await?;
+        let latency = open_loop(&server.client, &url, &prefix, rate, duration).await?;
         server.stop().await?;
         latency
     };
@@ -413,49 +536,18 @@ async fn measure_backend(run: &Run, backend: &Backend, rows: &mut Vec<Row>) -> a
         "  p50 {:.2} ms, p99 {:.2} ms, max {:.1} ms, {} errors of {}",
         latency.p50_ms, latency.p99_ms, latency.max_ms, latency.errors, latency.sent
     );
-    rows.push(row(
-        format!("p50 single-event ingest at {:.0}/s", latency.rate),
-        latency.p50_ms,
-        "ms",
-        &anchors.latency,
-        None,
-    ));
-    rows.push(row(
-        format!(
-            "p99 single-event ingest at {:.0}/s, {} errors of {}",
-            latency.rate, latency.errors, latency.sent
-        ),
-        latency.p99_ms,
-        "ms",
-        &anchors.latency,
-        Some(Target {
-            text: format!("≤ {P99_TARGET_MS} ms, 0 errors"),
-            met: latency.p99_ms <= P99_TARGET_MS && latency.errors == 0,
-        }),
-    ));
 
     eprintln!("{name}: peak memory under 10 MiB payloads…");
-    let (peak_extra, in_flight) = peak_extra_memory(run, backend).await?;
-    let ratio = peak_extra / in_flight;
-    rows.push(row(
-        "peak extra memory, 4 × 10 MiB in flight".to_owned(),
-        peak_extra / 1e6,
-        "MB",
-        &("bytes in flight (MB)".to_owned(), in_flight / 1e6),
-        // Each request's body is held once (blob writes and messages borrow from it).
-        Some(Target {
-            text: "≤ 2.5".to_owned(),
-            met: ratio <= 2.5,
-        }),
-    ));
-    Ok(())
-}
-
-/// The single-event ingest rate this backend just measured.
-fn ingest_rate_single(rows: &[Row], backend: &str) -> f64 {
-    rows.iter()
-        .find(|r| r.backend == backend && r.measure.starts_with("single events, ingest"))
-        .map_or(1.0, |r| r.value)
+    let memory = peak_extra_memory(run, backend).await?;
+    Ok(Figures {
+        single_end_to_end,
+        single_ingest,
+        batch_end_to_end,
+        batch_ingest,
+        drains,
+        latency,
+        memory,
+    })
 }
 
 /// Queues `backlog` events through a `--role api` server, stops it, then times a

@@ -48,6 +48,21 @@ fn figure(value: f64) -> String {
     }
 }
 
+/// A reading of one anchor, before and after the figures divided by it.
+pub struct AnchorRow {
+    pub backend: &'static str,
+    pub anchor: &'static str,
+    pub before: f64,
+    pub after: f64,
+}
+
+impl AnchorRow {
+    /// What the figures are divided by.
+    pub fn value(&self) -> f64 {
+        (self.before + self.after) / 2.0
+    }
+}
+
 /// The report as a Markdown table.
 pub fn table(rows: &[Row]) -> String {
     let header = [
@@ -61,40 +76,59 @@ pub fn table(rows: &[Row]) -> String {
         "target",
         "",
     ];
-    let cells: Vec<[String; 9]> = rows
-        .iter()
-        .map(|row| {
-            let (target, verdict) = match &row.target {
-                Some(t) => (t.text.clone(), if t.met { "✓" } else { "✗" }),
-                None => (String::new(), ""),
-            };
-            [
-                row.backend.to_owned(),
-                row.measure.clone(),
-                figure(row.value),
-                row.unit.to_owned(),
-                row.anchor.clone(),
-                figure(row.anchor_value),
-                figure(row.ratio()),
-                target,
-                verdict.to_owned(),
-            ]
-        })
-        .collect();
-    let mut widths = header.map(|h| h.chars().count());
-    for row in &cells {
+    let right = [false, false, true, false, false, true, true, false, false];
+    let cells = rows.iter().map(|row| {
+        let (target, verdict) = match &row.target {
+            Some(t) => (t.text.clone(), if t.met { "✓" } else { "✗" }),
+            None => (String::new(), ""),
+        };
+        vec![
+            row.backend.to_owned(),
+            row.measure.clone(),
+            figure(row.value),
+            row.unit.to_owned(),
+            row.anchor.clone(),
+            figure(row.anchor_value),
+            figure(row.ratio()),
+            target,
+            verdict.to_owned(),
+        ]
+    });
+    markdown(&header, &right, cells.collect())
+}
+
+/// The anchors as a Markdown table, with how far apart the two readings were.
+pub fn anchor_table(anchors: &[AnchorRow]) -> String {
+    let header = ["backend", "anchor", "before", "after", "used", "spread"];
+    let right = [false, false, true, true, true, true];
+    let cells = anchors.iter().map(|a| {
+        let spread = (a.before - a.after).abs() / a.value() * 100.0;
+        vec![
+            a.backend.to_owned(),
+            a.anchor.to_owned(),
+            figure(a.before),
+            figure(a.after),
+            figure(a.value()),
+            format!("{spread:.0}%"),
+        ]
+    });
+    markdown(&header, &right, cells.collect())
+}
+
+/// A Markdown table padded so its columns also line up in a terminal; numbers align right.
+fn markdown(header: &[&str], right: &[bool], rows: Vec<Vec<String>>) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+    for row in &rows {
         for (width, cell) in widths.iter_mut().zip(row) {
             *width = (*width).max(cell.chars().count());
         }
     }
-    // Numbers align right, words left.
-    let right = [false, false, true, false, false, true, true, false, false];
     let line = |cells: &[String]| {
         let padded: Vec<String> = cells
             .iter()
-            .zip(widths)
+            .zip(&widths)
             .zip(right)
-            .map(|((cell, width), right)| {
+            .map(|((cell, &width), &right)| {
                 let pad = " ".repeat(width - cell.chars().count());
                 if right {
                     format!("{pad}{cell}")
@@ -105,12 +139,13 @@ pub fn table(rows: &[Row]) -> String {
             .collect();
         format!("| {} |\n", padded.join(" | "))
     };
-    let mut out = line(&header.map(str::to_owned));
-    // `---:` right-aligns a column when the table is rendered as Markdown.
+    let header: Vec<String> = header.iter().map(|h| (*h).to_owned()).collect();
+    let mut out = line(&header);
+    // `---:` right-aligns a column when the table is rendered.
     let rule: Vec<String> = widths
         .iter()
         .zip(right)
-        .map(|(&w, right)| {
+        .map(|(&w, &right)| {
             if right {
                 format!("{}:", "-".repeat(w + 1))
             } else {
@@ -119,7 +154,7 @@ pub fn table(rows: &[Row]) -> String {
         })
         .collect();
     out.push_str(&format!("|{}|\n", rule.join("|")));
-    for row in &cells {
+    for row in &rows {
         out.push_str(&line(row));
     }
     out
@@ -157,5 +192,21 @@ mod tests {
         assert!(lines[2].contains("| 0.020 |") && lines[2].ends_with("| ✗ |"));
         let width = lines[0].chars().count();
         assert!(lines.iter().all(|l| l.chars().count() == width));
+    }
+
+    #[test]
+    fn an_anchor_is_the_mean_of_its_two_readings_and_shows_their_spread() {
+        let anchor = AnchorRow {
+            backend: "postgres",
+            anchor: "pgbench 1 row/txn",
+            before: 900.0,
+            after: 1100.0,
+        };
+        assert_eq!(anchor.value(), 1000.0);
+        assert!(anchor_table(&[anchor])
+            .lines()
+            .nth(2)
+            .unwrap()
+            .ends_with(" 20% |"));
     }
 }

@@ -17,6 +17,7 @@ use fluxa_queue::{
 };
 use sqlx::postgres::{PgListener, PgRow};
 use sqlx::{PgPool, Row};
+use tokio::sync::Notify;
 
 use crate::{seconds, QueueConfig};
 
@@ -38,8 +39,11 @@ pub struct PgQueue {
     config: QueueConfig,
     /// Woken whenever any replica enqueues (relayed from `LISTEN`).
     receivers: Receivers,
-    /// Stops the relay (and frees its connection) when the last clone of this queue is dropped.
-    _relay: Arc<AbortOnDrop>,
+    /// Asks the announcer task to tell other replicas that messages are waiting.
+    announce: Arc<Notify>,
+    /// Stop the relay (and free its connection) and the announcer when the last clone of this
+    /// queue is dropped.
+    _tasks: Arc<[AbortOnDrop; 2]>,
 }
 
 /// Aborts a background task when dropped.
@@ -58,12 +62,22 @@ impl PgQueue {
         let mut listener = PgListener::connect_with(&pool).await?;
         listener.listen(ENQUEUED_CHANNEL).await?;
         let relay = tokio::spawn(relay_notifications(listener, receivers.clone()));
+        let announce = Arc::new(Notify::new());
+        let announcer = tokio::spawn(announce_enqueues(pool.clone(), Arc::clone(&announce)));
         Ok(Self {
             pool,
             config,
             receivers,
-            _relay: Arc::new(AbortOnDrop(relay)),
+            announce,
+            _tasks: Arc::new([AbortOnDrop(relay), AbortOnDrop(announcer)]),
         })
+    }
+
+    /// New messages are waiting: wake one receiver of this replica at once, and have the
+    /// announcer tell the other replicas.
+    fn announce_enqueued(&self) {
+        self.receivers.wake_one();
+        self.announce.notify_one();
     }
 
     async fn receive_now(&self, max_messages: usize) -> Result<Received> {
@@ -148,6 +162,27 @@ impl PgQueue {
     }
 }
 
+/// How often at most a replica sends `NOTIFY`. A `NOTIFY` takes a cluster-wide lock at
+/// commit, so one per enqueue serialises every ingest commit; sends in the same interval share
+/// one (other replicas hear of new messages within this delay, this replica at once).
+const ANNOUNCE_INTERVAL: Duration = Duration::from_millis(5);
+
+/// Sends one `NOTIFY` for every burst of enqueues, at most one per [`ANNOUNCE_INTERVAL`].
+async fn announce_enqueues(pool: PgPool, announce: Arc<Notify>) {
+    loop {
+        announce.notified().await;
+        if let Err(e) = sqlx::query("SELECT pg_notify($1, '')")
+            .bind(ENQUEUED_CHANNEL)
+            .execute(&pool)
+            .await
+        {
+            // Other replicas still poll (IDLE_POLL); nothing is lost.
+            tracing::debug!(error.message = %e, "could not announce enqueued messages");
+        }
+        tokio::time::sleep(ANNOUNCE_INTERVAL).await;
+    }
+}
+
 /// Wakes this replica's idle receivers on every `NOTIFY`. `PgListener` reconnects by itself
 /// after an outage; while it is down, receivers fall back to polling.
 async fn relay_notifications(mut listener: PgListener, receivers: Receivers) {
@@ -186,30 +221,27 @@ impl Producer for PgQueue {
             correlation_ids.push(message.attributes.correlation_id);
             blob_keys.push(message.attributes.blob_key);
         }
-        // One statement for the whole batch: atomic, one round trip, and the NOTIFY is
-        // delivered when (and only if) the insert commits.
+        // One statement for the whole batch: atomic and one round trip.
         sqlx::query(
-            r#"WITH inserted AS (
-                 INSERT INTO queue_messages
-                   (message_id, body, event_id, correlation_id, blob_key, enqueued_at, visible_at)
-                 SELECT message_id, body, event_id, correlation_id, blob_key, now(), now()
-                 FROM UNNEST($1::text[], $2::bytea[], $3::text[], $4::text[], $5::text[])
-                   WITH ORDINALITY AS m(message_id, body, event_id, correlation_id, blob_key, ord)
-                 ORDER BY ord)
-               SELECT pg_notify($6, '')"#,
+            r#"INSERT INTO queue_messages
+                 (message_id, body, event_id, correlation_id, blob_key, enqueued_at, visible_at)
+               SELECT message_id, body, event_id, correlation_id, blob_key, now(), now()
+               FROM UNNEST($1::text[], $2::bytea[], $3::text[], $4::text[], $5::text[])
+                 WITH ORDINALITY AS m(message_id, body, event_id, correlation_id, blob_key, ord)
+               ORDER BY ord"#,
         )
         .bind(&message_ids)
         .bind(&bodies)
         .bind(&event_ids)
         .bind(&correlation_ids)
         .bind(&blob_keys)
-        .bind(ENQUEUED_CHANNEL)
         .execute(&self.pool)
         .await
         .map_err(|e| SendError {
             sent: vec![None; n_messages],
             source: unavailable(e),
         })?;
+        self.announce_enqueued();
         Ok(message_ids)
     }
 
@@ -381,14 +413,16 @@ impl DeadLetterAdmin for PgQueue {
                  SELECT message_id, body, event_id, correlation_id, blob_key, now(), now()
                  FROM chosen ORDER BY seq
                  RETURNING 1)
-               SELECT COUNT(*) FROM inserted, (SELECT pg_notify($3, '')) AS n"#,
+               SELECT COUNT(*) FROM inserted"#,
         )
         .bind(event_id)
         .bind(message_id)
-        .bind(ENQUEUED_CHANNEL)
         .fetch_one(&self.pool)
         .await
         .map_err(unavailable)?;
+        if n_moved > 0 {
+            self.announce_enqueued();
+        }
         Ok(u64::try_from(n_moved).unwrap_or(0))
     }
 }

@@ -159,16 +159,12 @@ pub async fn a_stale_receipt_settles_nothing_and_a_deleted_message_releases_its_
     );
 }
 
-/// Core: the receive that meets a message received `max_receives` times dead-letters it and
-/// reports it in its own result, once. The queue must allow 3 receives and have a long
-/// visibility timeout.
-pub async fn after_max_receives_the_next_receive_reports_the_message_exhausted<Q: CoreQueue>(
-    queue: Arc<Q>,
-) {
-    queue.send(vec![message(7)]).await.unwrap();
+/// Sends message `n`, then receives it 3 times, failing each transiently ("db down").
+async fn fail_three_times<Q: CoreQueue + ?Sized>(queue: &Q, n: usize) {
+    queue.send(vec![message(n)]).await.unwrap();
     let error = FailureInfo::new(ErrorCode::StoreUnavailable, "db down");
     for receive in 1..=3 {
-        let delivery = receive_one(queue.as_ref()).await;
+        let delivery = receive_one(queue).await;
         assert_eq!(delivery.receive_count, receive);
         assert_eq!(delivery.receives_left, 3 - receive);
         queue
@@ -176,6 +172,15 @@ pub async fn after_max_receives_the_next_receive_reports_the_message_exhausted<Q
             .await
             .unwrap();
     }
+}
+
+/// Core: the receive that meets a message received `max_receives` times dead-letters it and
+/// reports it in its own result, once. The queue must allow 3 receives and have a long
+/// visibility timeout.
+pub async fn after_max_receives_the_next_receive_reports_the_message_exhausted<Q: CoreQueue>(
+    queue: Arc<Q>,
+) {
+    fail_three_times(queue.as_ref(), 7).await;
     let received = queue.receive(1, Duration::ZERO).await.unwrap();
     assert!(received.deliveries.is_empty());
     assert_eq!(received.exhausted.len(), 1, "the redrive must be reported");
@@ -198,15 +203,7 @@ pub async fn after_max_receives_the_next_receive_reports_the_message_exhausted<Q
 pub async fn an_exhausted_message_is_kept_in_the_dlq_and_can_be_redriven<Q: FullQueue>(
     queue: Arc<Q>,
 ) {
-    queue.send(vec![message(7)]).await.unwrap();
-    let error = FailureInfo::new(ErrorCode::StoreUnavailable, "db down");
-    for _ in 1..=3 {
-        let delivery = receive_one(queue.as_ref()).await;
-        queue
-            .retry_later(&delivery, Duration::ZERO, &error)
-            .await
-            .unwrap();
-    }
+    fail_three_times(queue.as_ref(), 7).await;
     assert_eq!(
         queue
             .receive(1, Duration::ZERO)

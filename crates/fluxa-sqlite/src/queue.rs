@@ -30,6 +30,9 @@ use sqlx::{Row, SqliteConnection};
 use crate::group_commit::GroupCommit;
 use crate::{millis, now_millis, Pools, QueueConfig};
 
+/// Most rows one multi-row statement carries, far below SQLite's limit on bound parameters.
+const ROWS_PER_STATEMENT: usize = 500;
+
 /// How often an idle receiver looks again for messages whose delay has passed or that another
 /// process enqueued (messages enqueued by this process wake it at once).
 const IDLE_POLL: Duration = Duration::from_millis(250);
@@ -208,24 +211,34 @@ impl Producer for SqliteQueue {
             .run(move |connection| {
                 Box::pin(async move {
                     let now = now_millis();
-                    let mut message_ids = Vec::with_capacity(messages.len());
-                    for message in messages {
-                        let message_id = uuid::Uuid::new_v4().to_string();
-                        sqlx::query(
-                            r#"INSERT INTO queue_messages
-                                 (message_id, body, event_id, correlation_id, blob_key, enqueued_at,
-                                  visible_at)
-                               VALUES (?1, ?2, ?3, ?4, ?6, ?5, ?5)"#,
-                        )
-                        .bind(&message_id)
-                        .bind(message.body)
-                        .bind(message.attributes.event_id)
-                        .bind(message.attributes.correlation_id)
-                        .bind(now)
-                        .bind(message.attributes.blob_key)
-                        .execute(&mut *connection)
-                        .await?;
-                        message_ids.push(message_id);
+                    let message_ids: Vec<String> = messages
+                        .iter()
+                        .map(|_| uuid::Uuid::new_v4().to_string())
+                        .collect();
+                    // One multi-row statement per chunk: each statement is a hop to sqlx's
+                    // SQLite worker thread.
+                    for (messages, message_ids) in messages
+                        .chunks(ROWS_PER_STATEMENT)
+                        .zip(message_ids.chunks(ROWS_PER_STATEMENT))
+                    {
+                        let mut insert = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
+                            "INSERT INTO queue_messages (message_id, body, event_id, \
+                             correlation_id, blob_key, enqueued_at, visible_at) ",
+                        );
+                        insert.push_values(
+                            messages.iter().zip(message_ids),
+                            |mut row, (message, message_id)| {
+                                let attributes = &message.attributes;
+                                row.push_bind(message_id.as_str())
+                                    .push_bind(message.body.as_slice())
+                                    .push_bind(attributes.event_id.as_deref())
+                                    .push_bind(attributes.correlation_id.as_deref())
+                                    .push_bind(attributes.blob_key.as_deref())
+                                    .push_bind(now)
+                                    .push_bind(now);
+                            },
+                        );
+                        insert.build().execute(&mut *connection).await?;
                     }
                     Ok(message_ids)
                 })
@@ -269,12 +282,16 @@ impl Consumer for SqliteQueue {
         self.writes
             .run(move |connection| {
                 Box::pin(async move {
-                    for (message_id, receipt) in keys {
-                        sqlx::query(DELETE_SQL)
-                            .bind(message_id)
-                            .bind(receipt)
-                            .execute(&mut *connection)
-                            .await?;
+                    for keys in keys.chunks(ROWS_PER_STATEMENT) {
+                        let mut delete = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
+                            "DELETE FROM queue_messages WHERE (message_id, receipt) IN (",
+                        );
+                        delete.push_values(keys, |mut row, (message_id, receipt)| {
+                            row.push_bind(message_id.as_str())
+                                .push_bind(receipt.as_str());
+                        });
+                        delete.push(")");
+                        delete.build().execute(&mut *connection).await?;
                     }
                     Ok(())
                 })

@@ -4,13 +4,15 @@
 //! transaction holds the database's write lock from its start, which is what makes a
 //! read-then-write claim atomic on SQLite, and concurrent workers' writes share its commit.
 
+use std::collections::HashSet;
+
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use fluxa_core::time::{format_rfc3339, from_unix_millis};
 use fluxa_core::{EventId, FailureInfo};
 use fluxa_store::{
-    decide, Decision, Error, EventReader, EventStatus, Lease, RecordState, Result, Status, Store,
-    StoredEvent, Write, WriteAction, WriteResult,
+    decide, Decision, Error, EventReader, EventStatus, Lease, NewEvent, RecordState, Result,
+    Status, Store, StoredEvent, Write, WriteAction, WriteResult,
 };
 use sqlx::sqlite::SqliteRow;
 use sqlx::{Row, SqliteConnection};
@@ -39,19 +41,10 @@ impl SqliteStore {
 #[async_trait]
 impl Store for SqliteStore {
     async fn apply(&self, writes: Vec<Write>) -> Result<Vec<WriteResult>> {
-        // One group-commit job: the whole batch is one savepoint inside a shared transaction.
-        // Statements on SQLite are in-process calls, so a statement per write costs little;
-        // what costs is the commit, and the batch shares one with every other writer.
+        // One group-commit job: the whole batch is one savepoint inside a shared transaction,
+        // whose commit it shares with every other writer.
         self.writes
-            .run(move |connection| {
-                Box::pin(async move {
-                    let mut results = Vec::with_capacity(writes.len());
-                    for write in &writes {
-                        results.push(apply_one(connection, write).await?);
-                    }
-                    Ok(results)
-                })
-            })
+            .run(move |connection| Box::pin(apply_batch(connection, writes)))
             .await
             .map_err(unavailable)
     }
@@ -120,6 +113,139 @@ impl Store for SqliteStore {
     }
 }
 
+/// Most rows one multi-row statement carries: far below SQLite's limit on bound parameters
+/// (32766) at 11 parameters a row.
+const ROWS_PER_STATEMENT: usize = 500;
+
+/// Applies a batch in order. Every statement is a hop to sqlx's SQLite worker thread, so the
+/// common case (first deliveries) is two multi-row statements for the whole batch: the new
+/// records, then the events of those it inserted. The rest (a record that exists, a held lease,
+/// an event id met earlier in the batch) is decided one write at a time, after them, which
+/// keeps each event's writes in order.
+async fn apply_batch(
+    connection: &mut SqliteConnection,
+    writes: Vec<Write>,
+) -> std::result::Result<Vec<WriteResult>, sqlx::Error> {
+    let mut results: Vec<Option<WriteResult>> = vec![None; writes.len()];
+    let mut seen = HashSet::new();
+    let fresh: Vec<usize> = (0..writes.len())
+        .filter(|&i| seen.insert(writes[i].event_id.as_str()) && writes[i].lease.is_none())
+        .collect();
+    for chunk in fresh.chunks(ROWS_PER_STATEMENT) {
+        for (write_idx, result) in insert_fresh(connection, &writes, chunk).await? {
+            results[write_idx] = Some(result);
+        }
+    }
+    let mut decided = Vec::with_capacity(writes.len());
+    for (write, result) in writes.iter().zip(results) {
+        decided.push(match result {
+            Some(result) => result,
+            None => apply_one(connection, write).await?,
+        });
+    }
+    Ok(decided)
+}
+
+/// Inserts the records of `idxs` that do not exist yet, with their final status, and the
+/// events of the `Store` writes among those; returns the results of the writes it applied.
+async fn insert_fresh(
+    connection: &mut SqliteConnection,
+    writes: &[Write],
+    idxs: &[usize],
+) -> std::result::Result<Vec<(usize, WriteResult)>, sqlx::Error> {
+    let now = now_millis();
+    let rows: Vec<(usize, Option<String>)> = idxs
+        .iter()
+        .map(|&i| {
+            let token = matches!(writes[i].action, WriteAction::Lease(_))
+                .then(|| uuid::Uuid::new_v4().to_string());
+            (i, token)
+        })
+        .collect();
+    let mut records = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
+        "INSERT INTO idempotency_keys (event_id, status, payload_sha256, attempts, lease_token, \
+         lease_expires_at, last_error_code, last_error_message, correlation_id, created_at, \
+         updated_at) ",
+    );
+    records.push_values(&rows, |mut row, (write_idx, token)| {
+        let write = &writes[*write_idx];
+        let last_error = write.action.last_error().flatten();
+        row.push_bind(write.event_id.as_str())
+            .push_bind(write.action.status().as_str())
+            .push_bind(write.payload_sha256.as_str())
+            .push_bind(1_i64)
+            .push_bind(token.as_deref())
+            .push_bind(lease_expires_at(&write.action, now))
+            .push_bind(last_error.map(|error| error.code.as_str()))
+            .push_bind(last_error.map(|error| error.message.as_str()))
+            .push_bind(write.correlation_id.as_str())
+            .push_bind(now)
+            .push_bind(now);
+    });
+    records.push(" ON CONFLICT (event_id) DO NOTHING RETURNING event_id");
+    let inserted: HashSet<String> = records
+        .build_query_scalar::<String>()
+        .fetch_all(&mut *connection)
+        .await?
+        .into_iter()
+        .collect();
+    let applied: Vec<(usize, Option<String>)> = rows
+        .into_iter()
+        .filter(|(write_idx, _)| inserted.contains(writes[*write_idx].event_id.as_str()))
+        .collect();
+    let events: Vec<(&Write, &NewEvent)> = applied
+        .iter()
+        .filter_map(|(write_idx, _)| match &writes[*write_idx].action {
+            WriteAction::Store(event) => Some((&writes[*write_idx], event)),
+            _ => None,
+        })
+        .collect();
+    if !events.is_empty() {
+        let mut insert = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
+            "INSERT INTO events (event_id, event_type, source, occurred_at, payload, \
+             payload_sha256, payload_size, payload_mode, correlation_id, received_at, \
+             processed_at) ",
+        );
+        insert.push_values(&events, |mut row, (write, event)| {
+            row.push_bind(write.event_id.as_str())
+                .push_bind(event.event_type.as_str())
+                .push_bind(event.source.as_ref().map(|source| source.as_str()))
+                .push_bind(event.occurred_at.as_ref().map(format_rfc3339))
+                .push_bind(event.payload.as_ref())
+                .push_bind(write.payload_sha256.as_str())
+                .push_bind(i64::try_from(event.payload.len()).unwrap_or(i64::MAX))
+                .push_bind(event.payload_mode.as_str())
+                .push_bind(write.correlation_id.as_str())
+                .push_bind(event.received_at.timestamp_millis())
+                .push_bind(now);
+        });
+        insert.push(" ON CONFLICT (event_id) DO NOTHING");
+        insert.build().execute(&mut *connection).await?;
+    }
+    Ok(applied
+        .into_iter()
+        .map(|(write_idx, token)| {
+            let lease = token.map(|token| Lease {
+                event_id: writes[write_idx].event_id.clone(),
+                token,
+                attempts: 1,
+            });
+            (write_idx, WriteResult::Applied { lease })
+        })
+        .collect())
+}
+
+/// When the record's lease runs out once `action` has applied: a new lease lasts its
+/// duration, a released one has run out already (the next delivery may take over at once),
+/// a finished record has none.
+fn lease_expires_at(action: &WriteAction, now: i64) -> Option<i64> {
+    match action {
+        WriteAction::Lease(duration) => Some(now.saturating_add(millis(*duration))),
+        WriteAction::Release(_) => Some(now),
+        WriteAction::Store(_) | WriteAction::Fail(_) => None,
+    }
+}
+
 /// Reads the record `write` targets, decides, and carries the decision out.
 async fn apply_one(
     connection: &mut SqliteConnection,
@@ -143,12 +269,7 @@ async fn apply_one(
     };
     let action = &write.action;
     let token = matches!(action, WriteAction::Lease(_)).then(|| uuid::Uuid::new_v4().to_string());
-    let lease_expires_at = match action {
-        WriteAction::Lease(duration) => Some(now.saturating_add(millis(*duration))),
-        // Expired at once: the next delivery may take over without waiting.
-        WriteAction::Release(_) => Some(now),
-        WriteAction::Store(_) | WriteAction::Fail(_) => None,
-    };
+    let lease_expires_at = lease_expires_at(action, now);
     let last_error = action.last_error();
     // One upsert serves the insert and both kinds of update: the decision above already ruled
     // out every case where the record must stay as it is.
