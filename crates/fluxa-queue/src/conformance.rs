@@ -77,6 +77,12 @@ async fn receive_one<Q: CoreQueue + ?Sized>(queue: &Q) -> crate::Delivery {
     got.remove(0)
 }
 
+/// Receives nothing, or panics with `why`.
+async fn receive_none<Q: CoreQueue + ?Sized>(queue: &Q, why: &str) {
+    let received = queue.receive(1, Duration::ZERO).await.unwrap();
+    assert!(received.deliveries.is_empty(), "{why}");
+}
+
 /// Core: a received message is hidden, then reappears after its visibility timeout with its
 /// receive count up, and a delete removes it. The queue must have a visibility timeout of about
 /// 100 ms.
@@ -87,15 +93,7 @@ pub async fn a_message_reappears_after_its_visibility_timeout_and_delete_removes
 ) {
     queue.send(vec![message(1)]).await.unwrap();
     let first = receive_one(queue.as_ref()).await;
-    assert!(
-        queue
-            .receive(1, Duration::ZERO)
-            .await
-            .unwrap()
-            .deliveries
-            .is_empty(),
-        "a received message must be hidden"
-    );
+    receive_none(queue.as_ref(), "a received message must be hidden").await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let second = receive_one(queue.as_ref()).await;
     assert_eq!(second.message_id, first.message_id);
@@ -103,15 +101,7 @@ pub async fn a_message_reappears_after_its_visibility_timeout_and_delete_removes
     assert_eq!(second.receives_left, 1, "max_receives is 3");
     queue.delete_many(&[&second]).await.unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(
-        queue
-            .receive(1, Duration::ZERO)
-            .await
-            .unwrap()
-            .deliveries
-            .is_empty(),
-        "delete must remove the message"
-    );
+    receive_none(queue.as_ref(), "delete must remove the message").await;
 }
 
 /// Capability (database backends): a stale receipt settles nothing, and blob references
