@@ -200,28 +200,7 @@ async fn insert_fresh(
             _ => None,
         })
         .collect();
-    if !events.is_empty() {
-        let mut insert = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
-            "INSERT INTO events (event_id, event_type, source, occurred_at, payload, \
-             payload_sha256, payload_size, payload_mode, correlation_id, received_at, \
-             processed_at) ",
-        );
-        insert.push_values(&events, |mut row, (write, event)| {
-            row.push_bind(write.event_id.as_str())
-                .push_bind(event.event_type.as_str())
-                .push_bind(event.source.as_ref().map(|source| source.as_str()))
-                .push_bind(event.occurred_at.as_ref().map(format_rfc3339))
-                .push_bind(event.payload.as_ref())
-                .push_bind(write.payload_sha256.as_str())
-                .push_bind(i64::try_from(event.payload.len()).unwrap_or(i64::MAX))
-                .push_bind(event.payload_mode.as_str())
-                .push_bind(write.correlation_id.as_str())
-                .push_bind(event.received_at.timestamp_millis())
-                .push_bind(now);
-        });
-        insert.push(" ON CONFLICT (event_id) DO NOTHING");
-        insert.build().execute(&mut *connection).await?;
-    }
+    insert_events(connection, &events, now).await?;
     Ok(applied
         .into_iter()
         .map(|(write_idx, token)| {
@@ -233,6 +212,36 @@ async fn insert_fresh(
             (write_idx, WriteResult::Applied { lease })
         })
         .collect())
+}
+
+/// Inserts events (`ON CONFLICT DO NOTHING`), one multi-row statement for the lot.
+async fn insert_events(
+    connection: &mut SqliteConnection,
+    events: &[(&Write, &NewEvent)],
+    now: i64,
+) -> std::result::Result<(), sqlx::Error> {
+    if events.is_empty() {
+        return Ok(());
+    }
+    let mut insert = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
+        "INSERT INTO events (event_id, event_type, source, occurred_at, payload, payload_sha256, \
+         payload_size, payload_mode, correlation_id, received_at, processed_at) ",
+    );
+    insert.push_values(events, |mut row, (write, event)| {
+        row.push_bind(write.event_id.as_str())
+            .push_bind(event.event_type.as_str())
+            .push_bind(event.source.as_ref().map(|source| source.as_str()))
+            .push_bind(event.occurred_at.as_ref().map(format_rfc3339))
+            .push_bind(event.payload.as_ref())
+            .push_bind(write.payload_sha256.as_str())
+            .push_bind(i64::try_from(event.payload.len()).unwrap_or(i64::MAX))
+            .push_bind(event.payload_mode.as_str())
+            .push_bind(write.correlation_id.as_str())
+            .push_bind(event.received_at.timestamp_millis())
+            .push_bind(now);
+    });
+    insert.push(" ON CONFLICT (event_id) DO NOTHING");
+    insert.build().execute(&mut *connection).await.map(|_| ())
 }
 
 /// When the record's lease runs out once `action` has applied: a new lease lasts its
@@ -302,26 +311,7 @@ async fn apply_one(
     .execute(&mut *connection)
     .await?;
     if let WriteAction::Store(event) = action {
-        sqlx::query(
-            r#"INSERT INTO events
-                 (event_id, event_type, source, occurred_at, payload, payload_sha256, payload_size,
-                  payload_mode, correlation_id, received_at, processed_at)
-               VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
-               ON CONFLICT (event_id) DO NOTHING"#,
-        )
-        .bind(write.event_id.as_str())
-        .bind(event.event_type.as_str())
-        .bind(event.source.as_ref().map(|source| source.as_str()))
-        .bind(event.occurred_at.as_ref().map(format_rfc3339))
-        .bind(event.payload.as_ref())
-        .bind(write.payload_sha256.as_str())
-        .bind(i64::try_from(event.payload.len()).unwrap_or(i64::MAX))
-        .bind(event.payload_mode.as_str())
-        .bind(write.correlation_id.as_str())
-        .bind(event.received_at.timestamp_millis())
-        .bind(now)
-        .execute(&mut *connection)
-        .await?;
+        insert_events(connection, &[(write, event)], now).await?;
     }
     Ok(WriteResult::Applied {
         lease: token.map(|token| Lease {
