@@ -22,8 +22,13 @@ use sqlx::{PgPool, Row};
 
 use crate::seconds;
 
+/// A statement the database refused is `Rejected`; anything else (no connection, a timed-out
+/// pool, a failed commit) means the store is `Unavailable`.
 fn unavailable(error: sqlx::Error) -> Error {
-    Error::unavailable(error)
+    match error {
+        sqlx::Error::Database(_) => Error::rejected(error),
+        other => Error::unavailable(other),
+    }
 }
 
 /// The processor's side of the database.

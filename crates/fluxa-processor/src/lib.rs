@@ -253,9 +253,11 @@ impl Processor {
             let delivery = &deliveries[delivery_idx];
             let outcome = match result {
                 Ok(result) => self.outcome_of(delivery, write, intent, result).await,
-                Err(error) => {
-                    unstored.push((delivery, write, error.clone()));
-                    self.transient(delivery, error)
+                Err(failure) => {
+                    if failure.reachable {
+                        unstored.push((delivery, write, failure.error.clone()));
+                    }
+                    self.transient(delivery, failure.error)
                 }
             };
             outcomes[delivery_idx] = Some(outcome);
@@ -331,7 +333,7 @@ impl Processor {
                     self.busy(delivery, &item.message.event_id, until)
                 }
                 Ok(WriteResult::LeaseLost) => self.lease_lost(delivery),
-                Err(error) => self.transient(delivery, error),
+                Err(failure) => self.transient(delivery, failure.error),
             };
             outcomes[item.delivery_idx] = Some(outcome);
         }
@@ -427,10 +429,11 @@ impl Processor {
         (WriteAction::Store(event), Intent::Store)
     }
 
-    /// Writes that failed transiently leave no trace of their own (an inline event's claim was
+    /// Writes the database refused leave no trace of their own (an inline event's claim was
     /// part of the failed transaction), so note each failed attempt on its record: the status
     /// API then shows the attempts and the last error, and on the last receive the record
-    /// ends `failed` rather than missing. Best effort, only on the failure path.
+    /// ends `failed` rather than missing. Best effort, only on the failure path, and not when
+    /// the store is out of reach (the note could not be written either).
     async fn note_transient_failures(&self, failed: Vec<(&Delivery, &Write, FailureInfo)>) {
         let notes: Vec<Write> = failed
             .into_iter()
@@ -543,12 +546,14 @@ impl Processor {
         )
     }
 
-    /// Applies `writes` in one transaction; if that fails as a whole, applies them one by one
-    /// so that one write the database refuses cannot fail its neighbours.
+    /// Applies `writes` in one transaction. If the database refused the batch, applies them one
+    /// by one so that one write it refuses cannot fail its neighbours; if the store is out of
+    /// reach, every write fails at once (retrying them one by one would only wait out a
+    /// connection timeout per write).
     async fn apply_isolating_failures(
         &self,
         writes: &[Write],
-    ) -> Vec<Result<WriteResult, FailureInfo>> {
+    ) -> Vec<Result<WriteResult, StoreFailure>> {
         if writes.is_empty() {
             return Vec::new();
         }
@@ -556,21 +561,23 @@ impl Processor {
             Ok(results) => return results.into_iter().map(Ok).collect(),
             Err(e) => e,
         };
-        if writes.len() == 1 {
-            return vec![Err(store_error(&error))];
+        if writes.len() == 1 || !matches!(error, fluxa_store::Error::Rejected(_)) {
+            let failure = StoreFailure::of(&error);
+            return writes.iter().map(|_| Err(failure.clone())).collect();
         }
         tracing::warn!(
             n_writes = writes.len(),
             error.cause_chain = ?error, error.message = %error,
-            "a batch write failed; retrying its writes one by one"
+            "a batch write was refused; retrying its writes one by one"
         );
         let mut results = Vec::with_capacity(writes.len());
         for write in writes {
             let result = match self.store.apply(vec![write.clone()]).await {
-                Ok(mut one) => one
-                    .pop()
-                    .ok_or_else(|| FailureInfo::new(ErrorCode::Internal, "no write result")),
-                Err(e) => Err(store_error(&e)),
+                Ok(mut one) => one.pop().ok_or_else(|| StoreFailure {
+                    error: FailureInfo::new(ErrorCode::Internal, "no write result"),
+                    reachable: true,
+                }),
+                Err(e) => Err(StoreFailure::of(&e)),
             };
             results.push(result);
         }
@@ -635,6 +642,22 @@ impl Processor {
         if let Err(e) = self.blobs.delete(key).await {
             // Harmless: an unreferenced blob is collected by the sweeper later.
             tracing::warn!(blob_key = %key, error.message = %e, "could not delete a payload blob");
+        }
+    }
+}
+
+/// A write that did not apply: the failure to report, and whether the store answered at all.
+#[derive(Clone, Debug)]
+struct StoreFailure {
+    error: FailureInfo,
+    reachable: bool,
+}
+
+impl StoreFailure {
+    fn of(error: &fluxa_store::Error) -> Self {
+        Self {
+            error: store_error(error),
+            reachable: matches!(error, fluxa_store::Error::Rejected(_)),
         }
     }
 }
@@ -750,14 +773,17 @@ mod tests {
 
     use super::*;
 
-    /// A store whose every batch answer is scripted by the test.
+    /// A store whose every batch answer is scripted by the test, and that counts the batches.
     struct ScriptedStore {
         apply: fn() -> Result<WriteResult>,
+        n_applies: std::sync::atomic::AtomicUsize,
     }
 
     #[async_trait]
     impl Store for ScriptedStore {
         async fn apply(&self, writes: Vec<Write>) -> Result<Vec<WriteResult>> {
+            self.n_applies
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             writes.iter().map(|_| (self.apply)()).collect()
         }
         async fn record_error(&self, _: &EventId, _: &FailureInfo) -> Result<()> {
@@ -772,9 +798,20 @@ mod tests {
     }
 
     fn processor(apply: fn() -> Result<WriteResult>) -> (tempfile::TempDir, Processor) {
+        let (dir, processor, _) = counted_processor(apply);
+        (dir, processor)
+    }
+
+    fn counted_processor(
+        apply: fn() -> Result<WriteResult>,
+    ) -> (tempfile::TempDir, Processor, Arc<ScriptedStore>) {
         let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(ScriptedStore {
+            apply,
+            n_applies: Default::default(),
+        });
         let processor = Processor::new(
-            Arc::new(ScriptedStore { apply }),
+            Arc::clone(&store) as Arc<dyn Store>,
             BlobStore::local(dir.path()).unwrap(),
             ProcessorConfig {
                 lease: Duration::from_secs(30),
@@ -782,7 +819,7 @@ mod tests {
                 backoff_max: Duration::from_secs(1),
             },
         );
-        (dir, processor)
+        (dir, processor, store)
     }
 
     fn delivery(receive_count: u32, payload: &str, claimed: &[u8]) -> Delivery {
@@ -871,6 +908,41 @@ mod tests {
             outcomes[1]
         );
         assert_eq!(outcomes[2], Outcome::Processed);
+    }
+
+    #[tokio::test]
+    async fn a_refused_batch_is_retried_write_by_write_but_an_unreachable_store_is_not() {
+        let refused = || {
+            Err(fluxa_store::Error::rejected(std::io::Error::other(
+                "no table",
+            )))
+        };
+        let (_dir, refusing, store) = counted_processor(refused);
+        refusing.process_batch(&[good(1), good(1), good(1)]).await;
+        // The batch, its three writes alone, then the notes of the failed attempts (a batch
+        // and its three writes again).
+        assert_eq!(
+            store.n_applies.load(std::sync::atomic::Ordering::Relaxed),
+            8
+        );
+
+        let down = || {
+            Err(fluxa_store::Error::unavailable(std::io::Error::other(
+                "down",
+            )))
+        };
+        let (_dir, unreachable, store) = counted_processor(down);
+        let outcomes = unreachable
+            .process_batch(&[good(1), good(1), good(1)])
+            .await;
+        assert!(outcomes.iter().all(
+            |o| matches!(o, Outcome::Transient { error, .. } if error.code == "store_unavailable")
+        ));
+        assert_eq!(
+            store.n_applies.load(std::sync::atomic::Ordering::Relaxed),
+            1,
+            "an unreachable store must not be asked once per write"
+        );
     }
 
     #[test]

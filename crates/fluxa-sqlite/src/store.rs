@@ -20,8 +20,13 @@ use sqlx::{Row, SqliteConnection};
 use crate::group_commit::GroupCommit;
 use crate::{millis, now_millis, Pools};
 
+/// A statement the database refused is `Rejected`; anything else (no connection, a timed-out
+/// pool, a failed commit) means the store is `Unavailable`.
 fn unavailable(error: sqlx::Error) -> Error {
-    Error::unavailable(error)
+    match error {
+        sqlx::Error::Database(_) => Error::rejected(error),
+        other => Error::unavailable(other),
+    }
 }
 
 /// The processor's side of `store.db`.

@@ -24,6 +24,10 @@ use fluxa_core::{
 pub enum Error {
     #[error("store unavailable")]
     Unavailable(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// The database answered but refused a statement (a constraint, a missing table, a full
+    /// disk): retrying the writes one by one may isolate the one it refuses.
+    #[error("store refused a statement")]
+    Rejected(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error("store holds a malformed record: {0}")]
     Corrupt(String),
 }
@@ -31,6 +35,10 @@ pub enum Error {
 impl Error {
     pub fn unavailable(source: impl std::error::Error + Send + Sync + 'static) -> Self {
         Self::Unavailable(Box::new(source))
+    }
+
+    pub fn rejected(source: impl std::error::Error + Send + Sync + 'static) -> Self {
+        Self::Rejected(Box::new(source))
     }
 }
 
