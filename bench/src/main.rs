@@ -14,17 +14,21 @@
 //!
 //! plus peak memory under 10 MiB payloads. Anchors are in `anchors.rs`. It prints a table and
 //! exits non-zero if a measurement failed, or, with `--strict`, if a target was missed.
+//!
+//! `fluxa-bench soak` instead holds one backend at a fraction of its maximum ingest rate for
+//! minutes and reports drift window by window (`soak.rs`).
 
 mod anchors;
 mod load;
 mod report;
 mod server;
+mod soak;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use clap::{Parser, ValueEnum};
+use clap::{Parser, Subcommand, ValueEnum};
 use futures::{StreamExt, TryStreamExt};
 
 use crate::anchors::{pgbench_anchors, sqlite_rows_per_second};
@@ -35,6 +39,8 @@ use crate::server::{bench_database_name, Backend, Counter, Deployment, Progress,
 #[derive(Parser, Debug)]
 #[command(about = "Measure Fluxa against anchors measured in the same run")]
 struct Args {
+    #[command(subcommand)]
+    command: Option<Command>,
     /// Events per end-to-end measurement with 100-event batches.
     #[arg(long, default_value_t = 20_000)]
     events: usize,
@@ -42,13 +48,13 @@ struct Args {
     #[arg(long)]
     single_events: Option<usize>,
     /// Concurrent single-event requests.
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, global = true, default_value_t = 32)]
     concurrency: usize,
     /// Concurrent batch requests.
     #[arg(long, default_value_t = 4)]
     batch_concurrency: usize,
     /// Processor workers in the server under test [default: the server's own default].
-    #[arg(long)]
+    #[arg(long, global = true)]
     workers: Option<usize>,
     /// The small backlog a worker drains.
     #[arg(long, default_value_t = 10_000)]
@@ -64,13 +70,14 @@ struct Args {
     /// pgbench.
     #[arg(
         long,
+        global = true,
         env = "FLUXA_BENCH_DATABASE_URL",
         hide_env_values = true,
         default_value = "postgres://postgres@127.0.0.1:5432/fluxa_bench"
     )]
     database_url: String,
     /// The `fluxa` binary to measure [default: `fluxa` beside this binary].
-    #[arg(long)]
+    #[arg(long, global = true)]
     fluxa_bin: Option<PathBuf>,
     /// The pgbench binary.
     #[arg(long, default_value = "pgbench")]
@@ -83,7 +90,7 @@ struct Args {
     latency_seconds: u64,
     /// Give up on an end-to-end measurement whose events are not all processed after this many
     /// seconds.
-    #[arg(long, default_value_t = 600)]
+    #[arg(long, global = true, default_value_t = 600)]
     patience_seconds: u64,
     /// Stop timing a drain after this many seconds and report the rate so far, marked partial
     /// (a server whose drain slows as the backlog grows could otherwise take hours at 200k).
@@ -93,6 +100,13 @@ struct Args {
     /// are noisy).
     #[arg(long)]
     strict: bool,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Hold one backend at a fraction of its maximum ingest rate (measured first) for minutes,
+    /// open loop, and report latency, errors, memory and queue depth window by window.
+    Soak(soak::SoakArgs),
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -121,7 +135,7 @@ struct Run {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
+    let mut args = Args::parse();
     let fluxa = match &args.fluxa_bin {
         Some(path) => path.clone(),
         None => std::env::current_exe()?.with_file_name("fluxa"),
@@ -132,16 +146,7 @@ async fn main() -> anyhow::Result<()> {
             fluxa.display()
         );
     }
-    let mut backends = Vec::new();
-    if args.backend != BackendChoice::Postgres {
-        backends.push(Backend::Embedded);
-    }
-    if args.backend != BackendChoice::Embedded {
-        bench_database_name(&args.database_url)?;
-        backends.push(Backend::Postgres {
-            url: args.database_url.clone(),
-        });
-    }
+    let command = args.command.take();
     let run = Run {
         fluxa,
         // Beside the OS's temp folder, on the disk the anchors measure.
@@ -155,7 +160,20 @@ async fn main() -> anyhow::Result<()> {
         run.fluxa.display(),
         run.scratch.path().display()
     );
+    if let Some(Command::Soak(soak)) = &command {
+        return soak::run(&run, soak).await;
+    }
 
+    let mut backends = Vec::new();
+    if run.args.backend != BackendChoice::Postgres {
+        backends.push(Backend::Embedded);
+    }
+    if run.args.backend != BackendChoice::Embedded {
+        bench_database_name(&run.args.database_url)?;
+        backends.push(Backend::Postgres {
+            url: run.args.database_url.clone(),
+        });
+    }
     let mut rows = Vec::new();
     let mut anchors = Vec::new();
     let mut failures = Vec::new();

@@ -36,7 +36,7 @@ impl Row {
 }
 
 /// Formats a figure with as many decimals as its size deserves.
-fn figure(value: f64) -> String {
+pub fn figure(value: f64) -> String {
     if !value.is_finite() {
         "–".to_owned()
     } else if value.abs() >= 100.0 {
@@ -116,7 +116,7 @@ pub fn anchor_table(anchors: &[AnchorRow]) -> String {
 }
 
 /// A Markdown table padded so its columns also line up in a terminal; numbers align right.
-fn markdown(header: &[&str], right: &[bool], rows: Vec<Vec<String>>) -> String {
+pub fn markdown(header: &[&str], right: &[bool], rows: Vec<Vec<String>>) -> String {
     let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
     for row in &rows {
         for (width, cell) in widths.iter_mut().zip(row) {

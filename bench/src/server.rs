@@ -9,6 +9,7 @@ use std::str::FromStr;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use futures::TryStreamExt;
 use serde_json::Value;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqlitePoolOptions};
@@ -218,15 +219,73 @@ impl Server {
 
     /// The server's peak resident memory (VmHWM) so far.
     pub fn peak_rss_bytes(&self) -> anyhow::Result<u64> {
+        self.proc_status_bytes("VmHWM:")
+    }
+
+    /// The server's resident memory (VmRSS) now.
+    pub fn rss_bytes(&self) -> anyhow::Result<u64> {
+        self.proc_status_bytes("VmRSS:")
+    }
+
+    /// A `… kB` field of /proc/<pid>/status, in bytes.
+    fn proc_status_bytes(&self, field: &str) -> anyhow::Result<u64> {
         let pid = self.child.id().context("the server exited")?;
         let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
         let kb: u64 = status
             .lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .find_map(|l| l.strip_prefix(field))
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .context("no VmHWM in /proc status")?;
+            .with_context(|| format!("no {field} in /proc status"))?;
         Ok(kb * 1024)
     }
+
+    /// The queue's gauges and the load-shedding figures from `GET /metrics` (the server reads
+    /// the queue's depths at scrape time).
+    pub async fn scrape(&self) -> anyhow::Result<Scrape> {
+        let response = self
+            .client
+            .get(format!("{}/metrics", self.base_url()))
+            .send()
+            .await?;
+        let status = response.status();
+        if status != 200 {
+            bail!("GET /metrics answered {status}");
+        }
+        let text = response.text().await?;
+        let read = |name| gauge(&text, name).with_context(|| format!("no {name} in /metrics"));
+        Ok(Scrape {
+            pending: read("fluxa_queue_depth")?,
+            in_flight: read("fluxa_queue_in_flight")?,
+            dead_letters: read("fluxa_dlq_depth")?,
+            // A counter appears with its first increment: absent means none shed yet.
+            shed_total: gauge(&text, "fluxa_http_requests_shed_total").unwrap_or(0.0),
+            connections: gauge(&text, "fluxa_http_connections_open"),
+        })
+    }
+}
+
+/// What one `GET /metrics` said.
+#[derive(Clone, Copy, Debug)]
+pub struct Scrape {
+    /// `fluxa_queue_depth`: messages waiting to be received.
+    pub pending: f64,
+    /// `fluxa_queue_in_flight`: received, not yet acknowledged.
+    pub in_flight: f64,
+    /// `fluxa_dlq_depth`.
+    pub dead_letters: f64,
+    /// `fluxa_http_requests_shed_total`: requests the concurrency limit answered 503, which
+    /// tells them from 503s for a backend the server found unavailable.
+    pub shed_total: f64,
+    /// `fluxa_http_connections_open`, where the server reports it.
+    pub connections: Option<f64>,
+}
+
+/// The value of the unlabelled sample `name` in Prometheus text.
+fn gauge(text: &str, name: &str) -> Option<f64> {
+    text.lines().find_map(|line| {
+        let value = line.strip_prefix(name)?.strip_prefix(' ')?;
+        value.split_whitespace().next()?.parse().ok()
+    })
 }
 
 /// Reads how many rows the `events` table holds, while the server writes to it.
@@ -262,8 +321,41 @@ impl Counter {
         }
     }
 
+    /// How many events are stored now: a lower bound while the server writes, cheap enough to
+    /// read every few seconds during a run.
+    pub async fn processed(&self) -> anyhow::Result<u64> {
+        Ok(self.progress().await?.0)
+    }
+
+    /// Which of the events `prefix-0` … `prefix-(n-1)` are stored, by index.
+    pub async fn stored(&self, prefix: &str, n: usize) -> anyhow::Result<Vec<bool>> {
+        // A range on the primary key rather than LIKE, which neither backend may use an index
+        // for; '.' is the character after '-'.
+        let (low, high) = (format!("{prefix}-"), format!("{prefix}."));
+        let sql = "SELECT event_id FROM events WHERE event_id >= $1 AND event_id < $2";
+        let mut ids = match self {
+            Self::Embedded(pool) => sqlx::query_scalar::<_, String>(sql)
+                .bind(&low)
+                .bind(&high)
+                .fetch(pool),
+            Self::Postgres(pool) => sqlx::query_scalar::<_, String>(sql)
+                .bind(&low)
+                .bind(&high)
+                .fetch(pool),
+        };
+        let mut stored = vec![false; n];
+        while let Some(id) = ids.try_next().await? {
+            let i = id.strip_prefix(&low).and_then(|i| i.parse::<usize>().ok());
+            match i {
+                Some(i) if i < n => stored[i] = true,
+                _ => bail!("an unexpected event {id:?} is stored"),
+            }
+        }
+        Ok(stored)
+    }
+
     /// The exact number of rows.
-    async fn count(&self) -> anyhow::Result<u64> {
+    pub async fn count(&self) -> anyhow::Result<u64> {
         let n: i64 = match self {
             Self::Embedded(pool) => {
                 sqlx::query_scalar("SELECT COUNT(*) FROM events")
@@ -377,6 +469,15 @@ mod tests {
         assert!(bench_database_name("postgres://postgres@127.0.0.1:5432/fluxa").is_err());
         assert!(bench_database_name("postgres://postgres@127.0.0.1:5432/").is_err());
         assert!(bench_database_name("postgres://h/bench\"; DROP").is_err());
+    }
+
+    #[test]
+    fn a_gauge_is_read_from_its_unlabelled_sample_only() {
+        let text = "# TYPE fluxa_queue_depth gauge\nfluxa_queue_depth 12\n\
+                    fluxa_queue_depth_max 99\nfluxa_dlq_depth{queue=\"x\"} 5\nfluxa_dlq_depth 0\n";
+        assert_eq!(gauge(text, "fluxa_queue_depth"), Some(12.0));
+        assert_eq!(gauge(text, "fluxa_dlq_depth"), Some(0.0));
+        assert_eq!(gauge(text, "fluxa_queue_in_flight"), None);
     }
 
     #[test]

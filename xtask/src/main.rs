@@ -1,8 +1,11 @@
-//! Repository chores that are code rather than shell (`cargo xtask tidy`); the same checks run
-//! as tests under `cargo test`, so CI enforces them.
+//! Repository chores that are code rather than shell: `cargo xtask tidy` (the same checks run
+//! as tests under `cargo test`, so CI enforces them) and `cargo xtask reliability` (writes
+//! docs/RELIABILITY.md from the black-box suite's measurements).
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+
+mod reliability;
 
 fn main() -> ExitCode {
     match std::env::args().nth(1).as_deref() {
@@ -17,8 +20,18 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         }
+        Some("reliability") => {
+            let skip_tests = std::env::args().any(|a| a == "--skip-tests");
+            match reliability::run(&workspace_root(), skip_tests) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("xtask reliability: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         _ => {
-            eprintln!("usage: cargo xtask tidy");
+            eprintln!("usage: cargo xtask tidy | cargo xtask reliability [--skip-tests]");
             ExitCode::FAILURE
         }
     }
@@ -54,7 +67,7 @@ fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
 fn tidy_problems(root: &Path) -> Vec<String> {
     let mut problems = Vec::new();
     let mut files = Vec::new();
-    for dir in ["crates", "xtask", "bench"] {
+    for dir in ["crates", "xtask", "bench", "fuzz"] {
         rust_files(&root.join(dir), &mut files);
     }
     for file in files {

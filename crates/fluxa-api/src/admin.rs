@@ -1,12 +1,15 @@
 //! `/v1/admin/dlq…`: list, show and redrive dead letters (contract section 4).
 
 use axum::body::Body;
+use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use fluxa_core::ids::DeadLetterId;
 use fluxa_core::time::format_rfc3339;
+use fluxa_core::EventId;
 use fluxa_queue::{DeadLetter, RedriveSelector};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -14,7 +17,7 @@ use serde_json::value::RawValue;
 
 use crate::auth::{self, Scope};
 use crate::body::{read_body, require_json};
-use crate::error::ApiError;
+use crate::error::{path_id, ApiError};
 use crate::AppState;
 
 const DEFAULT_LIST_LIMIT: usize = 100;
@@ -32,24 +35,36 @@ pub fn router(state: &AppState) -> Router<AppState> {
 }
 
 /// One dead letter as the admin API and the CLI show it.
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
+#[schema(as = DeadLetterOut)]
 pub struct DeadLetterOut<'a> {
+    #[schema(value_type = crate::openapi::schema::DeadLetterId)]
     id: &'a str,
+    /// The event id, when the message could be parsed far enough to have one.
+    #[schema(required = true)]
     event_id: Option<&'a str>,
+    #[schema(required = true)]
     correlation_id: Option<&'a str>,
+    /// `permanent` or `retries_exhausted`.
     error_class: &'a str,
     error: ErrorOut<'a>,
     receive_count: u32,
+    #[schema(format = DateTime)]
     enqueued_at: String,
+    #[schema(format = DateTime)]
     first_failure_at: String,
+    #[schema(format = DateTime)]
     last_failure_at: String,
+    #[schema(format = DateTime)]
     dead_lettered_at: String,
     /// The original message, byte for byte: embedded as JSON when it is JSON (always, for
     /// messages Fluxa wrote), as a string otherwise.
+    #[schema(value_type = serde_json::Value)]
     message: OriginalMessage<'a>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
+#[schema(as = DeadLetterError)]
 struct ErrorOut<'a> {
     code: &'a str,
     message: &'a str,
@@ -88,24 +103,41 @@ pub fn dead_letter_json(entry: &DeadLetter) -> DeadLetterOut<'_> {
     }
 }
 
-fn queue_down(error: &fluxa_queue::Error) -> ApiError {
-    tracing::warn!(error.cause_chain = ?error, error.message = %error, "dead-letter queue access failed");
-    ApiError::unavailable("queue")
-}
-
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
+#[schema(as = DeadLetterList)]
 struct DeadLetterList<'a> {
     total: u64,
     dead_letters: Vec<DeadLetterOut<'a>>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct ListQuery {
+    /// Only the dead letters of this event id.
+    #[param(value_type = Option<crate::openapi::schema::EventId>)]
     event_id: Option<String>,
+    /// At most this many (default 100).
+    #[param(minimum = 1, maximum = 1000)]
     limit: Option<usize>,
 }
 
+/// List dead letters, oldest first.
+#[utoipa::path(
+    get,
+    path = "/v1/admin/dlq",
+    tag = "admin",
+    operation_id = "list_dead_letters",
+    params(ListQuery),
+    responses(
+        (status = 200, description = "The dead letters and the DLQ's total depth.",
+            body = DeadLetterList),
+        (status = 400, description = "`validation_error`: an unknown or invalid query \
+            parameter (`limit` outside 1..=1000, say), or an invalid X-Correlation-ID.",
+            body = crate::openapi::schema::ErrorBody),
+    ),
+    security(("bearer" = ["admin"])),
+)]
 async fn list(
     State(state): State<AppState>,
     query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
@@ -118,16 +150,23 @@ async fn list(
             "limit: must be 1 to {MAX_LIST_LIMIT}"
         )));
     }
+    // Parsed before the queue sees it: a value no event id can have is the client's mistake.
+    let event_id = query
+        .event_id
+        .as_deref()
+        .map(EventId::parse)
+        .transpose()
+        .map_err(|rule| ApiError::validation(format!("event_id: {rule}")))?;
     let entries = state
         .dead_letters
-        .list_dead_letters(limit, query.event_id.as_deref())
+        .list_dead_letters(limit, event_id.as_ref().map(EventId::as_str))
         .await
-        .map_err(|e| queue_down(&e))?;
+        .map_err(|e| ApiError::from_queue(&e))?;
     let depth = state
         .dead_letters
         .depth()
         .await
-        .map_err(|e| queue_down(&e))?;
+        .map_err(|e| ApiError::from_queue(&e))?;
     let dead_letters: Vec<DeadLetterOut<'_>> = entries.iter().map(dead_letter_json).collect();
     Ok(Json(DeadLetterList {
         total: depth.dead_letters,
@@ -136,12 +175,30 @@ async fn list(
     .into_response())
 }
 
-async fn show(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+/// Show one dead letter.
+#[utoipa::path(
+    get,
+    path = "/v1/admin/dlq/{id}",
+    tag = "admin",
+    operation_id = "get_dead_letter",
+    params(("id" = crate::openapi::schema::DeadLetterId, Path, description = "The dead letter's id.")),
+    responses(
+        (status = 200, description = "The dead letter.", body = DeadLetterOut),
+        (status = 404, description = "No dead letter with that id (or the id cannot be one).",
+            body = crate::openapi::schema::ErrorBody),
+    ),
+    security(("bearer" = ["admin"])),
+)]
+async fn show(
+    State(state): State<AppState>,
+    id: Result<Path<String>, PathRejection>,
+) -> Result<Response, ApiError> {
+    let id = path_id(id, DeadLetterId::parse, "id", "dead letter")?;
     let entry = state
         .dead_letters
-        .get_dead_letter(&id)
+        .get_dead_letter(id.as_str())
         .await
-        .map_err(|e| queue_down(&e))?
+        .map_err(|e| ApiError::from_queue(&e))?
         .ok_or_else(|| ApiError::not_found(format!("no dead letter with id {id}")))?;
     Ok(Json(dead_letter_json(&entry)).into_response())
 }
@@ -159,6 +216,22 @@ struct RedriveIn {
 /// Largest accepted redrive request body; the real ones are a few dozen bytes.
 const MAX_REDRIVE_BODY: usize = 64 * 1024;
 
+/// Move dead letters back to the queue: all of them, every one of an event id, or one by id.
+#[utoipa::path(
+    post,
+    path = "/v1/admin/dlq/redrive",
+    tag = "admin",
+    operation_id = "redrive_dead_letters",
+    request_body(content = crate::openapi::schema::RedriveIn, content_type = "application/json"),
+    responses(
+        (status = 200, description = "How many dead letters went back to the queue.",
+            body = crate::openapi::schema::RedriveOut),
+        (status = 400, description = "`invalid_json`, or `validation_error`: not exactly one \
+            selector, an unknown member, or an invalid X-Correlation-ID.",
+            body = crate::openapi::schema::ErrorBody),
+    ),
+    security(("bearer" = ["admin"])),
+)]
 async fn redrive(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -169,10 +242,19 @@ async fn redrive(
     fluxa_core::ingest::check_json_syntax(&body)?;
     let request: RedriveIn =
         serde_json::from_slice(&body).map_err(|e| ApiError::validation(format!("body: {e}")))?;
+    // Each id is parsed before the queue sees it, and named when it is refused.
     let selector = match (request.all, request.event_id, request.id) {
         (true, None, None) => RedriveSelector::All,
-        (false, Some(event_id), None) => RedriveSelector::EventId(event_id),
-        (false, None, Some(id)) => RedriveSelector::Id(id),
+        (false, Some(event_id), None) => {
+            let event_id = EventId::parse(&event_id)
+                .map_err(|rule| ApiError::validation(format!("event_id: {rule}")))?;
+            RedriveSelector::EventId(event_id.into())
+        }
+        (false, None, Some(id)) => {
+            let id = DeadLetterId::parse(&id)
+                .map_err(|rule| ApiError::validation(format!("id: {rule}")))?;
+            RedriveSelector::Id(id.into())
+        }
         _ => {
             return Err(ApiError::validation(
                 "body: give exactly one of {\"all\": true}, {\"event_id\": …} or {\"id\": …}",
@@ -183,7 +265,7 @@ async fn redrive(
         .dead_letters
         .redrive(&selector)
         .await
-        .map_err(|e| queue_down(&e))?;
+        .map_err(|e| ApiError::from_queue(&e))?;
     tracing::info!(n_redriven, selector = ?selector, "dead letters redriven");
     Ok(Json(json!({ "redriven": n_redriven })).into_response())
 }

@@ -5,8 +5,8 @@
 use std::panic::AssertUnwindSafe;
 use std::time::Instant;
 
-use axum::extract::Request;
-use axum::http::{HeaderName, HeaderValue, StatusCode};
+use axum::extract::{MatchedPath, Request};
+use axum::http::{HeaderName, HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use fluxa_core::CorrelationId;
@@ -76,10 +76,19 @@ pub async fn middleware(request: Request, next: Next) -> Response {
 
     let status = response.status();
     let elapsed = started.elapsed();
+    // Labels come from fixed sets only, so nothing a client sends can add a series.
+    let route = response
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or("unmatched", MatchedPath::as_str)
+        .to_owned();
+    let method = method_label(&method);
     metrics::counter!("fluxa_http_requests_total",
-        "method" => method.to_string(), "status" => status.as_u16().to_string())
+        "method" => method, "route" => route.clone(), "status" => status.as_u16().to_string())
     .increment(1);
-    metrics::histogram!("fluxa_http_request_duration_seconds").record(elapsed);
+    metrics::histogram!("fluxa_http_request_duration_seconds",
+        "method" => method, "route" => route)
+    .record(elapsed);
     span.in_scope(|| {
         tracing::info!(
             http.status = status.as_u16(),
@@ -88,6 +97,33 @@ pub async fn middleware(request: Request, next: Next) -> Response {
         );
     });
     response
+}
+
+/// Copies the route template the router matched onto the response, where the outer
+/// [`middleware`] (which runs before routing) can read it for the metrics' `route` label.
+pub async fn stamp_route(request: Request, next: Next) -> Response {
+    let matched = request.extensions().get::<MatchedPath>().cloned();
+    let mut response = next.run(request).await;
+    if let Some(matched) = matched {
+        response.extensions_mut().insert(matched);
+    }
+    response
+}
+
+/// The `method` label: the standard methods by name, anything invented as `other`.
+fn method_label(method: &Method) -> &'static str {
+    match *method {
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::PATCH => "PATCH",
+        Method::OPTIONS => "OPTIONS",
+        Method::CONNECT => "CONNECT",
+        Method::TRACE => "TRACE",
+        _ => "other",
+    }
 }
 
 /// Safety net for errors answered by axum itself (an extractor's rejection, say) rather than

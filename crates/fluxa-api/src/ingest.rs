@@ -9,11 +9,9 @@ use axum::routing::post;
 use axum::{Json, Router};
 use bytes::Bytes;
 use chrono::Utc;
-use fluxa_core::ingest::{check_json_syntax, parse_checked_event, parse_event, ValidatedEvent};
+use fluxa_core::ingest::{parse_batch, parse_event, ValidatedEvent};
 use fluxa_core::{CorrelationId, EventMessageV1, FluxaTask, PayloadMode};
 use fluxa_queue::{MessageAttributes, NewMessage};
-use serde::Deserialize;
-use serde_json::value::RawValue;
 use serde_json::{json, Value};
 
 use crate::auth::{self, Scope};
@@ -22,10 +20,7 @@ use crate::error::ApiError;
 use crate::{correlation, AppState};
 
 /// Room for the envelope around a payload of the maximum size (ids, type, hash, whitespace).
-const ENVELOPE_ALLOWANCE: usize = 64 * 1024;
-
-/// Most events one batch may carry.
-const MAX_BATCH_EVENTS: usize = 1000;
+pub(crate) const ENVELOPE_ALLOWANCE: usize = 64 * 1024;
 
 pub fn router(state: &AppState) -> Router<AppState> {
     Router::new()
@@ -137,6 +132,32 @@ fn count_rejection(error: &ApiError) {
     metrics::counter!("fluxa_ingest_rejected_total", "code" => error.code).increment(1);
 }
 
+/// Ingest one event.
+///
+/// Answers 202 only once the event's message is durably in the queue (and, for a payload over
+/// 256 KiB, the payload durably in the blob store). Sending the same event again is accepted
+/// again: the processor deduplicates.
+#[utoipa::path(
+    post,
+    path = "/v1/events",
+    tag = "ingest",
+    operation_id = "ingest_event",
+    request_body(content = crate::openapi::schema::EventIn, content_type = "application/json"),
+    responses(
+        (status = 202, description = "Durably queued.", body = crate::openapi::schema::IngestAccepted),
+        (status = 400, description = "`invalid_json`: the body is not JSON; \
+            `validation_error`: not an object, or a member missing, unknown, of the wrong type \
+            or invalid (the message names it), the payload nested too deep, or an invalid \
+            X-Correlation-ID; `hash_mismatch`: `payload_sha256` is not the payload's hash.",
+            body = crate::openapi::schema::ErrorBody),
+        (status = 413, description = "The payload is over `max_payload_bytes` (default \
+            10 MiB).", body = crate::openapi::schema::ErrorBody),
+        (status = 503, description = "The queue or the blob store is unavailable (nothing \
+            half-done is left visible), or the server is at a load limit.",
+            body = crate::openapi::schema::ErrorBody),
+    ),
+    security(("bearer" = ["ingest"])),
+)]
 async fn ingest_one(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -160,7 +181,7 @@ async fn ingest_one_inner(
         .max_payload_bytes
         .saturating_add(ENVELOPE_ALLOWANCE);
     let bytes = read_body(headers, body, limit).await?;
-    let event = parse_event(&bytes, state.limits.max_payload_bytes)?;
+    let event = parse_event(&bytes, state.limits.payload())?;
     let correlation_id = current_correlation_id();
     let mut prepared = prepare(state, &bytes, &event, &correlation_id).await?;
     if enqueue(state, &mut [&mut prepared]).await != [true] {
@@ -177,13 +198,29 @@ async fn ingest_one_inner(
     Ok((StatusCode::ACCEPTED, Json(body)).into_response())
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct BatchIn<'body> {
-    #[serde(borrow)]
-    events: Vec<&'body RawValue>,
-}
-
+/// Ingest up to 1000 events.
+///
+/// Items are independent: each is validated, hashed and queued as a single ingest would, and
+/// gets its own result. 200 only once every accepted item is durably in the queue.
+#[utoipa::path(
+    post,
+    path = "/v1/events/batch",
+    tag = "ingest",
+    operation_id = "ingest_batch",
+    request_body(content = crate::openapi::schema::BatchIn, content_type = "application/json"),
+    responses(
+        (status = 200, description = "Every item judged; the accepted ones are durably \
+            queued.", body = crate::openapi::schema::BatchOut),
+        (status = 400, description = "The whole request: `invalid_json`, or \
+            `validation_error` (not an object with an `events` array of 1 to 1000 items, or \
+            an invalid X-Correlation-ID). Nothing is accepted.", body = crate::openapi::schema::ErrorBody),
+        (status = 413, description = "The body is over `max_batch_bytes` (default 32 MiB). \
+            Nothing is accepted.", body = crate::openapi::schema::ErrorBody),
+        (status = 503, description = "The queue or the blob store is unavailable, or the \
+            server is at a load limit. Nothing is accepted.", body = crate::openapi::schema::ErrorBody),
+    ),
+    security(("bearer" = ["ingest"])),
+)]
 async fn ingest_batch(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -203,22 +240,11 @@ async fn ingest_batch_inner(
 ) -> Result<Response, ApiError> {
     require_json(headers)?;
     let bytes = read_body(headers, body, state.limits.max_batch_bytes).await?;
-    check_json_syntax(&bytes)?;
-    let batch: BatchIn<'_> = serde_json::from_slice(&bytes).map_err(|e| {
-        ApiError::validation(format!(
-            "events: the body must be an object with an \"events\" array ({e})"
-        ))
-    })?;
-    if batch.events.is_empty() || batch.events.len() > MAX_BATCH_EVENTS {
-        return Err(ApiError::validation(format!(
-            "events: must hold 1 to {MAX_BATCH_EVENTS} events, not {}",
-            batch.events.len()
-        )));
-    }
+    let events = parse_batch(&bytes, state.limits.payload())?;
     let correlation_id = current_correlation_id();
-    let mut items: Vec<Result<Prepared, ApiError>> = Vec::with_capacity(batch.events.len());
-    for raw in &batch.events {
-        let item = match parse_checked_event(raw.get().as_bytes(), state.limits.max_payload_bytes) {
+    let mut items: Vec<Result<Prepared, ApiError>> = Vec::with_capacity(events.len());
+    for parsed in events {
+        let item = match parsed {
             Ok(event) => prepare(state, &bytes, &event, &correlation_id).await,
             Err(e) => Err(ApiError::from(e)),
         };

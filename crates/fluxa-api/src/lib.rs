@@ -1,12 +1,14 @@
-//! Fluxa's HTTP API. [`app`] builds the one router every host serves: `axum::serve` in the
-//! self-hosted binary, the Lambda HTTP adapter later, `tower::ServiceExt::oneshot` in tests.
+//! Fluxa's HTTP API. [`app`] builds the one router every host serves: `fluxa-server`'s
+//! connection loop in the self-hosted binary, the Lambda HTTP adapter later,
+//! `tower::ServiceExt::oneshot` in tests.
 //!
 //! # Layout
 //! - [`error`]: [`ApiError`], the only way a handler answers with an error; it owns the mapping
 //!   to status codes and the contract's error body.
 //! - `correlation`: the outermost middleware: correlation id, request span, panic guard.
 //! - `auth`: bearer tokens with scopes, compared in constant time.
-//! - `body`: JSON request bodies: content type (415) and size limits (413).
+//! - `body`: JSON request bodies: content type (415) and size limits (413); the middleware that
+//!   bounds the body bytes held in memory (503) and a body's minimum data rate (408).
 //! - `ingest`, `query`, `admin`, `ops`: one router per resource.
 //!
 //! **Architecture Invariant:** only this crate knows HTTP. **Architecture Invariant:** the query
@@ -18,6 +20,7 @@ mod body;
 mod correlation;
 pub mod error;
 mod ingest;
+mod openapi;
 mod ops;
 mod query;
 
@@ -33,13 +36,47 @@ pub use admin::{dead_letter_json, DeadLetterOut};
 pub use auth::{ApiToken, Scope, TokenParseError};
 pub use error::ApiError;
 
-/// Request-size limits.
+/// Request limits: sizes, and how the API protects itself from slow or greedy clients
+/// (contract section 7).
 #[derive(Clone, Copy, Debug)]
 pub struct Limits {
     /// Largest accepted payload (`payload_size`), default 10 MiB.
     pub max_payload_bytes: usize,
     /// Largest accepted batch request body, default 32 MiB.
     pub max_batch_bytes: usize,
+    /// Deepest accepted payload nesting (arrays and objects), default 128.
+    pub max_payload_depth: usize,
+    /// Bytes per second a request body must average once `body_rate_grace` has passed, or the
+    /// request gets 408 and its connection is closed; default 1 KiB/s (a 10 MiB upload then
+    /// has almost three hours).
+    pub min_body_rate: u64,
+    /// How long a body may arrive at any pace before `min_body_rate` applies, default 10 s.
+    pub body_rate_grace: std::time::Duration,
+    /// Requests handled at once (operations endpoints aside); past it, 503 at once rather
+    /// than a queue. Default 1024.
+    pub max_concurrent_requests: usize,
+    /// Bytes of request bodies held in memory across all requests; a body that would pass it
+    /// gets 503 before it is read. Default 256 MiB; at least [`Limits::largest_body`].
+    pub max_body_memory: usize,
+}
+
+impl Limits {
+    /// The bounds each payload is validated against.
+    pub fn payload(&self) -> fluxa_core::ingest::PayloadLimits {
+        fluxa_core::ingest::PayloadLimits {
+            max_bytes: self.max_payload_bytes,
+            max_depth: self.max_payload_depth,
+        }
+    }
+
+    /// The largest body any route keeps in memory: a batch, or one event of the largest
+    /// payload with its envelope. `max_body_memory` must hold at least this.
+    pub fn largest_body(&self) -> usize {
+        self.max_batch_bytes.max(
+            self.max_payload_bytes
+                .saturating_add(ingest::ENVELOPE_ALLOWANCE),
+        )
+    }
 }
 
 impl Default for Limits {
@@ -47,6 +84,11 @@ impl Default for Limits {
         Self {
             max_payload_bytes: 10 * 1024 * 1024,
             max_batch_bytes: 32 * 1024 * 1024,
+            max_payload_depth: fluxa_core::ingest::PayloadLimits::default().max_depth,
+            min_body_rate: 1024,
+            body_rate_grace: std::time::Duration::from_secs(10),
+            max_concurrent_requests: 1024,
+            max_body_memory: 256 * 1024 * 1024,
         }
     }
 }
@@ -68,13 +110,45 @@ pub struct AppState {
 
 /// Builds the whole API: every route, the 404/405 fallbacks and the middleware stack.
 pub fn app(state: AppState) -> Router {
-    Router::new()
+    // The operations endpoints stay outside the concurrency limit: they read no body, cost
+    // little, and are how an orchestrator and an operator see an overloaded server (a liveness
+    // probe shed with 503 would get a busy but healthy server restarted).
+    let limited = Router::new()
         .merge(ingest::router(&state))
         .merge(query::router(&state))
         .merge(admin::router(&state))
+        .layer(
+            // One semaphore across all these routes (not one per route, as the per-service
+            // `ConcurrencyLimitLayer` would give); a request beyond it is shed at once
+            // rather than left waiting for a slot.
+            tower::ServiceBuilder::new()
+                .layer(axum::error_handling::HandleErrorLayer::new(shed_error))
+                .layer(tower::load_shed::LoadShedLayer::new())
+                .layer(tower::limit::GlobalConcurrencyLimitLayer::new(
+                    state.limits.max_concurrent_requests,
+                )),
+        )
+        .layer(axum::middleware::from_fn_with_state(
+            body::BodyGuards::new(&state.limits),
+            body::guard,
+        ));
+    Router::new()
+        .merge(limited)
         .merge(ops::router())
+        .merge(openapi::router())
+        .route_layer(axum::middleware::from_fn(correlation::stamp_route))
         .fallback(error::not_found_fallback)
         .method_not_allowed_fallback(error::method_not_allowed_fallback)
         .layer(axum::middleware::from_fn(correlation::middleware))
         .with_state(state)
+}
+
+/// The answer to a request the concurrency limit shed: 503 `unavailable` with `Retry-After`.
+async fn shed_error(error: axum::BoxError) -> ApiError {
+    if error.is::<tower::load_shed::error::Overloaded>() {
+        metrics::counter!("fluxa_http_requests_shed_total").increment(1);
+        ApiError::overloaded("the server is handling too many requests; retry later")
+    } else {
+        ApiError::internal(&*error)
+    }
 }

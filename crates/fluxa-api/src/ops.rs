@@ -18,10 +18,30 @@ pub fn router() -> Router<AppState> {
         .route("/metrics", get(metrics_text))
 }
 
+/// Liveness: the process is serving.
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "operations",
+    operation_id = "healthz",
+    responses((status = 200, description = "Alive.", body = crate::openapi::schema::Health)),
+)]
 async fn healthz() -> Response {
     Json(json!({"status": "ok"})).into_response()
 }
 
+/// Readiness: the store, the queue and the blob store are reachable.
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    tag = "operations",
+    operation_id = "readyz",
+    responses(
+        (status = 200, description = "Ready.", body = crate::openapi::schema::Ready),
+        (status = 503, description = "Not ready: the message names what is unreachable; or \
+            the server is at a load limit.", body = crate::openapi::schema::ErrorBody),
+    ),
+)]
 async fn readyz(State(state): State<AppState>) -> Response {
     let (store, queue, blobs) =
         tokio::join!(state.reader.ping(), state.queue.ping(), state.blobs.check());
@@ -47,6 +67,17 @@ async fn readyz(State(state): State<AppState>) -> Response {
     }
 }
 
+/// Prometheus metrics.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "operations",
+    operation_id = "metrics",
+    responses(
+        (status = 200, description = "The Prometheus text exposition format (version 0.0.4).",
+            content_type = "text/plain", body = String),
+    ),
+)]
 async fn metrics_text(State(state): State<AppState>) -> Response {
     // Depths are read at scrape time so they are never stale.
     match state.dead_letters.depth().await {

@@ -1,6 +1,7 @@
 //! `GET /v1/events/{event_id}` and `GET /v1/events/{event_id}/status`: reads only, through an
 //! [`fluxa_store::EventReader`] (seed invariant 7).
 
+use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -13,7 +14,7 @@ use serde_json::json;
 use serde_json::value::RawValue;
 
 use crate::auth::{self, Scope};
-use crate::error::ApiError;
+use crate::error::{path_id, ApiError};
 use crate::AppState;
 
 pub fn router(state: &AppState) -> Router<AppState> {
@@ -26,10 +27,10 @@ pub fn router(state: &AppState) -> Router<AppState> {
         ))
 }
 
-/// An id that breaks the id rules can never have been stored, so it is simply not found.
-fn parse_id(event_id: &str) -> Result<EventId, ApiError> {
-    EventId::parse(event_id)
-        .map_err(|rule| ApiError::not_found(format!("no event with that id (event ids {rule})")))
+/// The path's event id, parsed before any store sees it: an id that breaks the id rules can
+/// never have been stored, so it is simply not found.
+fn parse_id(event_id: Result<Path<String>, PathRejection>) -> Result<EventId, ApiError> {
+    path_id(event_id, EventId::parse, "event_id", "event")
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -55,19 +56,30 @@ fn verified_payload(event: &StoredEvent) -> Result<&RawValue, ApiError> {
     serde_json::from_str(text).map_err(|_| corrupt("it is not JSON"))
 }
 
+/// Read one stored event, its payload byte for byte as ingested.
+#[utoipa::path(
+    get,
+    path = "/v1/events/{event_id}",
+    tag = "query",
+    operation_id = "get_event",
+    params(("event_id" = crate::openapi::schema::EventId, Path, description = "The event id.")),
+    responses(
+        (status = 200, description = "The stored event.", body = EventOut),
+        (status = 404, description = "No event with that id has been stored (or the id \
+            cannot be one).", body = crate::openapi::schema::ErrorBody),
+    ),
+    security(("bearer" = ["read"])),
+)]
 async fn get_event(
     State(state): State<AppState>,
-    Path(event_id): Path<String>,
+    event_id: Result<Path<String>, PathRejection>,
 ) -> Result<Response, ApiError> {
-    let event_id = parse_id(&event_id)?;
+    let event_id = parse_id(event_id)?;
     let event = state
         .reader
         .event(&event_id)
         .await
-        .map_err(|e| {
-            tracing::warn!(error.cause_chain = ?e, error.message = %e, "event lookup failed");
-            ApiError::unavailable("store")
-        })?
+        .map_err(|e| ApiError::from_store(&e))?
         .ok_or_else(|| {
             ApiError::not_found(format!("no event with id {event_id} has been stored"))
         })?;
@@ -90,35 +102,58 @@ async fn get_event(
 }
 
 /// The body of `GET /v1/events/{event_id}`.
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
+#[schema(as = EventOut)]
 struct EventOut<'a> {
+    #[schema(value_type = crate::openapi::schema::EventId)]
     event_id: &'a str,
     event_type: &'a str,
+    #[schema(required = true)]
     source: Option<&'a str>,
+    /// RFC 3339, UTC.
+    #[schema(required = true, format = DateTime)]
     occurred_at: Option<String>,
     /// The payload exactly as ingested.
+    #[schema(value_type = serde_json::Value)]
     payload: &'a RawValue,
+    #[schema(value_type = crate::openapi::schema::PayloadSha256)]
     payload_sha256: &'a str,
     payload_size: u64,
+    #[schema(value_type = crate::openapi::schema::PayloadMode)]
     payload_mode: &'a str,
+    #[schema(value_type = crate::openapi::schema::CorrelationId)]
     correlation_id: &'a str,
+    #[schema(format = DateTime)]
     received_at: String,
+    #[schema(format = DateTime)]
     processed_at: String,
 }
 
+/// Read the processor's record of an event: processing, processed, failed or erased.
+#[utoipa::path(
+    get,
+    path = "/v1/events/{event_id}/status",
+    tag = "query",
+    operation_id = "get_event_status",
+    params(("event_id" = crate::openapi::schema::EventId, Path, description = "The event id.")),
+    responses(
+        (status = 200, description = "The idempotency record.",
+            body = crate::openapi::schema::StatusOut),
+        (status = 404, description = "The processor has never seen that id.",
+            body = crate::openapi::schema::ErrorBody),
+    ),
+    security(("bearer" = ["read"])),
+)]
 async fn get_status(
     State(state): State<AppState>,
-    Path(event_id): Path<String>,
+    event_id: Result<Path<String>, PathRejection>,
 ) -> Result<Response, ApiError> {
-    let event_id = parse_id(&event_id)?;
+    let event_id = parse_id(event_id)?;
     let status = state
         .reader
         .status(&event_id)
         .await
-        .map_err(|e| {
-            tracing::warn!(error.cause_chain = ?e, error.message = %e, "status lookup failed");
-            ApiError::unavailable("store")
-        })?
+        .map_err(|e| ApiError::from_store(&e))?
         .ok_or_else(|| {
             ApiError::not_found(format!("the processor has never seen event id {event_id}"))
         })?;

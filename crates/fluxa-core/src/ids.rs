@@ -70,6 +70,27 @@ impl EventId {
 }
 string_newtype!(EventId);
 
+/// A dead letter's id, as the queue backend chose it (a UUID on the database backends) and the
+/// admin API and CLI show it. Fluxa promises only the id charset, so that an id from a path or a
+/// body that could never be one (NUL, control characters, too long) is turned away before it
+/// reaches a database: 1..=128 characters of `[A-Za-z0-9._:-]`.
+#[derive(Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct DeadLetterId(String);
+
+impl DeadLetterId {
+    pub fn parse(text: &str) -> Result<Self, String> {
+        if is_valid_id(text) {
+            Ok(Self(text.to_owned()))
+        } else {
+            Err(format!(
+                "must be 1 to {ID_MAX_CHARS} characters of [A-Za-z0-9._:-]"
+            ))
+        }
+    }
+}
+string_newtype!(DeadLetterId);
+
 /// The id that ties one request's logs, queue message and stored row together (seed invariant 9).
 #[derive(Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
@@ -163,6 +184,17 @@ mod tests {
         assert!(CorrelationId::parse("a b").is_err());
         assert!(CorrelationId::parse(&"c".repeat(129)).is_err());
         assert!(CorrelationId::parse(CorrelationId::generate().as_str()).is_ok());
+    }
+
+    #[test]
+    fn dead_letter_ids_take_the_id_charset_and_nothing_a_database_could_choke_on() {
+        assert!(DeadLetterId::parse(&uuid::Uuid::new_v4().to_string()).is_ok());
+        assert!(DeadLetterId::parse(&"d".repeat(128)).is_ok());
+        assert!(DeadLetterId::parse(&"d".repeat(129)).is_err());
+        assert!(DeadLetterId::parse("").is_err());
+        assert!(DeadLetterId::parse("a\0b").is_err());
+        assert!(DeadLetterId::parse("a\nb").is_err());
+        assert!(DeadLetterId::parse("a/b").is_err());
     }
 
     #[test]

@@ -47,6 +47,25 @@ impl IngestError {
     }
 }
 
+/// The size and shape bounds a payload must keep (contract section 1).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PayloadLimits {
+    /// Largest accepted payload in bytes (`max_payload_bytes`, default 10 MiB).
+    pub max_bytes: usize,
+    /// Deepest accepted nesting of arrays and objects (`max_payload_depth`, default 128; a
+    /// scalar is depth 0).
+    pub max_depth: usize,
+}
+
+impl Default for PayloadLimits {
+    fn default() -> Self {
+        Self {
+            max_bytes: 10 * 1024 * 1024,
+            max_depth: 128,
+        }
+    }
+}
+
 /// An event that passed every ingest rule. `payload` borrows the request body.
 #[derive(Debug)]
 pub struct ValidatedEvent<'body> {
@@ -110,18 +129,15 @@ pub fn check_json_syntax(body: &[u8]) -> Result<(), IngestError> {
 
 /// Validates one event body (syntax is checked first, so a syntax error anywhere is always
 /// `invalid_json` even if a type error comes earlier in the text).
-pub fn parse_event(
-    body: &[u8],
-    max_payload_bytes: usize,
-) -> Result<ValidatedEvent<'_>, IngestError> {
+pub fn parse_event(body: &[u8], limits: PayloadLimits) -> Result<ValidatedEvent<'_>, IngestError> {
     check_json_syntax(body)?;
-    parse_checked_event(body, max_payload_bytes)
+    parse_checked_event(body, limits)
 }
 
 /// Validates one event whose JSON syntax is already known to be fine (a batch item).
 pub fn parse_checked_event(
     body: &[u8],
-    max_payload_bytes: usize,
+    limits: PayloadLimits,
 ) -> Result<ValidatedEvent<'_>, IngestError> {
     // serde would happily read a struct from a JSON array, so insist on an object first.
     if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
@@ -133,7 +149,48 @@ pub fn parse_checked_event(
     let mut deserializer = serde_json::Deserializer::from_slice(body);
     let event_in: EventIn<'_> = serde_path_to_error::deserialize(&mut deserializer)
         .map_err(|e| data_error(e.path().to_string(), e.into_inner()))?;
-    validate(event_in, max_payload_bytes)
+    validate(event_in, limits)
+}
+
+/// Most events one batch may carry (contract section 1b).
+pub const MAX_BATCH_EVENTS: usize = 1000;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BatchIn<'body> {
+    #[serde(borrow)]
+    events: Vec<&'body RawValue>,
+}
+
+/// Validates a batch body (`{"events": [...]}`): the whole body's problems are one error,
+/// each item's are its own, in order. The body is scanned for syntax once; items are then
+/// borrowed from it, never copied.
+#[allow(clippy::type_complexity)]
+pub fn parse_batch(
+    body: &[u8],
+    limits: PayloadLimits,
+) -> Result<Vec<Result<ValidatedEvent<'_>, IngestError>>, IngestError> {
+    check_json_syntax(body)?;
+    let batch: BatchIn<'_> = serde_json::from_slice(body).map_err(|e| {
+        IngestError::validation(
+            "events",
+            format!("the body must be an object with an \"events\" array ({e})"),
+        )
+    })?;
+    if batch.events.is_empty() || batch.events.len() > MAX_BATCH_EVENTS {
+        return Err(IngestError::validation(
+            "events",
+            format!(
+                "must hold 1 to {MAX_BATCH_EVENTS} events, not {}",
+                batch.events.len()
+            ),
+        ));
+    }
+    Ok(batch
+        .events
+        .into_iter()
+        .map(|raw| parse_checked_event(raw.get().as_bytes(), limits))
+        .collect())
 }
 
 fn data_error(path: String, error: serde_json::Error) -> IngestError {
@@ -163,7 +220,7 @@ fn data_error(path: String, error: serde_json::Error) -> IngestError {
 
 fn validate(
     event_in: EventIn<'_>,
-    max_payload_bytes: usize,
+    limits: PayloadLimits,
 ) -> Result<ValidatedEvent<'_>, IngestError> {
     let event_id =
         EventId::parse(&event_in.event_id).map_err(|m| IngestError::validation("event_id", m))?;
@@ -200,11 +257,20 @@ fn validate(
 
     let payload = event_in.payload;
     let payload_size = payload.get().len();
-    if payload_size > max_payload_bytes {
+    if payload_size > limits.max_bytes {
         return Err(IngestError::PayloadTooLarge {
             size: payload_size,
-            max: max_payload_bytes,
+            max: limits.max_bytes,
         });
+    }
+    if nesting_exceeds(payload.get().as_bytes(), limits.max_depth) {
+        return Err(IngestError::validation(
+            "payload",
+            format!(
+                "nested more than {} levels of arrays and objects deep",
+                limits.max_depth
+            ),
+        ));
     }
     let payload_sha256 = PayloadHash::of(payload.get().as_bytes());
     if let Some(given) = given_hash {
@@ -225,11 +291,59 @@ fn validate(
     })
 }
 
+/// Whether the JSON text `value` nests arrays and objects more than `max_depth` deep.
+///
+/// `value` is already known to be valid JSON (serde_json skipped over it to borrow it as a
+/// `RawValue`, which it does without recursion, so depth costs it nothing and proves nothing).
+/// So this is a byte scan, not a parse: brackets count unless they are inside a string, and
+/// a string ends at the first quote not escaped by a backslash. It stops at the first level
+/// too deep, so a hostile 10 MiB of `[` costs no more than the depth limit.
+fn nesting_exceeds(value: &[u8], max_depth: usize) -> bool {
+    let mut depth = 0usize;
+    let mut bytes = value.iter();
+    while let Some(&byte) = bytes.next() {
+        match byte {
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > max_depth {
+                    return true;
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            b'"' => {
+                while let Some(&byte) = bytes.next() {
+                    match byte {
+                        b'\\' => {
+                            bytes.next();
+                        }
+                        b'"' => break,
+                        _ => {}
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    false
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    const MAX: usize = 10 * 1024 * 1024;
+    const MAX: PayloadLimits = PayloadLimits {
+        max_bytes: 10 * 1024 * 1024,
+        max_depth: 128,
+    };
+
+    /// A payload `depth` levels deep: a scalar inside `depth` arrays.
+    fn nested(depth: usize) -> String {
+        format!("{}1{}", "[".repeat(depth), "]".repeat(depth))
+    }
+
+    fn with_payload(payload: &str) -> String {
+        format!(r#"{{"event_id":"e","event_type":"t","payload":{payload}}}"#)
+    }
 
     fn field_of(result: Result<ValidatedEvent<'_>, IngestError>) -> String {
         match result {
@@ -344,11 +458,12 @@ mod tests {
     #[test]
     fn a_payload_over_the_maximum_is_too_large() {
         let body = br#"{"event_id":"e","event_type":"t","payload":"12345678"}"#;
+        let limit = |max_bytes| PayloadLimits { max_bytes, ..MAX };
         assert_eq!(
-            parse_event(body, 9).unwrap_err().code(),
+            parse_event(body, limit(9)).unwrap_err().code(),
             "payload_too_large"
         );
-        assert!(parse_event(body, 10).is_ok());
+        assert!(parse_event(body, limit(10)).is_ok());
     }
 
     #[test]
@@ -370,5 +485,40 @@ mod tests {
             crate::time::format_rfc3339(&event.occurred_at.unwrap()),
             "2026-11-23T10:00:00.123456Z"
         );
+    }
+
+    #[test]
+    fn a_payload_127_or_128_levels_deep_is_accepted_and_129_is_a_validation_error_on_payload() {
+        for depth in [0, 1, 127, 128] {
+            let body = with_payload(&nested(depth));
+            assert!(parse_event(body.as_bytes(), MAX).is_ok(), "depth {depth}");
+        }
+        let body = with_payload(&nested(129));
+        assert_eq!(field_of(parse_event(body.as_bytes(), MAX)), "payload");
+        let objects = format!(r#"{}1{}"#, r#"{"a":"#.repeat(129), "}".repeat(129));
+        assert_eq!(
+            field_of(parse_event(with_payload(&objects).as_bytes(), MAX)),
+            "payload"
+        );
+    }
+
+    #[test]
+    fn a_payload_100000_levels_deep_is_refused_without_exhausting_the_stack() {
+        let body = with_payload(&nested(100_000));
+        assert_eq!(field_of(parse_event(body.as_bytes(), MAX)), "payload");
+    }
+
+    #[test]
+    fn brackets_inside_strings_do_not_count_towards_the_depth() {
+        let limits = PayloadLimits {
+            max_depth: 2,
+            ..MAX
+        };
+        let payload = r#"[{"k[{":"]]]\"[[[[{{{{\\"}, "[[[["]"#;
+        assert!(parse_event(with_payload(payload).as_bytes(), limits).is_ok());
+        // An escaped quote does not end a string; an escaped backslash before a quote does.
+        assert!(nesting_exceeds(br#"[["\"", [[1]]]]"#, 3));
+        assert!(nesting_exceeds(br#"[["\\", [[1]]]]"#, 3));
+        assert!(!nesting_exceeds(br#"[["\\", [1]]]"#, 3));
     }
 }

@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use secrecy::{ExposeSecret, SecretString};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{Executor, PgPool};
+use sqlx::{Connection, Executor, PgPool};
 
 pub use queue::PgQueue;
 pub use store::{PgReader, PgStore};
@@ -102,9 +102,7 @@ pub async fn open(
         .application_name("fluxa");
     let target = describe_url(url);
     create_database_if_missing(url, &target).await?;
-    let writer = PgPoolOptions::new()
-        .max_connections(pool_size.max(2))
-        .acquire_timeout(ACQUIRE_TIMEOUT)
+    let writer = pool_options(pool_size.max(2))
         .after_connect(|connection, _| {
             Box::pin(async move {
                 connection
@@ -119,9 +117,7 @@ pub async fn open(
             target: target.clone(),
             source,
         })?;
-    let reader = PgPoolOptions::new()
-        .max_connections(READER_POOL_SIZE)
-        .acquire_timeout(ACQUIRE_TIMEOUT)
+    let reader = pool_options(READER_POOL_SIZE)
         .after_connect(|connection, _| {
             Box::pin(async move {
                 connection
@@ -188,10 +184,114 @@ async fn create_database_if_missing(url: &SecretString, target: &str) -> Result<
     }
 }
 
+/// Pool settings shared by every pool of this crate.
+///
+/// A connection that comes back to its pool while sqlx still counts it inside a transaction is
+/// closed, never handed out again: it may hold locks or an aborted transaction that would fail
+/// every later statement. sqlx's `Transaction` already rolls back on drop and a failed ping on
+/// release drops a broken connection; this makes "never reused mid-transaction" hold for every
+/// connection of the crate however it was used, the same rule as the embedded backend's.
+fn pool_options(max_connections: u32) -> PgPoolOptions {
+    PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(ACQUIRE_TIMEOUT)
+        .after_release(|connection, _| Box::pin(async move { Ok(!connection.is_in_transaction()) }))
+}
+
+/// Whether a failed statement was refused for what it asked (a constraint, a value PostgreSQL
+/// cannot take such as a NUL in text, a missing table) rather than failed for the state of the
+/// server (a lost connection, a shutdown, a full disk, a read-only failover, a cancelled or
+/// conflicting transaction: conditions that pass). A refusal is never reported as the database
+/// being down, nor an outage as a refusal.
+pub(crate) fn is_refusal(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Database(error) => {
+            let sqlstate = error.code().unwrap_or_default();
+            let class = sqlstate.get(..2).unwrap_or_default();
+            !(matches!(class, "08" | "40" | "53" | "57" | "58" | "F0" | "XX")
+                || matches!(&*sqlstate, "25006" | "55P03" | "55006"))
+        }
+        sqlx::Error::Encode(_) => true,
+        _ => false,
+    }
+}
+
 pub(crate) async fn ping(pool: &PgPool) -> Result<(), sqlx::Error> {
     sqlx::query("SELECT 1").execute(pool).await.map(|_| ())
 }
 
 pub(crate) fn seconds(duration: Duration) -> f64 {
     duration.as_secs_f64()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::borrow::Cow;
+
+    use sqlx::error::{DatabaseError, ErrorKind};
+
+    /// A server error with only a SQLSTATE, as PostgreSQL would send it.
+    #[derive(Debug, thiserror::Error)]
+    #[error("SQLSTATE {0}")]
+    struct ServerError(&'static str);
+
+    impl DatabaseError for ServerError {
+        fn message(&self) -> &str {
+            self.0
+        }
+
+        fn code(&self) -> Option<Cow<'_, str>> {
+            Some(Cow::Borrowed(self.0))
+        }
+
+        fn as_error(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
+            self
+        }
+
+        fn as_error_mut(&mut self) -> &mut (dyn std::error::Error + Send + Sync + 'static) {
+            self
+        }
+
+        fn into_error(self: Box<Self>) -> Box<dyn std::error::Error + Send + Sync + 'static> {
+            self
+        }
+
+        fn kind(&self) -> ErrorKind {
+            ErrorKind::Other
+        }
+    }
+
+    fn is_refusal(sqlstate: &'static str) -> bool {
+        super::is_refusal(&sqlx::Error::Database(Box::new(ServerError(sqlstate))))
+    }
+
+    #[test]
+    fn the_state_of_the_server_is_an_outage_and_what_a_statement_asked_is_a_refusal() {
+        let outages = [
+            ("08006", "connection failure"),
+            ("40001", "serialization failure"),
+            ("53100", "disk full"),
+            ("57P01", "admin shutdown"),
+            ("57014", "statement timeout"),
+            ("58030", "I/O error"),
+            ("25006", "read-only transaction (a failover to a standby)"),
+            ("55P03", "lock not available"),
+        ];
+        for (sqlstate, what) in outages {
+            assert!(!is_refusal(sqlstate), "{what} ({sqlstate}) is an outage");
+        }
+        let refusals = [
+            ("22021", "a NUL in text"),
+            ("22001", "a value too long"),
+            ("23505", "a unique violation"),
+            ("42P01", "a missing table"),
+        ];
+        for (sqlstate, what) in refusals {
+            assert!(is_refusal(sqlstate), "{what} ({sqlstate}) is a refusal");
+        }
+        assert!(!super::is_refusal(&sqlx::Error::PoolTimedOut));
+        assert!(!super::is_refusal(&sqlx::Error::Io(std::io::Error::other(
+            "connection reset"
+        ))));
+    }
 }

@@ -19,7 +19,7 @@ use sqlx::postgres::{PgListener, PgRow};
 use sqlx::{PgPool, Row};
 use tokio::sync::Notify;
 
-use crate::{seconds, QueueConfig};
+use crate::{is_refusal, seconds, QueueConfig};
 
 /// How often an idle receiver looks again for messages whose retry delay or visibility timeout
 /// has passed (new messages wake it at once through `LISTEN`/`NOTIFY`).
@@ -28,8 +28,14 @@ const IDLE_POLL: Duration = Duration::from_millis(250);
 /// The `NOTIFY` channel on which every send and redrive announces new messages.
 pub(crate) const ENQUEUED_CHANNEL: &str = "fluxa_enqueued";
 
-fn unavailable(error: sqlx::Error) -> Error {
-    Error::unavailable(error)
+/// A statement the database refused (see [`is_refusal`]) is `Rejected`; anything else (no
+/// connection, a timed-out pool, a shutdown, a full disk) means the queue is `Unavailable`.
+fn queue_error(error: sqlx::Error) -> Error {
+    if is_refusal(&error) {
+        Error::rejected(error)
+    } else {
+        Error::unavailable(error)
+    }
 }
 
 /// The shared queue.
@@ -59,9 +65,12 @@ impl Drop for AbortOnDrop {
 impl PgQueue {
     pub(crate) async fn new(pool: PgPool, config: QueueConfig) -> Result<Self, sqlx::Error> {
         let receivers = Receivers::default();
-        let mut listener = PgListener::connect_with(&pool).await?;
-        listener.listen(ENQUEUED_CHANNEL).await?;
-        let relay = tokio::spawn(relay_notifications(listener, receivers.clone()));
+        let listener = listen(&pool).await?;
+        let relay = tokio::spawn(relay_notifications(
+            pool.clone(),
+            listener,
+            receivers.clone(),
+        ));
         let announce = Arc::new(Notify::new());
         let announcer = tokio::spawn(announce_enqueues(pool.clone(), Arc::clone(&announce)));
         Ok(Self {
@@ -126,7 +135,7 @@ impl PgQueue {
         .bind(i64::try_from(max_messages).unwrap_or(i64::MAX))
         .fetch_all(&self.pool)
         .await
-        .map_err(unavailable)?;
+        .map_err(queue_error)?;
 
         let mut received = Received::default();
         let mut deliveries: Vec<(i64, Delivery)> = Vec::with_capacity(rows.len());
@@ -183,15 +192,41 @@ async fn announce_enqueues(pool: PgPool, announce: Arc<Notify>) {
     }
 }
 
-/// Wakes this replica's idle receivers on every `NOTIFY`. `PgListener` reconnects by itself
-/// after an outage; while it is down, receivers fall back to polling.
-async fn relay_notifications(mut listener: PgListener, receivers: Receivers) {
+/// A connection that listens on [`ENQUEUED_CHANNEL`].
+async fn listen(pool: &PgPool) -> Result<PgListener, sqlx::Error> {
+    let mut listener = PgListener::connect_with(pool).await?;
+    listener.listen(ENQUEUED_CHANNEL).await?;
+    Ok(listener)
+}
+
+/// How long the relay waits before listening again after its connection failed.
+const RELISTEN_DELAY: Duration = Duration::from_secs(1);
+
+/// Wakes this replica's idle receivers on every `NOTIFY`. While no connection listens,
+/// receivers fall back to polling (`IDLE_POLL`), so nothing is lost.
+///
+/// `PgListener` reconnects by itself only after the few I/O errors it recognises as a dead
+/// connection; after any other error its connection may be in any state. So on every error the
+/// listener is thrown away (its drop returns the connection through the pool, which closes it if
+/// it is broken) and a new one listens, rather than reusing a connection of unknown state.
+async fn relay_notifications(pool: PgPool, mut listener: PgListener, receivers: Receivers) {
     loop {
         match listener.recv().await {
             Ok(_) => receivers.wake_one(),
             Err(e) => {
                 tracing::debug!(error.message = %e, "queue notification listener interrupted");
-                tokio::time::sleep(Duration::from_secs(1)).await;
+                drop(listener);
+                listener = loop {
+                    tokio::time::sleep(RELISTEN_DELAY).await;
+                    match listen(&pool).await {
+                        Ok(listener) => break listener,
+                        Err(e) => {
+                            tracing::debug!(error.message = %e, "cannot listen for enqueued messages yet");
+                        }
+                    }
+                };
+                // Messages may have been enqueued while no one listened.
+                receivers.wake_one();
             }
         }
     }
@@ -239,14 +274,14 @@ impl Producer for PgQueue {
         .await
         .map_err(|e| SendError {
             sent: vec![None; n_messages],
-            source: unavailable(e),
+            source: queue_error(e),
         })?;
         self.announce_enqueued();
         Ok(message_ids)
     }
 
     async fn ping(&self) -> Result<()> {
-        crate::ping(&self.pool).await.map_err(unavailable)
+        crate::ping(&self.pool).await.map_err(queue_error)
     }
 }
 
@@ -275,7 +310,7 @@ impl Consumer for PgQueue {
         .bind(&receipts)
         .execute(&self.pool)
         .await
-        .map_err(unavailable)?;
+        .map_err(queue_error)?;
         Ok(())
     }
 
@@ -299,7 +334,7 @@ impl Consumer for PgQueue {
         .bind(&error.message)
         .execute(&self.pool)
         .await
-        .map_err(unavailable)?;
+        .map_err(queue_error)?;
         Ok(())
     }
 
@@ -322,7 +357,7 @@ impl Consumer for PgQueue {
         .bind(&error.message)
         .execute(&self.pool)
         .await
-        .map_err(unavailable)?;
+        .map_err(queue_error)?;
         Ok(())
     }
 }
@@ -340,7 +375,7 @@ impl DeadLetterAdmin for PgQueue {
         )
         .fetch_one(&self.pool)
         .await
-        .map_err(unavailable)?;
+        .map_err(queue_error)?;
         let count = |name: &str| u64::try_from(row.get::<i64, _>(name)).unwrap_or(0);
         Ok(QueueDepth {
             pending: count("pending"),
@@ -357,7 +392,7 @@ impl DeadLetterAdmin for PgQueue {
         .bind(i64::try_from(limit).unwrap_or(i64::MAX))
         .fetch_all(&self.pool)
         .await
-        .map_err(unavailable)?;
+        .map_err(queue_error)?;
         Ok(rows
             .iter()
             .map(|row| PendingMessage {
@@ -383,7 +418,7 @@ impl DeadLetterAdmin for PgQueue {
         .bind(i64::try_from(limit).unwrap_or(i64::MAX))
         .fetch_all(&self.pool)
         .await
-        .map_err(unavailable)?;
+        .map_err(queue_error)?;
         Ok(rows.iter().map(dead_letter).collect())
     }
 
@@ -392,7 +427,7 @@ impl DeadLetterAdmin for PgQueue {
             .bind(id)
             .fetch_optional(&self.pool)
             .await
-            .map_err(unavailable)?;
+            .map_err(queue_error)?;
         Ok(row.as_ref().map(dead_letter))
     }
 
@@ -419,7 +454,7 @@ impl DeadLetterAdmin for PgQueue {
         .bind(message_id)
         .fetch_one(&self.pool)
         .await
-        .map_err(unavailable)?;
+        .map_err(queue_error)?;
         if n_moved > 0 {
             self.announce_enqueued();
         }
@@ -437,7 +472,7 @@ impl BlobReferences for PgQueue {
         .bind(key)
         .fetch_one(&self.pool)
         .await
-        .map_err(unavailable)?;
+        .map_err(queue_error)?;
         Ok(referenced)
     }
 }

@@ -20,14 +20,15 @@ use fluxa_store::{
 use sqlx::postgres::PgRow;
 use sqlx::{PgPool, Row};
 
-use crate::seconds;
+use crate::{is_refusal, seconds};
 
-/// A statement the database refused is `Rejected`; anything else (no connection, a timed-out
-/// pool, a failed commit) means the store is `Unavailable`.
-fn unavailable(error: sqlx::Error) -> Error {
-    match error {
-        sqlx::Error::Database(_) => Error::rejected(error),
-        other => Error::unavailable(other),
+/// A statement the database refused (see [`is_refusal`]) is `Rejected`; anything else (no
+/// connection, a timed-out pool, a shutdown, a full disk) means the store is `Unavailable`.
+fn store_error(error: sqlx::Error) -> Error {
+    if is_refusal(&error) {
+        Error::rejected(error)
+    } else {
+        Error::unavailable(error)
     }
 }
 
@@ -201,7 +202,7 @@ impl PgStore {
             .bind(sqlx::query(&sql))
             .fetch_all(&self.pool)
             .await
-            .map_err(unavailable)?;
+            .map_err(store_error)?;
         let inserted: HashSet<String> = rows.iter().map(|row| row.get("event_id")).collect();
         Ok(idxs
             .iter()
@@ -226,7 +227,7 @@ impl PgStore {
         idxs: &[usize],
         results: &mut [Option<WriteResult>],
     ) -> Result<()> {
-        let mut tx = self.pool.begin().await.map_err(unavailable)?;
+        let mut tx = self.pool.begin().await.map_err(store_error)?;
         let event_ids: Vec<&str> = idxs.iter().map(|&i| writes[i].event_id.as_str()).collect();
         let rows = sqlx::query(
             r#"SELECT event_id, status, payload_sha256, lease_token, lease_expires_at, attempts,
@@ -237,7 +238,7 @@ impl PgStore {
         .bind(&event_ids)
         .fetch_all(&mut *tx)
         .await
-        .map_err(unavailable)?;
+        .map_err(store_error)?;
         let mut records = std::collections::HashMap::with_capacity(rows.len());
         for row in &rows {
             records.insert(row.get::<String, _>("event_id"), record_state(row)?);
@@ -292,9 +293,9 @@ impl PgStore {
                 .bind(&columns.bumps)
                 .execute(&mut *tx)
                 .await
-                .map_err(unavailable)?;
+                .map_err(store_error)?;
         }
-        tx.commit().await.map_err(unavailable)?;
+        tx.commit().await.map_err(store_error)?;
         for ((write_idx, attempts), token) in updated.into_iter().zip(columns.tokens) {
             let lease = token.map(|token| Lease {
                 event_id: writes[write_idx].event_id.clone(),
@@ -379,7 +380,7 @@ impl Store for PgStore {
         .bind(&error.message)
         .execute(&self.pool)
         .await
-        .map_err(unavailable)?;
+        .map_err(store_error)?;
         Ok(())
     }
 
@@ -403,12 +404,12 @@ impl Store for PgStore {
         .bind(&messages)
         .execute(&self.pool)
         .await
-        .map_err(unavailable)?;
+        .map_err(store_error)?;
         Ok(())
     }
 
     async fn ping(&self) -> Result<()> {
-        crate::ping(&self.pool).await.map_err(unavailable)
+        crate::ping(&self.pool).await.map_err(store_error)
     }
 }
 
@@ -441,7 +442,7 @@ impl EventReader for PgReader {
         .bind(event_id.as_str())
         .fetch_optional(&self.pool)
         .await
-        .map_err(unavailable)?;
+        .map_err(store_error)?;
         Ok(row.map(|row| StoredEvent {
             event_id: row.get("event_id"),
             event_type: row.get("event_type"),
@@ -466,7 +467,7 @@ impl EventReader for PgReader {
         .bind(event_id.as_str())
         .fetch_optional(&self.pool)
         .await
-        .map_err(unavailable)?;
+        .map_err(store_error)?;
         row.map(|row| {
             let code: Option<String> = row.get("last_error_code");
             let message: Option<String> = row.get("last_error_message");
@@ -486,7 +487,7 @@ impl EventReader for PgReader {
     }
 
     async fn ping(&self) -> Result<()> {
-        crate::ping(&self.pool).await.map_err(unavailable)
+        crate::ping(&self.pool).await.map_err(store_error)
     }
 }
 

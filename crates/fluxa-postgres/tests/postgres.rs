@@ -222,3 +222,60 @@ fn a_urls_password_never_appears_in_its_description() {
     assert_eq!(described, "db.internal:6543/events");
     assert!(!format!("{url:?}").contains("hunter2"));
 }
+
+/// A value PostgreSQL cannot store (text with a NUL) is a refusal, never reported as the
+/// database being down, and the same handles keep working after it.
+#[tokio::test]
+async fn a_value_postgresql_refuses_is_reported_as_rejected_not_as_an_outage() {
+    use fluxa_core::{ErrorCode, EventId, FailureInfo};
+    use fluxa_queue::DeadLetterAdmin;
+    use fluxa_store::Store;
+
+    let db = TestDatabase::create().await;
+    let backends = db.open(Duration::from_secs(60)).await;
+    let error = backends
+        .queue
+        .get_dead_letter("a\0b")
+        .await
+        .expect_err("PostgreSQL cannot take a NUL in text");
+    assert!(
+        matches!(error, fluxa_queue::Error::Rejected(_)),
+        "a refused value is not an outage: {error:?}"
+    );
+    let error = backends
+        .queue
+        .list_dead_letters(10, Some("\0"))
+        .await
+        .expect_err("PostgreSQL cannot take a NUL in text");
+    assert!(
+        matches!(error, fluxa_queue::Error::Rejected(_)),
+        "a refused value is not an outage: {error:?}"
+    );
+    let error = backends
+        .store
+        .record_error(
+            &EventId::parse("nul-note").unwrap(),
+            &FailureInfo::new(ErrorCode::Internal, "a\0b"),
+        )
+        .await
+        .expect_err("PostgreSQL cannot take a NUL in text");
+    assert!(
+        matches!(error, fluxa_store::Error::Rejected(_)),
+        "a refused value is not an outage: {error:?}"
+    );
+
+    assert!(backends
+        .queue
+        .get_dead_letter("no-such-id")
+        .await
+        .unwrap()
+        .is_none());
+    backends
+        .store
+        .record_error(
+            &EventId::parse("nul-note").unwrap(),
+            &FailureInfo::new(ErrorCode::Internal, "fine"),
+        )
+        .await
+        .unwrap();
+}

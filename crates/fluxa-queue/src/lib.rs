@@ -32,16 +32,27 @@ use fluxa_core::{FailureClass, FailureInfo};
 
 pub use receivers::Receivers;
 
-/// Queue failures. Every one of them is transient from the processor's point of view.
+/// Queue failures. Every one of them is transient from the processor's point of view; the
+/// variants tell an operator-facing caller (the admin API) an outage from a refusal.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// The backend is out of reach or cannot work right now (no connection, a full disk, an
+    /// I/O error): the same request may succeed later.
     #[error("queue unavailable")]
     Unavailable(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// The backend answered but refused the request (a constraint, a value it cannot store):
+    /// it says nothing about the queue being down, and the same request will fail again.
+    #[error("queue refused a request")]
+    Rejected(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
 
 impl Error {
     pub fn unavailable(source: impl std::error::Error + Send + Sync + 'static) -> Self {
         Self::Unavailable(Box::new(source))
+    }
+
+    pub fn rejected(source: impl std::error::Error + Send + Sync + 'static) -> Self {
+        Self::Rejected(Box::new(source))
     }
 }
 

@@ -95,6 +95,17 @@ pub struct Config {
     pub api_tokens: Option<SecretString>,
     /// Allows serving without tokens on a non-loopback address.
     pub insecure_no_auth: bool,
+    /// A connection must deliver a request's headers within this, counted from the connection's
+    /// start or from the first byte of a later request on it (contract: 10 s).
+    pub header_read_timeout: Duration,
+    /// An idle keep-alive connection is closed after this (contract: 60 s).
+    pub keep_alive_timeout: Duration,
+    /// Open connections at most; `None` ("auto") means the open-file limit, raised to its
+    /// hard limit at start, less a reserve for the database, blob files and logs.
+    pub max_connections: Option<usize>,
+    /// How long a stopping server lets in-flight requests finish before it closes what is left
+    /// (contract: 20 s).
+    pub shutdown_grace: Duration,
 }
 
 /// The one place the defaults are written (payload limits come from [`Limits::default`]);
@@ -120,6 +131,10 @@ impl Default for Config {
             blob_grace: Duration::from_secs(3600),
             api_tokens: None,
             insecure_no_auth: false,
+            header_read_timeout: Duration::from_secs(10),
+            keep_alive_timeout: Duration::from_secs(60),
+            max_connections: None,
+            shutdown_grace: Duration::from_secs(20),
         }
     }
 }
@@ -263,6 +278,76 @@ pub const SETTINGS: &[Setting] = &[
         "FLUXA_MAX_BATCH_BYTES",
         "BYTES",
         "Largest accepted batch request body in bytes.",
+    ),
+    setting(
+        "max_payload_depth",
+        "max-payload-depth",
+        "FLUXA_MAX_PAYLOAD_DEPTH",
+        "N",
+        "Deepest accepted nesting of arrays and objects in a payload (deeper: 400).",
+    ),
+    setting(
+        "header_read_timeout",
+        "header-read-timeout",
+        "FLUXA_HEADER_READ_TIMEOUT",
+        "DURATION",
+        "A client must send a request's headers within this, from the connection's start or \
+         from the first byte of a later request on it; otherwise it is disconnected.",
+    ),
+    setting(
+        "keep_alive_timeout",
+        "keep-alive-timeout",
+        "FLUXA_KEEP_ALIVE_TIMEOUT",
+        "DURATION",
+        "An idle keep-alive connection is closed after this.",
+    ),
+    setting(
+        "min_body_rate",
+        "min-body-rate",
+        "FLUXA_MIN_BODY_RATE",
+        "BYTES",
+        "Bytes per second a request body must average once --body-rate-grace has passed; \
+         slower: 408 request_timeout and the connection is closed.",
+    ),
+    setting(
+        "body_rate_grace",
+        "body-rate-grace",
+        "FLUXA_BODY_RATE_GRACE",
+        "DURATION",
+        "How long a request body may arrive at any pace before --min-body-rate applies.",
+    ),
+    setting(
+        "max_concurrent_requests",
+        "max-concurrent-requests",
+        "FLUXA_MAX_CONCURRENT_REQUESTS",
+        "N",
+        "Requests handled at once (/healthz, /readyz and /metrics aside); beyond it: 503 \
+         unavailable with Retry-After, at once.",
+    ),
+    setting(
+        "max_body_memory",
+        "max-body-memory",
+        "FLUXA_MAX_BODY_MEMORY",
+        "BYTES",
+        "Bytes of request bodies held in memory across all requests; a body that would pass \
+         it gets 503 unavailable before it is read. At least the largest accepted body.",
+    ),
+    setting(
+        "max_connections",
+        "max-connections",
+        "FLUXA_MAX_CONNECTIONS",
+        "N",
+        "Open connections at most; further clients wait in the accept queue. auto: the \
+         open-file limit (raised to its hard limit at start) less a reserve for the database, \
+         blob files and logs.",
+    ),
+    setting(
+        "shutdown_grace",
+        "shutdown-grace",
+        "FLUXA_SHUTDOWN_GRACE",
+        "DURATION",
+        "On SIGTERM/SIGINT, how long in-flight requests may take to finish before the \
+         connections left are closed.",
     ),
     setting(
         "visibility_timeout",
@@ -475,6 +560,22 @@ impl Config {
             "batch_size" => self.batch_size = count(text)?,
             "max_payload_bytes" => self.limits.max_payload_bytes = count(text)?,
             "max_batch_bytes" => self.limits.max_batch_bytes = count(text)?,
+            "max_payload_depth" => self.limits.max_payload_depth = count(text)?,
+            "header_read_timeout" => self.header_read_timeout = duration(text)?,
+            "keep_alive_timeout" => self.keep_alive_timeout = duration(text)?,
+            "min_body_rate" => self.limits.min_body_rate = count(text)?,
+            "body_rate_grace" => self.limits.body_rate_grace = duration(text)?,
+            "max_concurrent_requests" => self.limits.max_concurrent_requests = count(text)?,
+            "max_body_memory" => self.limits.max_body_memory = count(text)?,
+            "max_connections" => {
+                self.max_connections = match text.trim() {
+                    "auto" => None,
+                    _ => {
+                        Some(count(text).map_err(|_| "must be a whole number or auto".to_owned())?)
+                    }
+                };
+            }
+            "shutdown_grace" => self.shutdown_grace = duration(text)?,
             "visibility_timeout" => self.visibility_timeout = duration(text)?,
             "lease" => self.lease = duration(text)?,
             "max_receives" => self.max_receives = count(text)?,
@@ -507,6 +608,15 @@ impl Config {
             "batch_size" => d.batch_size.to_string(),
             "max_payload_bytes" => d.limits.max_payload_bytes.to_string(),
             "max_batch_bytes" => d.limits.max_batch_bytes.to_string(),
+            "max_payload_depth" => d.limits.max_payload_depth.to_string(),
+            "header_read_timeout" => duration(d.header_read_timeout),
+            "keep_alive_timeout" => duration(d.keep_alive_timeout),
+            "min_body_rate" => d.limits.min_body_rate.to_string(),
+            "body_rate_grace" => duration(d.limits.body_rate_grace),
+            "max_concurrent_requests" => d.limits.max_concurrent_requests.to_string(),
+            "max_body_memory" => d.limits.max_body_memory.to_string(),
+            "max_connections" => "auto".to_owned(),
+            "shutdown_grace" => duration(d.shutdown_grace),
             "visibility_timeout" => duration(d.visibility_timeout),
             "lease" => duration(d.lease),
             "max_receives" => d.max_receives.to_string(),
@@ -540,6 +650,33 @@ impl Config {
         anyhow::ensure!(
             self.limits.max_payload_bytes >= 1 && self.limits.max_batch_bytes >= 1,
             "--max-payload-bytes and --max-batch-bytes must be positive"
+        );
+        anyhow::ensure!(
+            !self.header_read_timeout.is_zero() && !self.keep_alive_timeout.is_zero(),
+            "--header-read-timeout and --keep-alive-timeout must be positive"
+        );
+        anyhow::ensure!(
+            self.limits.min_body_rate >= 1 && !self.limits.body_rate_grace.is_zero(),
+            "--min-body-rate and --body-rate-grace must be positive"
+        );
+        anyhow::ensure!(
+            self.limits.max_concurrent_requests >= 1,
+            "--max-concurrent-requests must be at least 1"
+        );
+        anyhow::ensure!(
+            self.max_connections != Some(0),
+            "--max-connections must be at least 1 (or auto)"
+        );
+        anyhow::ensure!(
+            !self.shutdown_grace.is_zero(),
+            "--shutdown-grace must be positive"
+        );
+        // Else the largest accepted body could never be read and would always get 503.
+        anyhow::ensure!(
+            self.limits.max_body_memory >= self.limits.largest_body(),
+            "--max-body-memory must be at least the largest accepted body ({} bytes: \
+             --max-batch-bytes, or --max-payload-bytes plus 64 KiB for its envelope)",
+            self.limits.largest_body()
         );
         let backends = self.backends()?;
         let tokens = match &self.api_tokens {

@@ -2,7 +2,8 @@
 //! run until the shutdown token is cancelled. The `fluxa` binary is a thin CLI over this.
 //!
 //! Entry points take a pre-bound listener and a `CancellationToken`, so tests can bind port 0
-//! and stop a server without signals.
+//! and stop a server without signals. [`http`] is the connection loop the API is served with:
+//! timeouts, the connection cap and the shutdown deadline.
 
 use std::sync::Arc;
 
@@ -16,6 +17,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 mod config;
+pub mod http;
 
 pub use config::{
     setting_named, BackendChoice, BlobBackend, Config, FlagKind, QueueBackend, Role, Setting,
@@ -173,26 +175,45 @@ pub fn backend_name(config: &Config) -> String {
     }
 }
 
+/// Clients the kernel holds, connected but not yet accepted. tokio's `bind` asks for 128, which
+/// a burst fills while the server is at its connection cap; past it new clients' handshakes are
+/// dropped and retried only after seconds. Linux caps it at `net.core.somaxconn` (4096).
+const LISTEN_BACKLOG: u32 = 1024;
+
 /// Binds the configured address.
 pub async fn bind(config: &Config) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(config.bind)
-        .await
-        .with_context(|| format!("failed to bind {}", config.bind))
+    let bound = || -> std::io::Result<TcpListener> {
+        let socket = if config.bind.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        // As `TcpListener::bind` does, so a restart does not wait out TIME_WAIT.
+        #[cfg(unix)]
+        socket.set_reuseaddr(true)?;
+        socket.bind(config.bind)?;
+        socket.listen(LISTEN_BACKLOG)
+    };
+    bound().with_context(|| format!("failed to bind {}", config.bind))
 }
 
 /// Runs Fluxa until `shutdown` is cancelled, then stops accepting, finishes in-flight requests
-/// and messages, and returns.
+/// and messages, and returns. Requests get at most `shutdown_grace` to finish; connections
+/// still open after it are dropped, so a stalled client cannot keep the process alive.
 pub async fn run(
     validated: ValidatedConfig,
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let config = validated.config();
+    // Before anything opens a file: the database and the connection cap both need the room.
+    let file_limit = http::raise_file_limit();
     let backends = open_validated(&validated).await?;
     let local_addr = listener
         .local_addr()
         .context("the listener has no local address")?;
 
+    let serve_options = http::ServeOptions::new(config, file_limit);
     let api = config.role.runs_api().then(|| {
         let state = AppState {
             queue: Arc::clone(&backends.queue.producer),
@@ -205,12 +226,7 @@ pub async fn run(
         };
         let app = fluxa_api::app(state);
         let shutdown = shutdown.clone();
-        async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(async move { shutdown.cancelled().await })
-                .await
-                .context("the HTTP server failed")
-        }
+        http::serve(listener, app, serve_options, shutdown)
     });
     let workers = config.role.runs_workers().then(|| {
         let processor = Processor::new(
@@ -247,15 +263,13 @@ pub async fn run(
         workers = if config.role.runs_workers() { config.workers } else { 0 },
         data_dir = %config.data_dir.display(),
         backend = backend_name(config),
+        max_connections = serve_options.max_connections,
         "fluxa started"
     );
     let api_task = async {
         match api {
             Some(api) => api.await,
-            None => {
-                shutdown.cancelled().await;
-                Ok(())
-            }
+            None => shutdown.cancelled().await,
         }
     };
     let worker_task = async {
@@ -263,9 +277,9 @@ pub async fn run(
             workers.await;
         }
     };
-    let (api_result, ()) = tokio::join!(api_task, worker_task);
+    tokio::join!(api_task, worker_task);
     tracing::info!("fluxa stopped");
-    api_result
+    Ok(())
 }
 
 /// Cancels `token` on SIGINT or SIGTERM.

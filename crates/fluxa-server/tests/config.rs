@@ -357,3 +357,89 @@ fn serving_without_tokens_on_a_public_address_is_refused() {
     ])
     .is_ok());
 }
+
+#[test]
+fn the_client_protection_defaults_are_the_contracts_numbers() {
+    let config = Config::default();
+    assert_eq!(config.header_read_timeout, Duration::from_secs(10));
+    assert_eq!(config.keep_alive_timeout, Duration::from_secs(60));
+    assert_eq!(config.limits.min_body_rate, 1024);
+    assert_eq!(config.limits.body_rate_grace, Duration::from_secs(10));
+    assert_eq!(config.shutdown_grace, Duration::from_secs(20));
+    assert_eq!(
+        config.max_connections, None,
+        "auto: below the open-file limit"
+    );
+    assert!(config.limits.max_body_memory >= config.limits.largest_body());
+}
+
+#[test]
+fn the_client_protection_settings_load_from_the_file_the_environment_and_flags() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = write_file(
+        dir.path(),
+        "header_read_timeout = \"2s\"\nmin_body_rate = 4096\nmax_connections = 300\n",
+    );
+    let loaded = Config::load(Sources {
+        file: Some(file),
+        env: env(&[
+            ("FLUXA_KEEP_ALIVE_TIMEOUT", "90s"),
+            ("FLUXA_BODY_RATE_GRACE", "500ms"),
+            ("FLUXA_MAX_BODY_MEMORY", "67108864"),
+        ]),
+        flags: flags(&[
+            ("max_concurrent_requests", "64"),
+            ("shutdown_grace", "5s"),
+            ("max_connections", "auto"),
+        ]),
+    })
+    .unwrap();
+    let config = loaded.config();
+    assert_eq!(config.header_read_timeout, Duration::from_secs(2));
+    assert_eq!(config.keep_alive_timeout, Duration::from_secs(90));
+    assert_eq!(config.limits.min_body_rate, 4096);
+    assert_eq!(config.limits.body_rate_grace, Duration::from_millis(500));
+    assert_eq!(config.limits.max_body_memory, 64 * 1024 * 1024);
+    assert_eq!(config.limits.max_concurrent_requests, 64);
+    assert_eq!(config.shutdown_grace, Duration::from_secs(5));
+    assert_eq!(
+        config.max_connections, None,
+        "the flag's auto beats the file"
+    );
+    let loaded = load_env(&[("FLUXA_MAX_CONNECTIONS", "300")]).unwrap();
+    assert_eq!(loaded.config().max_connections, Some(300));
+}
+
+#[test]
+fn client_protection_settings_that_would_switch_a_protection_off_are_refused() {
+    for (variable, value, message) in [
+        ("FLUXA_HEADER_READ_TIMEOUT", "0s", "--header-read-timeout"),
+        ("FLUXA_KEEP_ALIVE_TIMEOUT", "0s", "--keep-alive-timeout"),
+        ("FLUXA_MIN_BODY_RATE", "0", "--min-body-rate"),
+        ("FLUXA_BODY_RATE_GRACE", "0s", "--body-rate-grace"),
+        (
+            "FLUXA_MAX_CONCURRENT_REQUESTS",
+            "0",
+            "--max-concurrent-requests",
+        ),
+        ("FLUXA_MAX_CONNECTIONS", "0", "--max-connections"),
+        ("FLUXA_SHUTDOWN_GRACE", "0s", "--shutdown-grace"),
+        ("FLUXA_MAX_CONNECTIONS", "many", "FLUXA_MAX_CONNECTIONS"),
+    ] {
+        let error = error_of(load_env(&[(variable, value)]));
+        assert!(error.contains(message), "{variable}={value}: {error}");
+    }
+}
+
+#[test]
+fn a_body_memory_bound_below_the_largest_accepted_body_is_refused() {
+    // The default batch limit is 32 MiB: a 16 MiB bound could never hold such a batch.
+    let error = error_of(load_env(&[("FLUXA_MAX_BODY_MEMORY", "16777216")]));
+    assert!(error.contains("--max-body-memory"), "{error}");
+    assert!(load_env(&[
+        ("FLUXA_MAX_BODY_MEMORY", "16777216"),
+        ("FLUXA_MAX_BATCH_BYTES", "8388608"),
+        ("FLUXA_MAX_PAYLOAD_BYTES", "8388608"),
+    ])
+    .is_ok());
+}

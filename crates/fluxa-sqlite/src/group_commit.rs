@@ -6,6 +6,10 @@
 //! caller gets its own error, while the others still commit. A caller is answered only after
 //! the group's COMMIT (so "Ok" still means "on disk"); if the COMMIT fails, every caller in the
 //! group gets an error and none of their writes happened.
+//!
+//! A group whose transaction fails (a full disk, an I/O error) hands its connection back to the
+//! pool, which closes it if it is still inside a transaction (`crate::pool_options`): the next
+//! group starts on a clean connection, so the writer recovers as soon as the cause is gone.
 
 use std::panic::AssertUnwindSafe;
 
@@ -56,9 +60,12 @@ impl GroupCommit {
                 let result = write(connection).await;
                 let succeeded = result.is_ok();
                 let finish: Finish = Box::new(move |commit_error| {
-                    let outcome = match commit_error {
-                        None => result,
-                        Some(text) => Err(aborted(&text)),
+                    // A write that failed reports its own error whatever became of the group:
+                    // it is the precise cause (a full disk, a refused value), and either way
+                    // nothing of it was committed.
+                    let outcome = match (commit_error, result) {
+                        (None, result) | (Some(_), result @ Err(_)) => result,
+                        (Some(text), Ok(_)) => Err(aborted(&text)),
                     };
                     let _ = answer.send(outcome);
                 });
@@ -116,13 +123,15 @@ async fn commit_group(
         // its savepoint is rolled back and its caller, whose answer channel the panic dropped,
         // gets an error.
         match AssertUnwindSafe(write(&mut savepoint)).catch_unwind().await {
+            // Each caller is owed an answer once its write has run, even if what follows
+            // fails the group.
             Ok((true, finish)) => {
-                savepoint.commit().await?;
                 finishes.push(finish);
+                savepoint.commit().await?;
             }
             Ok((false, finish)) => {
-                savepoint.rollback().await?;
                 finishes.push(finish);
+                savepoint.rollback().await?;
             }
             Err(_) => {
                 tracing::error!("a database write panicked; it was rolled back");
@@ -135,6 +144,9 @@ async fn commit_group(
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
     use super::*;
 
     async fn writer() -> (tempfile::TempDir, GroupCommit) {
@@ -178,6 +190,55 @@ mod tests {
             })
             .await
             .unwrap()
+    }
+
+    /// A writer whose every connection fails its COMMITs while `failing` is set, the way a full
+    /// disk or an I/O error does: SQLite turns the COMMIT into a ROLLBACK and reports an error.
+    async fn failing_writer(failing: Arc<AtomicBool>) -> (tempfile::TempDir, GroupCommit) {
+        let dir = tempfile::tempdir().unwrap();
+        let options = sqlx::sqlite::SqliteConnectOptions::new()
+            .filename(dir.path().join("t.db"))
+            .create_if_missing(true);
+        let pool = crate::pool_options(1)
+            .after_connect(move |connection, _| {
+                let failing = Arc::clone(&failing);
+                Box::pin(async move {
+                    let mut handle = connection.lock_handle().await?;
+                    handle.set_commit_hook(move || !failing.load(Ordering::SeqCst));
+                    Ok(())
+                })
+            })
+            .connect_with(options)
+            .await
+            .unwrap();
+        sqlx::query("CREATE TABLE t (n INTEGER NOT NULL UNIQUE)")
+            .execute(&pool)
+            .await
+            .unwrap();
+        (dir, GroupCommit::start(pool))
+    }
+
+    #[tokio::test]
+    async fn after_a_failed_commit_the_writer_recovers_once_commits_succeed_again() {
+        let failing = Arc::new(AtomicBool::new(false));
+        let (_dir, commit) = failing_writer(Arc::clone(&failing)).await;
+        commit.run(insert(1)).await.unwrap();
+        failing.store(true, Ordering::SeqCst);
+        for n in [2, 3] {
+            let error = commit.run(insert(n)).await.unwrap_err();
+            assert!(
+                error.to_string().contains("not committed"),
+                "unexpected error: {error}"
+            );
+        }
+        failing.store(false, Ordering::SeqCst);
+        // The same writer, without reopening anything: the connection that was left inside the
+        // failed transaction must not be reused as it is.
+        commit
+            .run(insert(4))
+            .await
+            .expect("a write after the cause is gone");
+        assert_eq!(count(&commit).await, 2, "only 1 and 4 were committed");
     }
 
     #[tokio::test]

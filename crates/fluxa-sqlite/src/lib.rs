@@ -11,6 +11,8 @@
 
 mod group_commit;
 mod queue;
+#[cfg(test)]
+mod recovery_tests;
 mod store;
 
 use std::path::Path;
@@ -18,7 +20,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::SqlitePool;
+use sqlx::{Connection, SqlitePool};
 
 pub use queue::SqliteQueue;
 pub use store::{SqliteReader, SqliteStore};
@@ -73,18 +75,33 @@ fn connect_options(path: &Path) -> SqliteConnectOptions {
         .pragma("wal_autocheckpoint", WAL_AUTOCHECKPOINT_PAGES)
 }
 
+/// Pool settings shared by every pool of this crate.
+///
+/// A connection that comes back to its pool while sqlx still counts it inside a transaction is
+/// closed, never handed out again. Why: when a transaction fails (a COMMIT on a full disk, an
+/// I/O error), dropping sqlx's `Transaction` only queues a `ROLLBACK`; if SQLite has already
+/// rolled the transaction back by itself, that `ROLLBACK` fails, sqlx never lowers its
+/// transaction depth, and every later `BEGIN` on the connection fails with "attempted to call
+/// begin_with at non-zero transaction depth" for as long as the process lives. A fresh
+/// connection costs one open, and only after a failure. This check runs on every release, so it
+/// covers every transaction of this crate (the group-commit writers' above all), present and
+/// future, rather than one call site.
+pub(crate) fn pool_options(max_connections: u32) -> SqlitePoolOptions {
+    SqlitePoolOptions::new()
+        .max_connections(max_connections)
+        .after_release(|connection, _| Box::pin(async move { Ok(!connection.is_in_transaction()) }))
+}
+
 async fn open_pools(path: &Path, n_readers: u32) -> Result<Pools, Error> {
     let open_error = |source| Error::Open {
         path: path.display().to_string(),
         source,
     };
-    let writer = SqlitePoolOptions::new()
-        .max_connections(1)
+    let writer = pool_options(1)
         .connect_with(connect_options(path).create_if_missing(true))
         .await
         .map_err(open_error)?;
-    let reader = SqlitePoolOptions::new()
-        .max_connections(n_readers.max(1))
+    let reader = pool_options(n_readers.max(1))
         .connect_with(connect_options(path).read_only(true))
         .await
         .map_err(open_error)?;
@@ -136,6 +153,52 @@ pub struct QueueConfig {
     /// Receives after which the next receive dead-letters the message as `retries_exhausted`.
     pub max_receives: u32,
 }
+
+/// Whether a failed statement was refused for what it asked (a constraint, a missing table, a
+/// value SQLite cannot take) rather than failed for the state of the database (full, unwritable,
+/// broken, locked, out of memory: conditions that pass, after which the same statement works).
+/// A refusal is never reported as the backend being down, nor an outage as a refusal.
+pub(crate) fn is_refusal(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Database(error) => {
+            let code = error.code().and_then(|code| code.parse::<i32>().ok());
+            // The primary result code is the low byte of the extended one.
+            !matches!(
+                code.map(|code| code & 0xff),
+                Some(
+                    SQLITE_PERM
+                        | SQLITE_BUSY
+                        | SQLITE_LOCKED
+                        | SQLITE_NOMEM
+                        | SQLITE_READONLY
+                        | SQLITE_INTERRUPT
+                        | SQLITE_IOERR
+                        | SQLITE_CORRUPT
+                        | SQLITE_FULL
+                        | SQLITE_CANTOPEN
+                        | SQLITE_PROTOCOL
+                        | SQLITE_NOTADB
+                )
+            )
+        }
+        sqlx::Error::Encode(_) => true,
+        _ => false,
+    }
+}
+
+// SQLite's primary result codes for the state of the database (https://sqlite.org/rescode.html).
+const SQLITE_PERM: i32 = 3;
+const SQLITE_BUSY: i32 = 5;
+const SQLITE_LOCKED: i32 = 6;
+const SQLITE_NOMEM: i32 = 7;
+const SQLITE_READONLY: i32 = 8;
+const SQLITE_INTERRUPT: i32 = 9;
+const SQLITE_IOERR: i32 = 10;
+const SQLITE_CORRUPT: i32 = 11;
+const SQLITE_FULL: i32 = 13;
+const SQLITE_CANTOPEN: i32 = 14;
+const SQLITE_PROTOCOL: i32 = 15;
+const SQLITE_NOTADB: i32 = 26;
 
 pub(crate) fn now_millis() -> i64 {
     chrono::Utc::now().timestamp_millis()

@@ -28,7 +28,7 @@ use sqlx::sqlite::SqliteRow;
 use sqlx::{Row, SqliteConnection};
 
 use crate::group_commit::GroupCommit;
-use crate::{millis, now_millis, Pools, QueueConfig};
+use crate::{is_refusal, millis, now_millis, Pools, QueueConfig};
 
 /// Most rows one multi-row statement carries, far below SQLite's limit on bound parameters.
 const ROWS_PER_STATEMENT: usize = 500;
@@ -37,8 +37,14 @@ const ROWS_PER_STATEMENT: usize = 500;
 /// process enqueued (messages enqueued by this process wake it at once).
 const IDLE_POLL: Duration = Duration::from_millis(250);
 
-fn unavailable(error: sqlx::Error) -> Error {
-    Error::unavailable(error)
+/// A statement the database refused (see [`is_refusal`]) is `Rejected`; anything else (a full
+/// disk, an I/O error, a timed-out pool, a failed commit) means the queue is `Unavailable`.
+fn queue_error(error: sqlx::Error) -> Error {
+    if is_refusal(&error) {
+        Error::rejected(error)
+    } else {
+        Error::unavailable(error)
+    }
 }
 
 /// The embedded queue.
@@ -67,7 +73,7 @@ impl SqliteQueue {
         self.writes
             .run(move |connection| Box::pin(receive(connection, config, max_messages)))
             .await
-            .map_err(unavailable)
+            .map_err(queue_error)
     }
 }
 
@@ -246,7 +252,7 @@ impl Producer for SqliteQueue {
             .await
             .map_err(|e| SendError {
                 sent: vec![None; n_messages],
-                source: unavailable(e),
+                source: queue_error(e),
             })?;
         self.receivers.wake_one();
         Ok(message_ids)
@@ -256,7 +262,7 @@ impl Producer for SqliteQueue {
         sqlx::query("SELECT 1")
             .execute(&self.pools.reader)
             .await
-            .map_err(unavailable)?;
+            .map_err(queue_error)?;
         Ok(())
     }
 }
@@ -297,7 +303,7 @@ impl Consumer for SqliteQueue {
                 })
             })
             .await
-            .map_err(unavailable)
+            .map_err(queue_error)
     }
 
     async fn retry_later(
@@ -328,7 +334,7 @@ impl Consumer for SqliteQueue {
                 })
             })
             .await
-            .map_err(unavailable)
+            .map_err(queue_error)
     }
 
     async fn dead_letter(&self, delivery: &Delivery, error: &FailureInfo) -> Result<()> {
@@ -360,7 +366,7 @@ impl Consumer for SqliteQueue {
                 })
             })
             .await
-            .map_err(unavailable)
+            .map_err(queue_error)
     }
 }
 
@@ -379,7 +385,7 @@ impl DeadLetterAdmin for SqliteQueue {
         .bind(now)
         .fetch_one(&self.pools.reader)
         .await
-        .map_err(unavailable)?;
+        .map_err(queue_error)?;
         let count = |name: &str| u64::try_from(row.get::<i64, _>(name)).unwrap_or(0);
         Ok(QueueDepth {
             pending: count("pending"),
@@ -396,7 +402,7 @@ impl DeadLetterAdmin for SqliteQueue {
         .bind(i64::try_from(limit).unwrap_or(i64::MAX))
         .fetch_all(&self.pools.reader)
         .await
-        .map_err(unavailable)?;
+        .map_err(queue_error)?;
         Ok(rows
             .iter()
             .map(|row| PendingMessage {
@@ -422,7 +428,7 @@ impl DeadLetterAdmin for SqliteQueue {
         .bind(i64::try_from(limit).unwrap_or(i64::MAX))
         .fetch_all(&self.pools.reader)
         .await
-        .map_err(unavailable)?;
+        .map_err(queue_error)?;
         Ok(rows.iter().map(dead_letter).collect())
     }
 
@@ -431,7 +437,7 @@ impl DeadLetterAdmin for SqliteQueue {
             .bind(id)
             .fetch_optional(&self.pools.reader)
             .await
-            .map_err(unavailable)?;
+            .map_err(queue_error)?;
         Ok(row.as_ref().map(dead_letter))
     }
 
@@ -467,7 +473,7 @@ impl DeadLetterAdmin for SqliteQueue {
                 })
             })
             .await
-            .map_err(unavailable)?;
+            .map_err(queue_error)?;
         if n_moved > 0 {
             self.receivers.wake_one();
         }
@@ -485,7 +491,7 @@ impl BlobReferences for SqliteQueue {
         .bind(key)
         .fetch_one(&self.pools.reader)
         .await
-        .map_err(unavailable)?;
+        .map_err(queue_error)?;
         Ok(referenced)
     }
 }

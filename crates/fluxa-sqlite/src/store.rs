@@ -18,14 +18,15 @@ use sqlx::sqlite::SqliteRow;
 use sqlx::{Row, SqliteConnection};
 
 use crate::group_commit::GroupCommit;
-use crate::{millis, now_millis, Pools};
+use crate::{is_refusal, millis, now_millis, Pools};
 
-/// A statement the database refused is `Rejected`; anything else (no connection, a timed-out
-/// pool, a failed commit) means the store is `Unavailable`.
-fn unavailable(error: sqlx::Error) -> Error {
-    match error {
-        sqlx::Error::Database(_) => Error::rejected(error),
-        other => Error::unavailable(other),
+/// A statement the database refused (see [`is_refusal`]) is `Rejected`; anything else (a full
+/// disk, an I/O error, a timed-out pool, a failed commit) means the store is `Unavailable`.
+fn store_error(error: sqlx::Error) -> Error {
+    if is_refusal(&error) {
+        Error::rejected(error)
+    } else {
+        Error::unavailable(error)
     }
 }
 
@@ -51,7 +52,7 @@ impl Store for SqliteStore {
         self.writes
             .run(move |connection| Box::pin(apply_batch(connection, writes)))
             .await
-            .map_err(unavailable)
+            .map_err(store_error)
     }
 
     async fn record_error(&self, event_id: &EventId, error: &FailureInfo) -> Result<()> {
@@ -79,7 +80,7 @@ impl Store for SqliteStore {
                 })
             })
             .await
-            .map_err(unavailable)
+            .map_err(store_error)
     }
 
     async fn mark_exhausted(&self, exhausted: &[(EventId, FailureInfo)]) -> Result<()> {
@@ -110,7 +111,7 @@ impl Store for SqliteStore {
                 })
             })
             .await
-            .map_err(unavailable)
+            .map_err(store_error)
     }
 
     async fn ping(&self) -> Result<()> {
@@ -368,7 +369,7 @@ impl EventReader for SqliteReader {
         .bind(event_id.as_str())
         .fetch_optional(&self.reader)
         .await
-        .map_err(unavailable)?;
+        .map_err(store_error)?;
         row.map(|row| stored_event(&row)).transpose()
     }
 
@@ -381,7 +382,7 @@ impl EventReader for SqliteReader {
         .bind(event_id.as_str())
         .fetch_optional(&self.reader)
         .await
-        .map_err(unavailable)?;
+        .map_err(store_error)?;
         row.map(|row| event_status(&row)).transpose()
     }
 
@@ -394,7 +395,7 @@ async fn ping(pool: &sqlx::SqlitePool) -> Result<()> {
     sqlx::query("SELECT 1")
         .execute(pool)
         .await
-        .map_err(unavailable)?;
+        .map_err(store_error)?;
     Ok(())
 }
 

@@ -22,10 +22,14 @@ use fluxa_core::{
 /// Store failures; all transient from the processor's point of view.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// The database is out of reach or cannot work right now (no connection, a full disk, an
+    /// I/O error, a failed commit): the same statements may succeed later, and retrying them
+    /// one by one now would only fail each in turn.
     #[error("store unavailable")]
     Unavailable(#[source] Box<dyn std::error::Error + Send + Sync>),
-    /// The database answered but refused a statement (a constraint, a missing table, a full
-    /// disk): retrying the writes one by one may isolate the one it refuses.
+    /// The database answered but refused a statement for what it asked (a constraint, a missing
+    /// table, a value it cannot store): retrying the writes one by one may isolate the one it
+    /// refuses. Never a sign that the database is down.
     #[error("store refused a statement")]
     Rejected(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error("store holds a malformed record: {0}")]

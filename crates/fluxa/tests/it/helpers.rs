@@ -70,6 +70,18 @@ impl TestData {
         Self::with_backend(Backend::Embedded).await
     }
 
+    /// A test's own data directory inside `parent` (a small filesystem a test fills up), on
+    /// the embedded backend.
+    #[allow(dead_code)] // Unused by tests/postgres_outage.rs, which shares this module.
+    pub async fn new_embedded_in(parent: &Path) -> Self {
+        Self {
+            dir: tempfile::tempdir_in(parent).expect("temp dir"),
+            database: None,
+            backends: tokio::sync::OnceCell::new(),
+            pg_pool: tokio::sync::OnceCell::new(),
+        }
+    }
+
     async fn with_backend(backend: Backend) -> Self {
         let database = match backend {
             Backend::Embedded => None,
@@ -115,7 +127,19 @@ impl TestData {
             // The environment, not the command line: that is where a DSN belongs.
             all_envs.push(("FLUXA_DATABASE_URL", url));
         }
-        TestApp::start(self.path(), args, &all_envs).await
+        TestApp::start(&[], self.path(), args, &all_envs).await
+    }
+
+    /// Starts a server as [`TestData::spawn`] does, but through `launcher`, a command that sets
+    /// something up and then execs `fluxa` (`prlimit --nofile=256:256`), so the server keeps the
+    /// launcher's pid and [`TestApp::terminate`] still reaches it.
+    pub async fn spawn_under(&self, launcher: &[&str], args: &[&str]) -> TestApp {
+        let database_url = self.database_url();
+        let envs: Vec<(&str, &str)> = database_url
+            .iter()
+            .map(|url| ("FLUXA_DATABASE_URL", url.as_str()))
+            .collect();
+        TestApp::start(launcher, self.path(), args, &envs).await
     }
 
     /// `fluxa` with this test's backend selected (for CLI commands).
@@ -304,8 +328,20 @@ pub fn fluxa_command() -> Command {
 }
 
 impl TestApp {
-    async fn start(data_dir: &Path, args: &[&str], envs: &[(&str, &str)]) -> TestApp {
-        let mut command = fluxa_command();
+    async fn start(
+        launcher: &[&str],
+        data_dir: &Path,
+        args: &[&str],
+        envs: &[(&str, &str)],
+    ) -> TestApp {
+        let mut command = match launcher.split_first() {
+            None => fluxa_command(),
+            Some((program, launcher_args)) => {
+                let mut command = Command::new(program);
+                command.args(launcher_args).arg(env!("CARGO_BIN_EXE_fluxa"));
+                command
+            }
+        };
         command.arg("serve");
         if !args.contains(&"--bind") {
             command.args(["--bind", "127.0.0.1:0"]);

@@ -204,6 +204,84 @@ async fn a_payload_over_max_payload_bytes_is_refused_with_413() {
     assert_eq!(response.status(), 413);
 }
 
+/// `[[…]]` nested `depth` levels deep.
+fn nested(depth: usize) -> String {
+    format!("{}{}", "[".repeat(depth), "]".repeat(depth))
+}
+
+#[tokio::test]
+async fn a_payload_deeper_than_max_payload_depth_is_a_400_naming_payload_alone_and_in_a_batch() {
+    let data = TestData::new().await;
+    let app = data.spawn(&["--role", "api"]).await;
+    let single = |event_id: &str, depth: usize| {
+        format!(
+            r#"{{"event_id":"{event_id}","event_type":"t","payload":{}}}"#,
+            nested(depth)
+        )
+    };
+    for depth in [127, 128] {
+        let response = app
+            .post_raw(
+                "/v1/events",
+                single(&format!("d{depth}"), depth),
+                Some("application/json"),
+            )
+            .await;
+        assert_eq!(response.status(), 202, "depth {depth}");
+    }
+    for depth in [129, 100_000] {
+        let response = app
+            .post_raw(
+                "/v1/events",
+                single("deep", depth),
+                Some("application/json"),
+            )
+            .await;
+        assert_eq!(response.status(), 400, "depth {depth}");
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "validation_error");
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .starts_with("payload"),
+            "{body}"
+        );
+    }
+    let batch = format!(
+        r#"{{"events":[{},{}]}}"#,
+        single("shallow", 128),
+        single("deep", 100_000)
+    );
+    let response = app
+        .post_raw("/v1/events/batch", batch, Some("application/json"))
+        .await;
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["accepted"], 1);
+    assert_eq!(body["results"][0]["status"], 202);
+    assert_eq!(body["results"][1]["status"], 400);
+    assert_eq!(body["results"][1]["error"]["code"], "validation_error");
+
+    // The limit is a setting.
+    let strict = data
+        .spawn(&["--role", "api", "--max-payload-depth", "2"])
+        .await;
+    let response = strict
+        .post_raw("/v1/events", single("three", 3), Some("application/json"))
+        .await;
+    assert_eq!(response.status(), 400);
+    crate::reliability::record(crate::reliability::Trial {
+        scenario: "deep JSON",
+        tried: "payloads 127, 128, 129 and 100,000 levels deep, alone and in a batch",
+        requests: 5,
+        accepted: 3,
+        lost: 0,
+        duplicated: 0,
+        observed: "127 and 128 deep: 202; 129 and 100,000 deep: 400 naming payload".to_owned(),
+    });
+}
+
 #[tokio::test]
 async fn sending_the_same_event_twice_is_accepted_twice_and_stored_once() {
     let data = TestData::new().await;

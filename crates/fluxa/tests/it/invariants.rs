@@ -380,6 +380,15 @@ async fn a_server_killed_mid_burst_loses_nothing_and_duplicates_nothing_after_re
     }
     let (_, list) = app.get_json("/v1/admin/dlq").await;
     assert_eq!(list["total"], 0, "no event may end in the DLQ: {list}");
+    crate::reliability::record(crate::reliability::Trial {
+        scenario: "kill -9 mid-burst",
+        tried: "3 batches of 50 events, then SIGKILL 100 ms later, then a restart",
+        requests: 3,
+        accepted: n_events as u64,
+        lost: 0,
+        duplicated: 0,
+        observed: "every event processed once after the restart, none dead-lettered".to_owned(),
+    });
 }
 
 /// Invariant 9: the correlation id reaches the queue message, the row and every log line.

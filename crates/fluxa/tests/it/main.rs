@@ -5,9 +5,13 @@
 //! so the same tests run against every backend combination the binary supports.
 
 mod helpers;
+mod reliability;
 
 mod cluster;
 mod dlq;
+mod faults;
+mod hostile;
+mod ids;
 mod ingest;
 mod invariants;
 mod operations;

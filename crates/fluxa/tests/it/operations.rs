@@ -38,6 +38,67 @@ async fn health_readiness_and_metrics_answer() {
     }
 }
 
+/// The metric series (sample lines) `/metrics` exposes now.
+async fn series(app: &crate::helpers::TestApp) -> Vec<String> {
+    let text = app.get("/metrics").await.text().await.unwrap();
+    text.lines()
+        .filter(|line| !line.starts_with('#') && !line.is_empty())
+        .filter_map(|line| line.rsplit_once(' ').map(|(key, _)| key.to_owned()))
+        .collect()
+}
+
+#[tokio::test]
+async fn invented_methods_and_paths_add_no_series_to_metrics() {
+    let data = TestData::new().await;
+    let app = data.spawn(&["--role", "api"]).await;
+    let invent = |i: usize| {
+        let method = reqwest::Method::from_bytes(format!("X{i}FOO").as_bytes()).unwrap();
+        (method, app.url(&format!("/v1/invented/{i}?q={i}")))
+    };
+    // One of each kind first: the fixed series they map to may appear once.
+    let (method, url) = invent(0);
+    app.client.request(method, &url).send().await.unwrap();
+    app.client.get(&url).send().await.unwrap();
+    app.get("/v1/events/known-route-unknown-id").await;
+    series(&app).await;
+    let before = series(&app).await;
+    for i in 1..=100 {
+        let (method, url) = invent(i);
+        let response = app.client.request(method, &url).send().await.unwrap();
+        assert!(response.status().is_client_error());
+        app.client.get(&url).send().await.unwrap();
+        app.get(&format!("/v1/events/unknown-{i}")).await;
+    }
+    let after = series(&app).await;
+    let added: Vec<&String> = after.iter().filter(|s| !before.contains(s)).collect();
+    assert!(added.is_empty(), "new series: {added:?}");
+    let labelled: Vec<&String> = after
+        .iter()
+        .filter(|s| s.starts_with("fluxa_http_requests_total"))
+        .collect();
+    assert!(
+        labelled
+            .iter()
+            .any(|s| s.contains(r#"method="other""#) && s.contains(r#"route="unmatched""#)),
+        "{labelled:?}"
+    );
+    assert!(
+        labelled
+            .iter()
+            .any(|s| s.contains(r#"route="/v1/events/{event_id}""#)),
+        "{labelled:?}"
+    );
+    crate::reliability::record(crate::reliability::Trial {
+        scenario: "invented methods and paths",
+        tried: "100 invented methods, 100 unknown paths and 100 unknown ids",
+        requests: 300,
+        accepted: 0,
+        lost: 0,
+        duplicated: 0,
+        observed: format!("0 new series ({} before and after)", before.len()),
+    });
+}
+
 #[tokio::test]
 async fn sigterm_stops_the_server_with_exit_code_0_and_loses_no_accepted_event() {
     let data = TestData::new().await;
@@ -61,7 +122,17 @@ async fn sigterm_stops_the_server_with_exit_code_0_and_loses_no_accepted_event()
     for i in 0..200 {
         app.wait_for_status(&format!("grace-{i}"), "processed")
             .await;
+        assert_eq!(data.count_event_rows(&format!("grace-{i}")).await, 1);
     }
+    crate::reliability::record(crate::reliability::Trial {
+        scenario: "SIGTERM with a backlog",
+        tried: "a batch of 200 events, then SIGTERM at once, then a restart",
+        requests: 1,
+        accepted: 200,
+        lost: 0,
+        duplicated: 0,
+        observed: "exit 0; every event processed once after the restart".to_owned(),
+    });
 }
 
 #[tokio::test]

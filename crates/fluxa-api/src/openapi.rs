@@ -1,0 +1,856 @@
+//! `GET /v1/openapi.json`: the OpenAPI 3.1 document of the whole API (contract section 7).
+//!
+//! Each handler describes itself with `#[utoipa::path]` (its path, method, body, success and
+//! handler-made errors) and each response type with `ToSchema`; [`ApiDoc`] lists the handlers.
+//! What the shared layers do to *every* route (correlation id, bearer auth, load shedding, body
+//! limits and timeouts) is added here by [`document_layers`], in one place, the way the layers
+//! themselves wrap every route. The tests at the bottom read the `.route(…)` calls in this
+//! crate's source, so a route served but not documented (or documented but not served) fails
+//! `cargo test`, and so does an operation whose documented scope is not its router's.
+//! (utoipa-axum's `OpenApiRouter` would make one registration serve both, but only by
+//! rebuilding every resource's `router()` and `app()`'s layering around it; the test gives the
+//! same guarantee without that.)
+//!
+//! The document is served without authentication, like `/healthz`: it describes the public
+//! contract, holds no data, and a client or a tester needs it before it has a token (contract
+//! section 5 scopes `GET /v1/events…` and `/v1/admin/…`, and this path is neither).
+
+use std::sync::LazyLock;
+
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use bytes::Bytes;
+use serde_json::{json, Map, Value};
+use utoipa::OpenApi;
+
+/// The pattern of event ids and correlation ids (contract section 1).
+const ID_PATTERN: &str = "^[A-Za-z0-9._:-]{1,128}$";
+
+/// The name of the bearer security scheme operations refer to.
+const BEARER: &str = "bearer";
+
+/// The error codes of contract section 6, by the status they come with. A 4xx the table does
+/// not name is answered as `validation_error` (see `correlation::into_contract_error`).
+const ERROR_CODES: &[(&str, &[&str])] = &[
+    (
+        "400",
+        &["invalid_json", "validation_error", "hash_mismatch"],
+    ),
+    ("401", &["unauthorized"]),
+    ("403", &["forbidden"]),
+    ("404", &["not_found"]),
+    ("405", &["method_not_allowed"]),
+    ("408", &["request_timeout"]),
+    ("409", &["conflict"]),
+    ("413", &["payload_too_large"]),
+    ("415", &["unsupported_media_type"]),
+    ("500", &["internal"]),
+    ("503", &["unavailable"]),
+];
+
+pub fn router<S: Clone + Send + Sync + 'static>() -> Router<S> {
+    Router::new().route("/v1/openapi.json", get(serve_document))
+}
+
+/// The OpenAPI 3.1 document of this API.
+#[utoipa::path(
+    get,
+    path = "/v1/openapi.json",
+    tag = "operations",
+    operation_id = "openapi_document",
+    responses(
+        (status = 200, description = "This document.", content_type = "application/json",
+            body = Object),
+    ),
+)]
+async fn serve_document() -> Response {
+    // Built once: the document depends only on the code.
+    static DOCUMENT: LazyLock<Bytes> = LazyLock::new(|| {
+        Bytes::from(serde_json::to_vec(&document()).expect("a JSON value always serializes"))
+    });
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        DOCUMENT.clone(),
+    )
+        .into_response()
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "Fluxa",
+        version = "1",
+        description = "Fluxa's HTTP API: ingest events, read them back, operate the dead-letter \
+            queue. Every error answer has the body `{\"error\": {\"code\", \"message\", \
+            \"correlation_id\"}}`; a method a path does not support gets 405 \
+            `method_not_allowed` and a path that does not exist 404 `not_found`, with that \
+            body. Every response carries `X-Correlation-ID`. Bearer tokens with scopes \
+            (`ingest`, `read`, `admin`) are required when the server has tokens configured; \
+            a server without tokens (loopback only) ignores them.",
+    ),
+    paths(
+        crate::ingest::ingest_one,
+        crate::ingest::ingest_batch,
+        crate::query::get_event,
+        crate::query::get_status,
+        crate::admin::list,
+        crate::admin::show,
+        crate::admin::redrive,
+        crate::ops::healthz,
+        crate::ops::readyz,
+        crate::ops::metrics_text,
+        serve_document,
+    ),
+    components(schemas(schema::ErrorBody, schema::CorrelationId)),
+    tags(
+        (name = "ingest", description = "Send events (scope `ingest`)."),
+        (name = "query", description = "Read stored events and their status (scope `read`)."),
+        (name = "admin", description = "Operate the dead-letter queue (scope `admin`)."),
+        (name = "operations", description = "Liveness, readiness, metrics and this document \
+            (no token needed)."),
+    ),
+)]
+struct ApiDoc;
+
+/// The whole document: what the handlers and types say, then what the layers add.
+pub(crate) fn document() -> Value {
+    let mut doc = serde_json::to_value(ApiDoc::openapi()).expect("the document serializes");
+    document_layers(&mut doc);
+    doc
+}
+
+/// Adds to every operation what the layers around the handlers do, and the keywords utoipa
+/// cannot express (a header's `required`, `not`).
+fn document_layers(doc: &mut Value) {
+    doc["components"]["securitySchemes"] = json!({
+        BEARER: {
+            "type": "http",
+            "scheme": "bearer",
+            "description": "An API token configured with `--api-tokens` (`SCOPES=TOKEN`). \
+                The scopes an operation needs are listed in its security requirement: \
+                `ingest`, `read` or `admin`. Missing or unknown token: 401; a token without \
+                the scope: 403.",
+        }
+    });
+    let paths = doc["paths"]
+        .as_object_mut()
+        .expect("the document has paths");
+    for path_item in paths.values_mut() {
+        let path_item = path_item.as_object_mut().expect("a path item is an object");
+        for (method, operation) in path_item.iter_mut() {
+            if is_method(method) {
+                document_operation_layers(operation);
+            }
+        }
+    }
+    // JSON Schema's `pattern` cannot say "not `.` or `..`" without a look-around, which not
+    // every tester's regex engine has, and utoipa 5 has no `not` keyword.
+    doc["components"]["schemas"]["EventId"]["not"] = json!({"enum": [".", ".."]});
+}
+
+fn is_method(key: &str) -> bool {
+    matches!(
+        key,
+        "get" | "put" | "post" | "delete" | "options" | "head" | "patch" | "trace"
+    )
+}
+
+fn document_operation_layers(operation: &mut Value) {
+    let secured = operation["security"]
+        .as_array()
+        .is_some_and(|requirements| !requirements.is_empty());
+    let takes_body = operation.get("requestBody").is_some();
+
+    let parameters = operation
+        .as_object_mut()
+        .expect("an operation is an object")
+        .entry("parameters")
+        .or_insert_with(|| json!([]));
+    parameters
+        .as_array_mut()
+        .expect("parameters are an array")
+        .push(json!({
+            "name": "X-Correlation-ID",
+            "in": "header",
+            "required": false,
+            "description": "Ties this request's logs, queue message and stored event together. \
+                Absent: a UUIDv4 is generated. Present but invalid (empty included): 400, and \
+                the error body carries a freshly generated id.",
+            "schema": correlation_id_ref(),
+        }));
+
+    let responses = operation["responses"]
+        .as_object_mut()
+        .expect("an operation has responses");
+    // The correlation middleware wraps every route.
+    add_error_response(
+        responses,
+        "400",
+        "Bad request: an invalid X-Correlation-ID header, or an invalid parameter or body.",
+    );
+    add_error_response(
+        responses,
+        "500",
+        "An unexpected failure (a generic message; the cause is logged).",
+    );
+    if secured {
+        // `app()` puts exactly the routers that require a scope (ingest, query, admin) behind
+        // the concurrency limit and the body guards; the operations routes stay outside them.
+        add_error_response(
+            responses,
+            "503",
+            "Unavailable: the server is at its concurrency or body-memory limit, or a backend \
+             it needs is down. Retry after `Retry-After` seconds.",
+        );
+        add_error_response(
+            responses,
+            "401",
+            "No bearer token, or not a configured one.",
+        );
+        add_error_response(
+            responses,
+            "403",
+            "The token lacks the scope this operation needs.",
+        );
+    }
+    if takes_body {
+        add_error_response(
+            responses,
+            "408",
+            "The body arrived too slowly (under 1 KiB/s on average after a 10 s grace).",
+        );
+        add_error_response(responses, "413", "The body is over its size limit.");
+        add_error_response(
+            responses,
+            "415",
+            "Content-Type is not application/json (parameters such as charset are allowed).",
+        );
+    }
+
+    for (status, response) in responses.iter_mut() {
+        let headers = response
+            .as_object_mut()
+            .expect("a response is an object")
+            .entry("headers")
+            .or_insert_with(|| json!({}));
+        headers["X-Correlation-ID"] = json!({
+            "description": "The request's correlation id: the one it carried, or a generated \
+                UUIDv4.",
+            "required": true,
+            "schema": correlation_id_ref(),
+        });
+        match status.as_str() {
+            "503" => {
+                headers["Retry-After"] = json!({
+                    "description": "Seconds to wait before retrying.",
+                    "required": true,
+                    "schema": {"type": "string", "pattern": "^[0-9]+$"},
+                });
+            }
+            "401" => {
+                headers["WWW-Authenticate"] = json!({
+                    "description": "The authentication scheme: `Bearer`.",
+                    "required": true,
+                    "schema": {"type": "string"},
+                });
+            }
+            _ => {}
+        }
+        narrow_error_codes(status, response);
+    }
+}
+
+/// Adds an error response for `status` unless the handler already documents one.
+fn add_error_response(responses: &mut Map<String, Value>, status: &str, description: &str) {
+    responses.entry(status).or_insert_with(|| {
+        json!({
+            "description": description,
+            "content": {"application/json": {"schema": error_body_ref()}},
+        })
+    });
+}
+
+fn correlation_id_ref() -> Value {
+    json!({"$ref": "#/components/schemas/CorrelationId"})
+}
+
+fn error_body_ref() -> Value {
+    json!({"$ref": "#/components/schemas/ErrorBody"})
+}
+
+/// An error response's body names the codes its status can carry, so a 401 saying `forbidden`
+/// does not conform.
+fn narrow_error_codes(status: &str, response: &mut Value) {
+    let Some(schema) = response.pointer_mut("/content/application~1json/schema") else {
+        return;
+    };
+    if *schema != error_body_ref() {
+        return;
+    }
+    let codes = ERROR_CODES
+        .iter()
+        .find(|(code_status, _)| *code_status == status)
+        .map_or(&["validation_error"][..], |(_, codes)| codes);
+    *schema = json!({
+        "allOf": [
+            error_body_ref(),
+            {"properties": {"error": {"properties": {"code": {"enum": codes}}}}},
+        ]
+    });
+}
+
+/// Schemas of bodies that are read or built as raw JSON (the ingest body is parsed in
+/// `fluxa-core`; several answers are `json!` values). They are never constructed: they exist
+/// to be described, and schemathesis checks every real answer against them.
+#[allow(dead_code)]
+pub(crate) mod schema {
+    use serde::{Deserialize, Serialize};
+    use utoipa::openapi::{ObjectBuilder, RefOr, Schema, Type};
+    use utoipa::{PartialSchema, ToSchema};
+
+    use super::ID_PATTERN;
+
+    /// Declares a named string schema with a pattern, for fields to refer to by
+    /// `value_type`.
+    macro_rules! string_schema {
+        ($name:ident, $pattern:expr, $description:literal) => {
+            #[doc = $description]
+            pub struct $name;
+
+            impl PartialSchema for $name {
+                fn schema() -> RefOr<Schema> {
+                    ObjectBuilder::new()
+                        .schema_type(Type::String)
+                        .pattern(Some($pattern))
+                        .description(Some($description))
+                        .into()
+                }
+            }
+
+            impl ToSchema for $name {}
+        };
+    }
+
+    string_schema!(
+        EventId,
+        ID_PATTERN,
+        "A producer-chosen event id: 1 to 128 characters of `[A-Za-z0-9._:-]`, not `.` or `..`."
+    );
+    string_schema!(
+        DeadLetterId,
+        ID_PATTERN,
+        "A dead letter's id, as the list shows it: 1 to 128 characters of `[A-Za-z0-9._:-]`."
+    );
+    string_schema!(
+        CorrelationId,
+        ID_PATTERN,
+        "A correlation id: 1 to 128 characters of `[A-Za-z0-9._:-]`."
+    );
+    string_schema!(
+        PayloadSha256,
+        "^[0-9a-f]{64}$",
+        "The SHA-256 of the payload bytes, in lowercase hex."
+    );
+
+    /// Every error answer.
+    #[derive(Serialize, ToSchema)]
+    #[serde(deny_unknown_fields)]
+    pub struct ErrorBody {
+        pub error: ErrorDetail,
+    }
+
+    #[derive(Serialize, ToSchema)]
+    #[serde(deny_unknown_fields)]
+    pub struct ErrorDetail {
+        pub code: ErrorCode,
+        /// What went wrong; a validation error names the field.
+        pub message: String,
+        /// The request's correlation id (also in `X-Correlation-ID`).
+        #[schema(value_type = CorrelationId)]
+        pub correlation_id: String,
+    }
+
+    /// The contract's error codes (section 6).
+    #[derive(Serialize, ToSchema)]
+    #[serde(rename_all = "snake_case")]
+    pub enum ErrorCode {
+        InvalidJson,
+        ValidationError,
+        HashMismatch,
+        PayloadTooLarge,
+        UnsupportedMediaType,
+        Unauthorized,
+        Forbidden,
+        NotFound,
+        MethodNotAllowed,
+        Conflict,
+        RequestTimeout,
+        Unavailable,
+        Internal,
+    }
+
+    /// One event, as `POST /v1/events` takes it and as each item of a batch.
+    #[derive(Deserialize, ToSchema)]
+    #[serde(deny_unknown_fields)]
+    pub struct EventIn {
+        #[schema(value_type = EventId)]
+        pub event_id: String,
+        /// What happened, e.g. `order.created`: 1 to 128 characters, no control characters.
+        #[schema(
+            min_length = 1,
+            max_length = 128,
+            pattern = "^[^\\x00-\\x1f\\x7f-\\x9f]*$"
+        )]
+        pub event_type: String,
+        /// The producer: at most 256 characters, no control characters.
+        #[schema(max_length = 256, pattern = "^[^\\x00-\\x1f\\x7f-\\x9f]*$")]
+        pub source: Option<String>,
+        /// When it happened (RFC 3339); stored normalised to UTC, to microseconds.
+        #[schema(format = DateTime)]
+        pub occurred_at: Option<String>,
+        /// Any JSON value. Its exact bytes in the request are hashed, stored and returned.
+        #[schema(value_type = Value)]
+        pub payload: serde_json::Value,
+        /// The SHA-256 of the payload bytes, if the producer wants it checked (a different
+        /// hash: 400 `hash_mismatch`).
+        #[schema(value_type = Option<PayloadSha256>)]
+        pub payload_sha256: Option<String>,
+    }
+
+    /// The body of `POST /v1/events/batch`.
+    #[derive(Deserialize, ToSchema)]
+    #[serde(deny_unknown_fields)]
+    pub struct BatchIn {
+        /// 1 to 1000 events, each judged on its own.
+        #[schema(min_items = 1, max_items = 1000)]
+        pub events: Vec<EventIn>,
+    }
+
+    /// Where a payload travels: inside the queue message, or in the blob store (over 256 KiB).
+    #[derive(Serialize, ToSchema)]
+    pub enum PayloadMode {
+        #[serde(rename = "INLINE")]
+        Inline,
+        #[serde(rename = "S3")]
+        S3,
+    }
+
+    /// 202 from `POST /v1/events`: the event is durably queued.
+    #[derive(Serialize, ToSchema)]
+    #[serde(deny_unknown_fields)]
+    pub struct IngestAccepted {
+        #[schema(value_type = EventId)]
+        pub event_id: String,
+        #[schema(value_type = CorrelationId)]
+        pub correlation_id: String,
+        #[schema(value_type = PayloadSha256)]
+        pub payload_sha256: String,
+        /// The payload's length in bytes.
+        pub payload_size: u64,
+        pub payload_mode: PayloadMode,
+    }
+
+    /// 200 from `POST /v1/events/batch`: per-item results, in request order.
+    #[derive(Serialize, ToSchema)]
+    #[serde(deny_unknown_fields)]
+    pub struct BatchOut {
+        /// The request's correlation id, which every item shares.
+        #[schema(value_type = CorrelationId)]
+        pub correlation_id: String,
+        pub accepted: u64,
+        pub rejected: u64,
+        pub results: Vec<BatchItemOut>,
+    }
+
+    #[derive(Serialize, ToSchema)]
+    #[serde(untagged)]
+    pub enum BatchItemOut {
+        Accepted(BatchItemAccepted),
+        Rejected(BatchItemRejected),
+    }
+
+    /// An item that is durably queued.
+    #[derive(Serialize, ToSchema)]
+    #[serde(deny_unknown_fields)]
+    pub struct BatchItemAccepted {
+        /// The item's position in the request.
+        pub index: u64,
+        /// Always 202.
+        #[schema(minimum = 202, maximum = 202)]
+        pub status: u16,
+        #[schema(value_type = EventId)]
+        pub event_id: String,
+        #[schema(value_type = PayloadSha256)]
+        pub payload_sha256: String,
+        pub payload_size: u64,
+        pub payload_mode: PayloadMode,
+    }
+
+    /// An item that was refused; the others are unaffected.
+    #[derive(Serialize, ToSchema)]
+    #[serde(deny_unknown_fields)]
+    pub struct BatchItemRejected {
+        pub index: u64,
+        /// 400 (`validation_error`, `hash_mismatch`), 413 (`payload_too_large`) or 503
+        /// (`unavailable`: the queue took the other items but not this one).
+        #[schema(minimum = 400, maximum = 599)]
+        pub status: u16,
+        pub error: CodeMessage,
+    }
+
+    /// An error without a correlation id (the enclosing answer has it).
+    #[derive(Serialize, ToSchema)]
+    #[serde(deny_unknown_fields)]
+    pub struct CodeMessage {
+        pub code: String,
+        pub message: String,
+    }
+
+    /// 200 from `GET /v1/events/{event_id}/status`: the processor's idempotency record.
+    #[derive(Serialize, ToSchema)]
+    #[serde(deny_unknown_fields)]
+    pub struct StatusOut {
+        #[schema(value_type = EventId)]
+        pub event_id: String,
+        pub status: ProcessingStatus,
+        /// Deliveries that reached the processor.
+        pub attempts: u64,
+        /// The last failure, if any.
+        pub last_error: Option<CodeMessage>,
+        #[schema(format = DateTime)]
+        pub updated_at: String,
+    }
+
+    #[derive(Serialize, ToSchema)]
+    #[serde(rename_all = "snake_case")]
+    pub enum ProcessingStatus {
+        Processing,
+        Processed,
+        Failed,
+        Erased,
+    }
+
+    /// The body of `POST /v1/admin/dlq/redrive`: one selector. (The handler reads it as a
+    /// struct of three optional members and checks that exactly one is given; this is the
+    /// same rule as a schema.)
+    #[derive(Deserialize, ToSchema)]
+    #[serde(untagged)]
+    pub enum RedriveIn {
+        All(RedriveAll),
+        ByEventId(RedriveByEventId),
+        ById(RedriveById),
+    }
+
+    /// Every dead letter.
+    #[derive(Deserialize, ToSchema)]
+    #[serde(deny_unknown_fields)]
+    pub struct RedriveAll {
+        #[schema(value_type = True)]
+        pub all: bool,
+    }
+
+    /// Every dead letter of one event.
+    #[derive(Deserialize, ToSchema)]
+    #[serde(deny_unknown_fields)]
+    pub struct RedriveByEventId {
+        #[schema(value_type = EventId)]
+        pub event_id: String,
+    }
+
+    /// One dead letter.
+    #[derive(Deserialize, ToSchema)]
+    #[serde(deny_unknown_fields)]
+    pub struct RedriveById {
+        #[schema(value_type = DeadLetterId)]
+        pub id: String,
+    }
+
+    /// The JSON value `true`.
+    pub struct True;
+
+    impl PartialSchema for True {
+        fn schema() -> RefOr<Schema> {
+            ObjectBuilder::new()
+                .schema_type(Type::Boolean)
+                .enum_values(Some([true]))
+                .into()
+        }
+    }
+
+    impl ToSchema for True {}
+
+    /// 200 from `POST /v1/admin/dlq/redrive`.
+    #[derive(Serialize, ToSchema)]
+    #[serde(deny_unknown_fields)]
+    pub struct RedriveOut {
+        /// Dead letters moved back to the queue.
+        pub redriven: u64,
+    }
+
+    /// 200 from `GET /healthz`.
+    #[derive(Serialize, ToSchema)]
+    #[serde(deny_unknown_fields)]
+    pub struct Health {
+        #[schema(pattern = "^ok$")]
+        pub status: String,
+    }
+
+    /// 200 from `GET /readyz`.
+    #[derive(Serialize, ToSchema)]
+    #[serde(deny_unknown_fields)]
+    pub struct Ready {
+        #[schema(pattern = "^ready$")]
+        pub status: String,
+        pub checks: ReadyChecks,
+    }
+
+    #[derive(Serialize, ToSchema)]
+    #[serde(deny_unknown_fields)]
+    pub struct ReadyChecks {
+        #[schema(pattern = "^ok$")]
+        pub store: String,
+        #[schema(pattern = "^ok$")]
+        pub queue: String,
+        #[schema(pattern = "^ok$")]
+        pub blob_store: String,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, BTreeSet};
+    use std::path::Path;
+
+    use axum::body::Body;
+    use axum::http::{Request, StatusCode};
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+
+    use super::*;
+
+    /// `(METHOD, path)` pairs, each with the scope its router demands (if any).
+    type Routes = BTreeMap<(String, String), Option<String>>;
+
+    #[tokio::test]
+    async fn the_document_is_served_as_openapi_3_1_json_whose_references_all_resolve() {
+        let request = Request::get("/v1/openapi.json")
+            .body(Body::empty())
+            .unwrap();
+        let response = router::<()>().oneshot(request).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(response.headers()["content-type"], "application/json");
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        let doc: Value = serde_json::from_slice(&body).expect("the document is JSON");
+        assert!(
+            doc["openapi"].as_str().unwrap().starts_with("3.1."),
+            "{}",
+            doc["openapi"]
+        );
+        assert!(doc["info"]["title"].is_string() && doc["info"]["version"].is_string());
+        let mut dangling = Vec::new();
+        find_dangling_refs(&doc, &doc, &mut dangling);
+        assert!(dangling.is_empty(), "unresolved $refs: {dangling:?}");
+    }
+
+    #[test]
+    fn every_route_the_router_serves_is_documented_and_nothing_else_is() {
+        let served: BTreeSet<_> = served_routes().into_keys().collect();
+        let documented: BTreeSet<_> = documented_routes().into_keys().collect();
+        assert!(
+            served.len() >= 11,
+            "the source scan found too little: {served:?}"
+        );
+        let undocumented: Vec<_> = served.difference(&documented).collect();
+        let unserved: Vec<_> = documented.difference(&served).collect();
+        assert!(
+            undocumented.is_empty() && unserved.is_empty(),
+            "served but not documented: {undocumented:?}; documented but not served: \
+             {unserved:?} (add the handler to ApiDoc's paths, or fix its #[utoipa::path])"
+        );
+    }
+
+    #[test]
+    fn each_operation_asks_for_the_scope_its_router_enforces() {
+        let documented = documented_routes();
+        for (route, scope) in served_routes() {
+            assert_eq!(documented.get(&route), Some(&scope), "{route:?}");
+        }
+    }
+
+    #[test]
+    fn every_operation_documents_the_correlation_header_and_the_layers_answers() {
+        let doc = document();
+        for (path, path_item) in doc["paths"].as_object().unwrap() {
+            for (method, operation) in path_item.as_object().unwrap() {
+                let name = format!("{method} {path}");
+                let parameters = operation["parameters"].as_array().unwrap();
+                assert!(
+                    parameters.iter().any(|p| p["name"] == "X-Correlation-ID"),
+                    "{name}"
+                );
+                let responses = operation["responses"].as_object().unwrap();
+                let mut expected = vec!["400", "500"];
+                if operation.get("security").is_some() {
+                    expected.extend(["401", "403", "503"]);
+                }
+                if operation.get("requestBody").is_some() {
+                    expected.extend(["408", "413", "415"]);
+                }
+                for status in expected {
+                    assert!(responses.contains_key(status), "{name} lacks {status}");
+                }
+                for (status, response) in responses {
+                    assert_eq!(
+                        response["headers"]["X-Correlation-ID"]["required"], true,
+                        "{name} {status}"
+                    );
+                    if status.starts_with('4') || status.starts_with('5') {
+                        let codes = &response["content"]["application/json"]["schema"]["allOf"][1]
+                            ["properties"]["error"]["properties"]["code"]["enum"];
+                        assert!(codes.is_array(), "{name} {status} does not name its codes");
+                    }
+                }
+                if let Some(unavailable) = responses.get("503") {
+                    assert_eq!(unavailable["headers"]["Retry-After"]["required"], true);
+                }
+            }
+        }
+        assert_eq!(
+            doc["components"]["securitySchemes"][BEARER]["scheme"],
+            "bearer"
+        );
+    }
+
+    #[test]
+    fn the_ingest_body_schema_follows_the_contract() {
+        let doc = document();
+        let schemas = &doc["components"]["schemas"];
+        let event = &schemas["EventIn"];
+        assert_eq!(event["additionalProperties"], false);
+        assert_eq!(
+            event["required"],
+            json!(["event_id", "event_type", "payload"])
+        );
+        let properties = &event["properties"];
+        assert_eq!(
+            properties["event_id"]["$ref"],
+            "#/components/schemas/EventId"
+        );
+        assert_eq!(schemas["EventId"]["pattern"], "^[A-Za-z0-9._:-]{1,128}$");
+        assert_eq!(schemas["EventId"]["not"], json!({"enum": [".", ".."]}));
+        assert_eq!(properties["event_type"]["minLength"], 1);
+        assert_eq!(properties["event_type"]["maxLength"], 128);
+        assert_eq!(properties["source"]["maxLength"], 256);
+        assert_eq!(properties["occurred_at"]["format"], "date-time");
+        // Any JSON value: a schema with no type.
+        assert!(properties["payload"].get("type").is_none());
+        assert_eq!(schemas["PayloadSha256"]["pattern"], "^[0-9a-f]{64}$");
+        let batch = &schemas["BatchIn"]["properties"]["events"];
+        assert_eq!(
+            (&batch["minItems"], &batch["maxItems"]),
+            (&json!(1), &json!(1000))
+        );
+    }
+
+    /// The routes registered with `.route("PATH", METHOD(handler)…)` in this crate's source
+    /// (test modules aside), each with the `Scope::…` its file's router demands. Reading the
+    /// source is the only way to list them: axum's `Router` does not enumerate its routes.
+    fn served_routes() -> Routes {
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+        let mut routes = Routes::new();
+        for entry in std::fs::read_dir(&src).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_none_or(|e| e != "rs") {
+                continue;
+            }
+            let text = std::fs::read_to_string(&path).unwrap();
+            let text = text.split("#[cfg(test)]").next().unwrap();
+            let scope = ["Ingest", "Read", "Admin"]
+                .into_iter()
+                .find(|s| text.contains(&format!("Scope::{s},")))
+                .map(str::to_lowercase);
+            for (method, route) in scan_routes(text) {
+                routes.insert((method, route), scope.clone());
+            }
+        }
+        routes
+    }
+
+    /// `(METHOD, path)` for each `.route("path", …)` call in `text`.
+    fn scan_routes(text: &str) -> Vec<(String, String)> {
+        const METHODS: [&str; 8] = [
+            "get", "post", "put", "delete", "patch", "head", "options", "trace",
+        ];
+        let mut found = Vec::new();
+        for (at, _) in text.match_indices(".route(") {
+            let rest = text[at + ".route(".len()..].trim_start();
+            let Some(rest) = rest.strip_prefix('"') else {
+                continue;
+            };
+            let (route, rest) = rest.split_once('"').unwrap();
+            // The method routers: everything up to the `)` closing `.route(`.
+            let mut depth = 1;
+            let end = rest
+                .char_indices()
+                .find(|(_, c)| {
+                    match c {
+                        '(' => depth += 1,
+                        ')' => depth -= 1,
+                        _ => {}
+                    }
+                    depth == 0
+                })
+                .map(|(i, _)| i)
+                .unwrap();
+            let args = &rest[..end];
+            for method in METHODS {
+                let call = format!("{method}(");
+                for (i, _) in args.match_indices(&call) {
+                    let before = args[..i].chars().next_back();
+                    if !before.is_some_and(|c| c.is_alphanumeric() || c == '_') {
+                        found.push((method.to_uppercase(), route.to_owned()));
+                    }
+                }
+            }
+        }
+        found
+    }
+
+    fn documented_routes() -> Routes {
+        let doc = document();
+        let mut routes = Routes::new();
+        for (path, path_item) in doc["paths"].as_object().unwrap() {
+            for (method, operation) in path_item.as_object().unwrap() {
+                let scope = operation["security"][0][BEARER][0]
+                    .as_str()
+                    .map(str::to_owned);
+                routes.insert((method.to_uppercase(), path.clone()), scope);
+            }
+        }
+        routes
+    }
+
+    fn find_dangling_refs(doc: &Value, value: &Value, dangling: &mut Vec<String>) {
+        match value {
+            Value::Object(object) => {
+                if let Some(Value::String(target)) = object.get("$ref") {
+                    let pointer = target.strip_prefix('#').unwrap_or(target);
+                    if doc.pointer(pointer).is_none() {
+                        dangling.push(target.clone());
+                    }
+                }
+                for child in object.values() {
+                    find_dangling_refs(doc, child, dangling);
+                }
+            }
+            Value::Array(items) => {
+                for child in items {
+                    find_dangling_refs(doc, child, dangling);
+                }
+            }
+            _ => {}
+        }
+    }
+}
