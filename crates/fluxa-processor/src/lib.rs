@@ -53,7 +53,14 @@ pub struct ProcessorConfig {
     pub backoff_base: Duration,
     /// Upper bound for the retry delay.
     pub backoff_max: Duration,
+    /// Bytes of fetched blob payloads held in memory at once, across every batch this
+    /// processor runs; a batch whose blobs would pass it waits, and a batch whose blobs alone
+    /// pass it is stored in groups that fit.
+    pub max_blob_memory: usize,
 }
+
+/// The blob-memory budget is counted in KiB, so that a `u32` of permits covers terabytes.
+const BUDGET_UNIT: u64 = 1024;
 
 /// The one result of processing one delivery (contract section 3).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -117,6 +124,10 @@ pub struct Processor {
     store: Arc<dyn Store>,
     blobs: BlobStore,
     config: ProcessorConfig,
+    /// Permits of [`BUDGET_UNIT`] bytes of fetched blob payloads; shared by the clones every
+    /// worker holds.
+    blob_memory: Arc<tokio::sync::Semaphore>,
+    blob_memory_permits: u32,
 }
 
 impl std::fmt::Debug for Processor {
@@ -150,10 +161,15 @@ enum Intent {
 
 impl Processor {
     pub fn new(store: Arc<dyn Store>, blobs: BlobStore, config: ProcessorConfig) -> Self {
+        let blob_memory_permits = u32::try_from(budget_units(config.max_blob_memory as u64))
+            .unwrap_or(u32::MAX)
+            .max(1);
         Self {
             store,
             blobs,
             config,
+            blob_memory: Arc::new(tokio::sync::Semaphore::new(blob_memory_permits as usize)),
+            blob_memory_permits,
         }
     }
 
@@ -221,8 +237,51 @@ impl Processor {
             }
         }
 
+        // Phases 2 to 5 run once per group of items whose blobs fit the memory budget: one
+        // group unless the batch's blobs alone would pass it.
+        for group in groups_within(items, self.config.max_blob_memory as u64) {
+            self.process_group(deliveries, group, &mut outcomes).await;
+        }
+
+        outcomes
+            .into_iter()
+            .map(|outcome| {
+                outcome.unwrap_or_else(|| Outcome::Transient {
+                    error: FailureInfo::new(ErrorCode::Internal, "no outcome was decided"),
+                    retry_after: self.config.backoff_base,
+                })
+            })
+            .collect()
+    }
+
+    /// Phases 2 to 5 for one group: lease the blob items, fetch their blobs (once the memory
+    /// budget holds them), verify everything, then store and settle every record in one
+    /// transaction.
+    async fn process_group(
+        &self,
+        deliveries: &[Delivery],
+        mut items: Vec<Item<'_>>,
+        outcomes: &mut [Option<Outcome>],
+    ) {
+        let blob_bytes: u64 = items
+            .iter()
+            .filter(|item| item.payload.is_none())
+            .map(|item| item.message.payload_size)
+            .sum();
+        // Held until the group is stored, when its payloads are dropped. The semaphore is never
+        // closed, so acquiring cannot fail; a group larger than the whole budget (a single
+        // payload over it) takes all of it.
+        let _budget = if blob_bytes > 0 {
+            let units = u32::try_from(budget_units(blob_bytes))
+                .unwrap_or(u32::MAX)
+                .min(self.blob_memory_permits);
+            self.blob_memory.acquire_many(units).await.ok()
+        } else {
+            None
+        };
+
         // Phase 2: lease the events whose payload must be fetched first.
-        self.lease_blob_items(deliveries, &mut items, &mut outcomes)
+        self.lease_blob_items(deliveries, &mut items, outcomes)
             .await;
 
         // Phase 3: fetch their blobs concurrently.
@@ -263,16 +322,6 @@ impl Processor {
             outcomes[delivery_idx] = Some(outcome);
         }
         self.note_transient_failures(unstored).await;
-
-        outcomes
-            .into_iter()
-            .map(|outcome| {
-                outcome.unwrap_or_else(|| Outcome::Transient {
-                    error: FailureInfo::new(ErrorCode::Internal, "no outcome was decided"),
-                    retry_after: self.config.backoff_base,
-                })
-            })
-            .collect()
     }
 
     /// An undecodable message: permanent, and noted on the event's record when the message's
@@ -673,6 +722,31 @@ fn exhausted(delivery: &Delivery, last: &FailureInfo) -> FailureInfo {
     )
 }
 
+fn budget_units(bytes: u64) -> u64 {
+    bytes.div_ceil(BUDGET_UNIT)
+}
+
+/// Splits a batch's items into groups whose blob payloads (by their declared sizes) fit in
+/// `budget` bytes together, keeping their order; inline items, already in memory with their
+/// message, go with the first group. Every group holds at least one item.
+fn groups_within(items: Vec<Item<'_>>, budget: u64) -> Vec<Vec<Item<'_>>> {
+    let mut groups: Vec<Vec<Item<'_>>> = vec![Vec::new()];
+    let mut blob_bytes = 0u64;
+    let (inline, blob): (Vec<_>, Vec<_>) = items.into_iter().partition(|i| i.payload.is_some());
+    groups[0].extend(inline);
+    for item in blob {
+        let size = item.message.payload_size;
+        if blob_bytes > 0 && blob_bytes.saturating_add(size) > budget {
+            groups.push(Vec::new());
+            blob_bytes = 0;
+        }
+        blob_bytes = blob_bytes.saturating_add(size);
+        groups.last_mut().expect("groups is never empty").push(item);
+    }
+    groups.retain(|group| !group.is_empty());
+    groups
+}
+
 fn store_error(error: &fluxa_store::Error) -> FailureInfo {
     tracing::warn!(error.cause_chain = ?error, error.message = %error, "store operation failed");
     FailureInfo::new(
@@ -805,6 +879,13 @@ mod tests {
     fn counted_processor(
         apply: fn() -> Result<WriteResult>,
     ) -> (tempfile::TempDir, Processor, Arc<ScriptedStore>) {
+        counted_processor_with_budget(apply, 64 * 1024 * 1024)
+    }
+
+    fn counted_processor_with_budget(
+        apply: fn() -> Result<WriteResult>,
+        max_blob_memory: usize,
+    ) -> (tempfile::TempDir, Processor, Arc<ScriptedStore>) {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(ScriptedStore {
             apply,
@@ -817,6 +898,7 @@ mod tests {
                 lease: Duration::from_secs(30),
                 backoff_base: Duration::from_millis(100),
                 backoff_max: Duration::from_secs(1),
+                max_blob_memory,
             },
         );
         (dir, processor, store)
@@ -843,6 +925,32 @@ mod tests {
             receive_count,
             receives_left: 3u32.saturating_sub(receive_count),
             enqueued_at: Utc::now(),
+        }
+    }
+
+    /// A first delivery whose `payload` is in `blobs`.
+    async fn blob_delivery(blobs: &BlobStore, event_id: &str, payload: &[u8]) -> Delivery {
+        let event_id = EventId::parse(event_id).unwrap();
+        let key = BlobStore::new_key(&event_id);
+        let blob = blobs
+            .put(&key, Bytes::copy_from_slice(payload))
+            .await
+            .unwrap();
+        let header = EventHeader {
+            event_id,
+            event_type: EventType::parse("t").unwrap(),
+            source: None,
+            occurred_at: None,
+            correlation_id: CorrelationId::parse("c").unwrap(),
+            received_at: Utc::now(),
+            payload_sha256: PayloadHash::of(payload),
+            payload_size: payload.len() as u64,
+        };
+        Delivery {
+            body: FluxaTask::EventV1(EventMessageV1::in_blob(header, blob))
+                .encode()
+                .into(),
+            ..good(1)
         }
     }
 
@@ -942,6 +1050,50 @@ mod tests {
             store.n_applies.load(std::sync::atomic::Ordering::Relaxed),
             1,
             "an unreachable store must not be asked once per write"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_batch_whose_blobs_pass_the_memory_budget_is_stored_in_groups_that_fit() {
+        let applied = || {
+            Ok(WriteResult::Applied {
+                lease: Some(Lease {
+                    event_id: EventId::parse("e").unwrap(),
+                    token: "t".into(),
+                    attempts: 1,
+                }),
+            })
+        };
+        // 3 KiB of budget; blobs of 2 KiB each: one blob per group.
+        let (dir, processor, store) = counted_processor_with_budget(applied, 3 * 1024);
+        let blobs = BlobStore::local(dir.path()).unwrap();
+        let payload = format!("\"{}\"", "x".repeat(2046));
+        let mut batch = vec![good(1), good(1)];
+        for i in 0..3 {
+            batch.push(blob_delivery(&blobs, &format!("b{i}"), payload.as_bytes()).await);
+        }
+        let outcomes = processor.process_batch(&batch).await;
+        assert!(
+            outcomes.iter().all(|o| *o == Outcome::Processed),
+            "{outcomes:?}"
+        );
+        // Three groups (the inline events ride with the first), each a lease and a store.
+        assert_eq!(
+            store.n_applies.load(std::sync::atomic::Ordering::Relaxed),
+            6
+        );
+
+        // Within the budget, the whole batch is one group.
+        let (dir, processor, store) = counted_processor_with_budget(applied, 64 * 1024);
+        let blobs = BlobStore::local(dir.path()).unwrap();
+        let mut batch = vec![good(1)];
+        for i in 0..3 {
+            batch.push(blob_delivery(&blobs, &format!("b{i}"), payload.as_bytes()).await);
+        }
+        processor.process_batch(&batch).await;
+        assert_eq!(
+            store.n_applies.load(std::sync::atomic::Ordering::Relaxed),
+            2
         );
     }
 

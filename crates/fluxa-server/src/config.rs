@@ -87,6 +87,8 @@ pub struct Config {
     pub retry_backoff: Duration,
     /// Upper bound on the retry delay.
     pub retry_backoff_max: Duration,
+    /// Bytes of fetched blob payloads the workers hold in memory at once, all together.
+    pub max_blob_memory: usize,
     /// How often workers look for orphaned payload blobs.
     pub blob_sweep_interval: Duration,
     /// Blobs younger than this are never swept (their ingest may still be enqueuing).
@@ -127,6 +129,7 @@ impl Default for Config {
             max_receives: 3,
             retry_backoff: Duration::from_secs(1),
             retry_backoff_max: Duration::from_secs(60),
+            max_blob_memory: 128 * 1024 * 1024,
             blob_sweep_interval: Duration::from_secs(600),
             blob_grace: Duration::from_secs(3600),
             api_tokens: None,
@@ -331,6 +334,15 @@ pub const SETTINGS: &[Setting] = &[
         "BYTES",
         "Bytes of request bodies held in memory across all requests; a body that would pass \
          it gets 503 unavailable before it is read. At least the largest accepted body.",
+    ),
+    setting(
+        "max_blob_memory",
+        "max-blob-memory",
+        "FLUXA_MAX_BLOB_MEMORY",
+        "BYTES",
+        "Bytes of large payloads the workers hold in memory at once, all together; a batch \
+         whose payloads would pass it waits, or is stored in groups that fit. At least \
+         --max-payload-bytes.",
     ),
     setting(
         "max_connections",
@@ -567,6 +579,7 @@ impl Config {
             "body_rate_grace" => self.limits.body_rate_grace = duration(text)?,
             "max_concurrent_requests" => self.limits.max_concurrent_requests = count(text)?,
             "max_body_memory" => self.limits.max_body_memory = count(text)?,
+            "max_blob_memory" => self.max_blob_memory = count(text)?,
             "max_connections" => {
                 self.max_connections = match text.trim() {
                     "auto" => None,
@@ -615,6 +628,7 @@ impl Config {
             "body_rate_grace" => duration(d.limits.body_rate_grace),
             "max_concurrent_requests" => d.limits.max_concurrent_requests.to_string(),
             "max_body_memory" => d.limits.max_body_memory.to_string(),
+            "max_blob_memory" => d.max_blob_memory.to_string(),
             "max_connections" => "auto".to_owned(),
             "shutdown_grace" => duration(d.shutdown_grace),
             "visibility_timeout" => duration(d.visibility_timeout),
@@ -677,6 +691,12 @@ impl Config {
             "--max-body-memory must be at least the largest accepted body ({} bytes: \
              --max-batch-bytes, or --max-payload-bytes plus 64 KiB for its envelope)",
             self.limits.largest_body()
+        );
+        // Else one payload of the largest size would pass the bound on its own.
+        anyhow::ensure!(
+            self.max_blob_memory >= self.limits.max_payload_bytes,
+            "--max-blob-memory must be at least --max-payload-bytes ({} bytes)",
+            self.limits.max_payload_bytes
         );
         let backends = self.backends()?;
         let tokens = match &self.api_tokens {

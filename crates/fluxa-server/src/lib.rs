@@ -236,6 +236,7 @@ pub async fn run(
                 lease: config.lease,
                 backoff_base: config.retry_backoff,
                 backoff_max: config.retry_backoff_max,
+                max_blob_memory: config.max_blob_memory,
             },
         );
         let sweeper = fluxa_processor::run_blob_sweeper(
