@@ -78,7 +78,8 @@ fn parse(line: &str) -> Result<Trial, String> {
     })
 }
 
-/// The saved soak reports (`soak-<backend>.md`, as `fluxa-bench soak` prints them), by name.
+/// The saved soak reports (`soak-<n>-<name>.md`, as `fluxa-bench soak` prints them, with a
+/// paragraph of context on top), in file-name order.
 fn soak_sections(dir: &Path) -> Result<BTreeMap<String, String>, String> {
     let mut sections = BTreeMap::new();
     let Ok(entries) = std::fs::read_dir(dir) else {
@@ -156,11 +157,20 @@ fn render(trials: &[Trial], soaks: &BTreeMap<String, String>) -> String {
             doc,
             "\n## Soak: {}\n\nFrom `docs/reliability/{name}` (`fluxa-bench soak`, see \
              docs/PERFORMANCE.md for how to run it).\n\n{}\n",
-            name.trim_start_matches("soak-").trim_end_matches(".md"),
+            soak_title(name),
             text.trim()
         );
     }
     doc
+}
+
+/// `soak-2-embedded-overloaded.md` → `embedded overloaded`: the number only orders the runs.
+fn soak_title(file_name: &str) -> String {
+    file_name
+        .trim_start_matches("soak-")
+        .trim_end_matches(".md")
+        .trim_start_matches(|c: char| c.is_ascii_digit() || c == '-')
+        .replace('-', " ")
 }
 
 fn cell(text: &str) -> String {

@@ -59,6 +59,12 @@ pub struct ProcessorConfig {
     pub max_blob_memory: usize,
 }
 
+/// Blob payload bytes one store transaction carries at most (a single larger payload goes
+/// alone). A database client keeps the buffer it encoded its largest statement into for the
+/// life of the connection (sqlx's PostgreSQL write buffer never shrinks), so a statement of
+/// 128 MiB of payloads would leave every pooled connection holding that much after a flood.
+const MAX_GROUP_BLOB_BYTES: u64 = 16 * 1024 * 1024;
+
 /// The blob-memory budget is counted in KiB, so that a `u32` of permits covers terabytes.
 const BUDGET_UNIT: u64 = 1024;
 
@@ -239,7 +245,8 @@ impl Processor {
 
         // Phases 2 to 5 run once per group of items whose blobs fit the memory budget: one
         // group unless the batch's blobs alone would pass it.
-        for group in groups_within(items, self.config.max_blob_memory as u64) {
+        let group_bytes = (self.config.max_blob_memory as u64).min(MAX_GROUP_BLOB_BYTES);
+        for group in groups_within(items, group_bytes) {
             self.process_group(deliveries, group, &mut outcomes).await;
         }
 
