@@ -11,6 +11,17 @@ fn is_id_char(c: char) -> bool {
     c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '-')
 }
 
+/// `text` as an owned id if it keeps the id rules, else the rule it breaks.
+fn checked_id(text: &str) -> Result<String, String> {
+    if is_valid_id(text) {
+        Ok(text.to_owned())
+    } else {
+        Err(format!(
+            "must be 1 to {ID_MAX_CHARS} characters of [A-Za-z0-9._:-]"
+        ))
+    }
+}
+
 fn is_valid_id(text: &str) -> bool {
     // Every allowed character is ASCII, so the byte length is the character count.
     !text.is_empty() && text.len() <= ID_MAX_CHARS && text.chars().all(is_id_char)
@@ -80,13 +91,7 @@ pub struct DeadLetterId(String);
 
 impl DeadLetterId {
     pub fn parse(text: &str) -> Result<Self, String> {
-        if is_valid_id(text) {
-            Ok(Self(text.to_owned()))
-        } else {
-            Err(format!(
-                "must be 1 to {ID_MAX_CHARS} characters of [A-Za-z0-9._:-]"
-            ))
-        }
+        checked_id(text).map(Self)
     }
 }
 string_newtype!(DeadLetterId);
@@ -98,13 +103,7 @@ pub struct CorrelationId(String);
 
 impl CorrelationId {
     pub fn parse(text: &str) -> Result<Self, String> {
-        if is_valid_id(text) {
-            Ok(Self(text.to_owned()))
-        } else {
-            Err(format!(
-                "must be 1 to {ID_MAX_CHARS} characters of [A-Za-z0-9._:-]"
-            ))
-        }
+        checked_id(text).map(Self)
     }
 
     /// A fresh UUIDv4, used when a request carries none (or an invalid one).
