@@ -89,17 +89,19 @@ async fn prepare(
 /// Sends the prepared messages in one call and says, per message, whether it was sent. The
 /// blobs of messages that were not sent are deleted (best effort: a leftover blob is
 /// unreferenced and swept later); a message that was sent keeps its blob.
-async fn enqueue(state: &AppState, prepared: &mut [&mut Prepared]) -> Vec<bool> {
+async fn enqueue(state: &AppState, prepared: &mut [&mut Prepared]) -> Enqueued {
     let messages = prepared
         .iter_mut()
         .filter_map(|p| p.message.take())
         .collect();
-    let sent: Vec<bool> = match state.queue.send(messages).await {
-        Ok(_) => vec![true; prepared.len()],
-        Err(e) => {
-            tracing::warn!(error.cause_chain = ?e.source, error.message = %e, "enqueue failed");
-            e.sent.iter().map(Option::is_some).collect()
-        }
+    let (sent, error): (Vec<bool>, _) = match state.queue.send(messages).await {
+        Ok(_) => (vec![true; prepared.len()], None),
+        // An outage is a 503 to retry; a refusal (which validated input cannot cause) is
+        // our bug, a 500 that retrying would not cure. Either is logged once, here.
+        Err(e) => (
+            e.sent.iter().map(Option::is_some).collect(),
+            Some(ApiError::from_queue(&e.source)),
+        ),
     };
     let unsent_blobs = prepared
         .iter()
@@ -111,7 +113,21 @@ async fn enqueue(state: &AppState, prepared: &mut [&mut Prepared]) -> Vec<bool> 
         metrics::counter!("fluxa_events_ingested_total", "payload_mode" => p.mode.as_str())
             .increment(1);
     }
-    sent
+    Enqueued { sent, error }
+}
+
+/// Which prepared messages [`enqueue`] sent, and the answer for those it could not.
+struct Enqueued {
+    sent: Vec<bool>,
+    error: Option<ApiError>,
+}
+
+impl Enqueued {
+    fn error(&self) -> ApiError {
+        self.error
+            .clone()
+            .unwrap_or_else(|| ApiError::unavailable("queue"))
+    }
 }
 
 async fn delete_blobs(state: &AppState, keys: impl Iterator<Item = &str>) {
@@ -184,8 +200,9 @@ async fn ingest_one_inner(
     let event = parse_event(&bytes, state.limits.payload())?;
     let correlation_id = current_correlation_id();
     let mut prepared = prepare(state, &bytes, &event, &correlation_id).await?;
-    if enqueue(state, &mut [&mut prepared]).await != [true] {
-        return Err(ApiError::unavailable("queue"));
+    let enqueued = enqueue(state, &mut [&mut prepared]).await;
+    if enqueued.sent != [true] {
+        return Err(enqueued.error());
     }
     tracing::info!(
         event_id = event.event_id.as_str(),
@@ -260,16 +277,17 @@ async fn ingest_batch_inner(
     }
     let mut accepted: Vec<&mut Prepared> = items.iter_mut().flatten().collect();
     if !accepted.is_empty() {
-        let sent = enqueue(state, &mut accepted).await;
-        if !sent.contains(&true) {
+        let enqueued = enqueue(state, &mut accepted).await;
+        if !enqueued.sent.contains(&true) {
             // Nothing reached the queue: the whole request's problem (contract section 1b).
-            return Err(ApiError::unavailable("queue"));
+            return Err(enqueued.error());
         }
-        // A partial send (SQS sends per entry): the unsent items are 503 in their results.
-        let mut sent = sent.into_iter();
+        // A partial send (SQS sends per entry): the unsent items carry the error in their
+        // results (503 for an outage).
+        let mut sent = enqueued.sent.iter();
         for item in &mut items {
-            if item.is_ok() && sent.next() == Some(false) {
-                *item = Err(ApiError::unavailable("queue"));
+            if item.is_ok() && sent.next() == Some(&false) {
+                *item = Err(enqueued.error());
             }
         }
     }

@@ -203,18 +203,28 @@ impl TestData {
 
     /// Runs one SQL statement against the store's database, to inject faults.
     pub async fn store_sql(&self, sql: &str) {
+        self.sql_on("store.db", sql).await;
+    }
+
+    /// Runs `sql` on the queue's database (`queue.db` when embedded; the one database on
+    /// PostgreSQL).
+    pub async fn queue_sql(&self, sql: &str) {
+        self.sql_on("queue.db", sql).await;
+    }
+
+    async fn sql_on(&self, sqlite_file: &str, sql: &str) {
         match &self.database_url() {
             None => {
-                let url = format!("sqlite://{}", self.path().join("store.db").display());
+                let url = format!("sqlite://{}", self.path().join(sqlite_file).display());
                 let pool = sqlx::SqlitePool::connect(&url)
                     .await
-                    .expect("connect store.db");
-                sqlx::query(sql).execute(&pool).await.expect("store SQL");
+                    .expect("connect to the SQLite file");
+                sqlx::query(sql).execute(&pool).await.expect("test SQL");
                 pool.close().await;
             }
             Some(url) => {
                 let pool = self.pg_pool(url).await;
-                sqlx::query(sql).execute(pool).await.expect("store SQL");
+                sqlx::query(sql).execute(pool).await.expect("test SQL");
             }
         }
     }

@@ -283,6 +283,53 @@ async fn a_payload_deeper_than_max_payload_depth_is_a_400_naming_payload_alone_a
 }
 
 #[tokio::test]
+async fn a_queue_that_refuses_a_message_is_a_500_not_a_503_and_ingest_resumes_once_it_accepts() {
+    let data = TestData::new().await;
+    let app = data.spawn(&["--role", "api"]).await;
+    assert_eq!(
+        app.post_event(&event("before", json!(1))).await.status(),
+        202
+    );
+    // A refusal, as a constraint the database enforces: retrying would not cure it, so it must
+    // not be answered as an outage (503 invites exactly that retry).
+    let embedded = data.database_url().is_none();
+    if embedded {
+        data.queue_sql(
+            "CREATE TRIGGER refuse BEFORE INSERT ON queue_messages \
+             BEGIN SELECT RAISE(ABORT, 'refused by the test'); END",
+        )
+        .await;
+    } else {
+        data.queue_sql("ALTER TABLE queue_messages ADD CONSTRAINT refuse CHECK (false) NOT VALID")
+            .await;
+    }
+    let response = app.post_event(&event("refused", json!(1))).await;
+    assert_eq!(response.status(), 500);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "internal", "{body}");
+    let batch = json!({"events": [event("refused-1", json!(1)), event("refused-2", json!(2))]});
+    let response = app
+        .client
+        .post(app.url("/v1/events/batch"))
+        .json(&batch)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 500);
+
+    if embedded {
+        data.queue_sql("DROP TRIGGER refuse").await;
+    } else {
+        data.queue_sql("ALTER TABLE queue_messages DROP CONSTRAINT refuse")
+            .await;
+    }
+    assert_eq!(
+        app.post_event(&event("after", json!(1))).await.status(),
+        202
+    );
+}
+
+#[tokio::test]
 async fn sending_the_same_event_twice_is_accepted_twice_and_stored_once() {
     let data = TestData::new().await;
     let app = data.spawn(&[]).await;
