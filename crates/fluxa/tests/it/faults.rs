@@ -109,9 +109,15 @@ async fn redrive(app: &TestApp, selector: &Value) -> reqwest::Response {
         .unwrap()
 }
 
-/// Asserts a 503 `unavailable` with the contract's error body and `Retry-After`.
-#[track_caller]
-fn assert_unavailable(status: u16, retry_after: Option<&str>, body: &Value, what: &str) {
+/// Asserts that `response` is a 503 `unavailable` with the contract's error body and
+/// `Retry-After`.
+async fn assert_unavailable(response: reqwest::Response, what: &str) {
+    let status = response.status().as_u16();
+    let retry_after = response
+        .headers()
+        .get("retry-after")
+        .map(|value| value.to_str().unwrap().to_owned());
+    let body: Value = response.json().await.unwrap();
     assert_eq!(status, 503, "{what}: {body}");
     assert_eq!(body["error"]["code"], "unavailable", "{what}: {body}");
     assert!(
@@ -121,7 +127,9 @@ fn assert_unavailable(status: u16, retry_after: Option<&str>, body: &Value, what
         "{what}: no correlation id in {body}"
     );
     assert!(
-        retry_after.is_some_and(|seconds| seconds.parse::<u64>().is_ok()),
+        retry_after
+            .as_deref()
+            .is_some_and(|seconds| seconds.parse::<u64>().is_ok()),
         "{what}: no Retry-After"
     );
 }
@@ -172,32 +180,11 @@ async fn a_full_disk_answers_503_and_ingest_processing_and_redrive_recover_once_
             );
             continue;
         }
-        let retry_after = response
-            .headers()
-            .get("retry-after")
-            .map(|value| value.to_str().unwrap().to_owned());
-        let body: Value = response.json().await.unwrap();
-        assert_unavailable(
-            status,
-            retry_after.as_deref(),
-            &body,
-            "ingest on a full disk",
-        );
+        assert_unavailable(response, "ingest on a full disk").await;
         break;
     }
     let response = redrive(&app, &json!({ "id": dead_letter["id"] })).await;
-    let status = response.status().as_u16();
-    let retry_after = response
-        .headers()
-        .get("retry-after")
-        .map(|value| value.to_str().unwrap().to_owned());
-    let body: Value = response.json().await.unwrap();
-    assert_unavailable(
-        status,
-        retry_after.as_deref(),
-        &body,
-        "redrive on a full disk",
-    );
+    assert_unavailable(response, "redrive on a full disk").await;
 
     // Space comes back; the same process, never restarted, accepts again within seconds.
     filler.free();
