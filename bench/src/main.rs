@@ -20,6 +20,7 @@
 
 mod anchors;
 mod load;
+mod operate;
 mod report;
 mod server;
 mod soak;
@@ -107,6 +108,9 @@ enum Command {
     /// Hold one backend at a fraction of its maximum ingest rate (measured first) for minutes,
     /// open loop, and report latency, errors, memory and queue depth window by window.
     Soak(soak::SoakArgs),
+    /// Measure `fluxa import` of a large file and ingest while the retention pruner deletes a
+    /// large table, beside their anchors.
+    Operate(operate::OperateArgs),
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -160,8 +164,10 @@ async fn main() -> anyhow::Result<()> {
         run.fluxa.display(),
         run.scratch.path().display()
     );
-    if let Some(Command::Soak(soak)) = &command {
-        return soak::run(&run, soak).await;
+    match &command {
+        Some(Command::Soak(soak)) => return soak::run(&run, soak).await,
+        Some(Command::Operate(operate)) => return operate::run(&run, operate).await,
+        None => {}
     }
 
     let mut backends = Vec::new();

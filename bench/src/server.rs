@@ -139,6 +139,17 @@ impl Server {
         role: Role,
         workers: Option<usize>,
     ) -> anyhow::Result<Self> {
+        Self::start_with(binary, deployment, role, workers, &[]).await
+    }
+
+    /// [`Server::start`] with more `serve` flags (retention, say).
+    pub async fn start_with(
+        binary: &Path,
+        deployment: &Deployment,
+        role: Role,
+        workers: Option<usize>,
+        extra: &[&str],
+    ) -> anyhow::Result<Self> {
         let mut command = Command::new(binary);
         // The bench's own environment must not leak into the server (a stray FLUXA_API_TOKENS
         // would turn every request into a 401, a stray FLUXA_DATABASE_URL would move the
@@ -163,6 +174,7 @@ impl Server {
         if let Some(workers) = workers {
             command.args(["--workers", &workers.to_string()]);
         }
+        command.args(extra);
         let mut child = command
             .spawn()
             .with_context(|| format!("failed to start {}", binary.display()))?;
@@ -281,7 +293,7 @@ pub struct Scrape {
 }
 
 /// The value of the unlabelled sample `name` in Prometheus text.
-fn gauge(text: &str, name: &str) -> Option<f64> {
+pub fn gauge(text: &str, name: &str) -> Option<f64> {
     text.lines().find_map(|line| {
         let value = line.strip_prefix(name)?.strip_prefix(' ')?;
         value.split_whitespace().next()?.parse().ok()

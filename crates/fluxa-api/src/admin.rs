@@ -1,33 +1,42 @@
-//! `/v1/admin/dlq…`: list, show and redrive dead letters (contract section 4).
+//! `/v1/admin/…` (scope `admin`): list, show and redrive dead letters (contract section 4);
+//! inspect and evict idempotency records, and erase events (contract section 8).
+//!
+//! Every action that changes something is logged once, at its end, with its parameters and
+//! counts, under the `fluxa::audit` target, so an operator's actions can be told apart from the
+//! pipeline's own logs.
 
 use axum::body::Body;
-use axum::extract::rejection::PathRejection;
+use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
-use axum::http::HeaderMap;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::{Json, Router};
+use chrono::Utc;
+use fluxa_core::cursor::{Listing, Position};
 use fluxa_core::ids::DeadLetterId;
 use fluxa_core::time::format_rfc3339;
-use fluxa_core::EventId;
-use fluxa_queue::{DeadLetter, RedriveSelector};
+use fluxa_core::{ErrorCode, EventId, EventType, FailureClass};
+use fluxa_queue::{DeadLetter, DeadLetterFilter, DeadLetterPosition, RedriveSelector};
+use fluxa_store::{Eviction, IdempotencyRecord};
 use serde::{Deserialize, Serialize};
-use serde_json::json;
 use serde_json::value::RawValue;
 
 use crate::auth::{self, Scope};
 use crate::body::{read_body, require_json};
 use crate::error::{path_id, ApiError};
-use crate::AppState;
-
-const DEFAULT_LIST_LIMIT: usize = 100;
-const MAX_LIST_LIMIT: usize = 1000;
+use crate::{listing, AppState};
 
 pub fn router(state: &AppState) -> Router<AppState> {
     Router::new()
         .route("/v1/admin/dlq", get(list))
         .route("/v1/admin/dlq/redrive", post(redrive))
         .route("/v1/admin/dlq/{id}", get(show))
+        .route(
+            "/v1/admin/idempotency/{event_id}",
+            get(get_idempotency).delete(evict_idempotency),
+        )
+        .route("/v1/admin/events/{event_id}", delete(erase_event))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             |s, r, n| auth::require(Scope::Admin, s, r, n),
@@ -45,6 +54,10 @@ pub struct DeadLetterOut<'a> {
     event_id: Option<&'a str>,
     #[schema(required = true)]
     correlation_id: Option<&'a str>,
+    /// The event's type, when the message carried it (dead letters recorded before Fluxa
+    /// kept it have none).
+    #[schema(required = true)]
+    event_type: Option<&'a str>,
     /// `permanent` or `retries_exhausted`.
     error_class: &'a str,
     error: ErrorOut<'a>,
@@ -89,6 +102,7 @@ pub fn dead_letter_json(entry: &DeadLetter) -> DeadLetterOut<'_> {
         id: &entry.id,
         event_id: entry.attributes.event_id.as_deref(),
         correlation_id: entry.attributes.correlation_id.as_deref(),
+        event_type: entry.attributes.event_type.as_deref(),
         error_class: entry.error_class.as_str(),
         error: ErrorOut {
             code: &entry.error.code,
@@ -106,8 +120,104 @@ pub fn dead_letter_json(entry: &DeadLetter) -> DeadLetterOut<'_> {
 #[derive(Serialize, utoipa::ToSchema)]
 #[schema(as = DeadLetterList)]
 struct DeadLetterList<'a> {
+    /// Every dead letter in the DLQ, whatever the filters.
     total: u64,
     dead_letters: Vec<DeadLetterOut<'a>>,
+    /// Pass it back as `cursor`, with the same filters, for the next page; `null` on the last.
+    #[schema(required = true)]
+    next_cursor: Option<String>,
+}
+
+/// The DLQ filters of contract section 4, as the query string and a redrive's `filter` give
+/// them. All optional; combined with AND.
+#[derive(Clone, Debug, Default, Deserialize, utoipa::ToSchema)]
+#[schema(as = DeadLetterFilter)]
+#[serde(deny_unknown_fields)]
+pub struct FilterIn {
+    /// Only the dead letters of this event id.
+    #[schema(value_type = Option<crate::openapi::schema::EventId>)]
+    event_id: Option<String>,
+    /// Only this error code (`invalid_message`, `hash_mismatch`, `blob_missing`,
+    /// `event_id_conflict`, `retries_exhausted`, …).
+    error_code: Option<String>,
+    /// `permanent` or `retries_exhausted`.
+    #[schema(pattern = "^(permanent|retries_exhausted)$")]
+    error_class: Option<String>,
+    /// Only dead letters of events of this type.
+    event_type: Option<String>,
+    /// Only those dead-lettered at or after this time (RFC 3339).
+    #[schema(format = DateTime)]
+    since: Option<String>,
+    /// Only those dead-lettered before this time (RFC 3339).
+    #[schema(format = DateTime)]
+    until: Option<String>,
+}
+
+impl FilterIn {
+    /// Parses every value before the queue sees it; a value no dead letter can have is the
+    /// client's mistake, named in a 400 (`prefix` says where the filter was, for the message).
+    fn parse(&self, prefix: &str) -> Result<DeadLetterFilter, ApiError> {
+        let field = |name: &str| format!("{prefix}{name}");
+        let event_id = self
+            .event_id
+            .as_deref()
+            .map(EventId::parse)
+            .transpose()
+            .map_err(|rule| ApiError::validation(format!("{}: {rule}", field("event_id"))))?;
+        let error_code = self
+            .error_code
+            .as_deref()
+            .map(|code| {
+                ErrorCode::parse(code).ok_or_else(|| {
+                    let known: Vec<&str> = ErrorCode::ALL.iter().map(|c| c.as_str()).collect();
+                    ApiError::validation(format!(
+                        "{}: not an error code; one of {}",
+                        field("error_code"),
+                        known.join(", ")
+                    ))
+                })
+            })
+            .transpose()?;
+        let error_class = self
+            .error_class
+            .as_deref()
+            .map(|class| {
+                FailureClass::parse(class).ok_or_else(|| {
+                    ApiError::validation(format!(
+                        "{}: must be permanent or retries_exhausted",
+                        field("error_class")
+                    ))
+                })
+            })
+            .transpose()?;
+        let event_type = self
+            .event_type
+            .as_deref()
+            .map(EventType::parse)
+            .transpose()
+            .map_err(|rule| ApiError::validation(format!("{}: {rule}", field("event_type"))))?;
+        Ok(DeadLetterFilter {
+            event_id: event_id.map(String::from),
+            error_code: error_code.map(|code| code.as_str().to_owned()),
+            error_class,
+            event_type: event_type.map(String::from),
+            since: listing::time(&field("since"), self.since.as_deref())?,
+            until: listing::time(&field("until"), self.until.as_deref())?,
+        })
+    }
+}
+
+/// The cursor fingerprint of a DLQ filter.
+fn fingerprint(filter: &DeadLetterFilter) -> String {
+    listing::fingerprint(
+        &[
+            filter.event_id.as_deref(),
+            filter.error_code.as_deref(),
+            filter.error_class.map(FailureClass::as_str),
+            filter.event_type.as_deref(),
+        ],
+        &[filter.since, filter.until],
+    )
 }
 
 #[derive(Deserialize, utoipa::IntoParams)]
@@ -117,12 +227,27 @@ struct ListQuery {
     /// Only the dead letters of this event id.
     #[param(value_type = Option<crate::openapi::schema::EventId>)]
     event_id: Option<String>,
+    /// Only this error code.
+    error_code: Option<String>,
+    /// `permanent` or `retries_exhausted`.
+    #[param(pattern = "^(permanent|retries_exhausted)$")]
+    error_class: Option<String>,
+    /// Only dead letters of events of this type.
+    event_type: Option<String>,
+    /// Only those dead-lettered at or after this time (RFC 3339).
+    #[param(format = DateTime)]
+    since: Option<String>,
+    /// Only those dead-lettered before this time (RFC 3339).
+    #[param(format = DateTime)]
+    until: Option<String>,
     /// At most this many (default 100).
     #[param(minimum = 1, maximum = 1000)]
     limit: Option<usize>,
+    /// The `next_cursor` of the previous page, with the same filters.
+    cursor: Option<String>,
 }
 
-/// List dead letters, oldest first.
+/// List dead letters, oldest `dead_lettered_at` first, one page at a time.
 #[utoipa::path(
     get,
     path = "/v1/admin/dlq",
@@ -130,36 +255,41 @@ struct ListQuery {
     operation_id = "list_dead_letters",
     params(ListQuery),
     responses(
-        (status = 200, description = "The dead letters and the DLQ's total depth.",
+        (status = 200, description = "One page of dead letters, and the DLQ's total depth.",
             body = DeadLetterList),
-        (status = 400, description = "`validation_error`: an unknown or invalid query \
-            parameter (`limit` outside 1..=1000, say), or an invalid X-Correlation-ID.",
-            body = crate::openapi::schema::ErrorBody),
+        (status = 400, description = "`validation_error` naming the parameter: an unknown \
+            one, `limit` outside 1..=1000, an unknown error code or class, a time that is not \
+            RFC 3339, a malformed cursor or one made under other filters, or an invalid \
+            X-Correlation-ID.", body = crate::openapi::schema::ErrorBody),
     ),
     security(("bearer" = ["admin"])),
 )]
 async fn list(
     State(state): State<AppState>,
-    query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+    query: Result<Query<ListQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
-    let Query(query) =
-        query.map_err(|e| ApiError::validation(format!("query: {}", e.body_text())))?;
-    let limit = query.limit.unwrap_or(DEFAULT_LIST_LIMIT);
-    if limit == 0 || limit > MAX_LIST_LIMIT {
-        return Err(ApiError::validation(format!(
-            "limit: must be 1 to {MAX_LIST_LIMIT}"
-        )));
+    let query = listing::query(query)?;
+    let limit = listing::limit(query.limit)?;
+    let filter = FilterIn {
+        event_id: query.event_id,
+        error_code: query.error_code,
+        error_class: query.error_class,
+        event_type: query.event_type,
+        since: query.since,
+        until: query.until,
     }
-    // Parsed before the queue sees it: a value no event id can have is the client's mistake.
-    let event_id = query
-        .event_id
-        .as_deref()
-        .map(EventId::parse)
-        .transpose()
-        .map_err(|rule| ApiError::validation(format!("event_id: {rule}")))?;
-    let entries = state
+    .parse("")?;
+    let filters = fingerprint(&filter);
+    let after =
+        listing::after(Listing::DeadLetters, &filters, query.cursor.as_deref())?.map(|position| {
+            DeadLetterPosition {
+                dead_lettered_at: position.at,
+                id: position.id,
+            }
+        });
+    let page = state
         .dead_letters
-        .list_dead_letters(limit, event_id.as_ref().map(EventId::as_str))
+        .list_dead_letters(&filter, after.as_ref(), limit)
         .await
         .map_err(|e| ApiError::from_queue(&e))?;
     let depth = state
@@ -167,10 +297,14 @@ async fn list(
         .depth()
         .await
         .map_err(|e| ApiError::from_queue(&e))?;
-    let dead_letters: Vec<DeadLetterOut<'_>> = entries.iter().map(dead_letter_json).collect();
+    let next = page.next.map(|next| Position {
+        at: next.dead_lettered_at,
+        id: next.id,
+    });
     Ok(Json(DeadLetterList {
         total: depth.dead_letters,
-        dead_letters,
+        dead_letters: page.dead_letters.iter().map(dead_letter_json).collect(),
+        next_cursor: listing::next_cursor(Listing::DeadLetters, &filters, next),
     })
     .into_response())
 }
@@ -203,7 +337,7 @@ async fn show(
     Ok(Json(dead_letter_json(&entry)).into_response())
 }
 
-/// Body of a redrive request: exactly one of the three selectors.
+/// Body of a redrive request: exactly one selector, and optionally `dry_run`.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RedriveIn {
@@ -211,12 +345,38 @@ struct RedriveIn {
     all: bool,
     event_id: Option<String>,
     id: Option<String>,
+    filter: Option<FilterIn>,
+    #[serde(default)]
+    dry_run: bool,
+    /// Move at most this many in this call, so a client can redrive a large DLQ in short
+    /// requests and show its progress.
+    limit: Option<u64>,
 }
 
-/// Largest accepted redrive request body; the real ones are a few dozen bytes.
+/// Largest `limit` a redrive takes.
+const MAX_REDRIVE_LIMIT: u64 = 10_000;
+
+/// The answer to a redrive.
+#[derive(Serialize, utoipa::ToSchema)]
+#[schema(as = RedriveOut)]
+struct RedriveOut {
+    /// Dead letters the selector matched when the redrive began.
+    matched: u64,
+    /// Dead letters moved back to the queue (0 on a dry run).
+    redriven: u64,
+    dry_run: bool,
+}
+
+/// Largest accepted redrive request body; the real ones are a few hundred bytes.
 const MAX_REDRIVE_BODY: usize = 64 * 1024;
 
-/// Move dead letters back to the queue: all of them, every one of an event id, or one by id.
+/// Move dead letters back to the queue: all of them, every one of an event id, one by id, or
+/// every one a filter matches; or, with `dry_run`, only count them.
+///
+/// A redrive of many entries runs in bounded batches (one short transaction each), never
+/// picks up an entry that fails again while it runs, and may be repeated safely: what has
+/// moved is no longer in the DLQ. With `limit`, one call moves at most that many (the CLI
+/// loops this way, with `until` fixed at its start, to show progress).
 #[utoipa::path(
     post,
     path = "/v1/admin/dlq/redrive",
@@ -224,11 +384,11 @@ const MAX_REDRIVE_BODY: usize = 64 * 1024;
     operation_id = "redrive_dead_letters",
     request_body(content = crate::openapi::schema::RedriveIn, content_type = "application/json"),
     responses(
-        (status = 200, description = "How many dead letters went back to the queue.",
-            body = crate::openapi::schema::RedriveOut),
+        (status = 200, description = "How many dead letters matched and how many went back \
+            to the queue.", body = RedriveOut),
         (status = 400, description = "`invalid_json`, or `validation_error`: not exactly one \
-            selector, an unknown member, or an invalid X-Correlation-ID.",
-            body = crate::openapi::schema::ErrorBody),
+            selector, an unknown member, an invalid filter value (named), or an invalid \
+            X-Correlation-ID.", body = crate::openapi::schema::ErrorBody),
     ),
     security(("bearer" = ["admin"])),
 )]
@@ -242,30 +402,290 @@ async fn redrive(
     fluxa_core::ingest::check_json_syntax(&body)?;
     let request: RedriveIn =
         serde_json::from_slice(&body).map_err(|e| ApiError::validation(format!("body: {e}")))?;
-    // Each id is parsed before the queue sees it, and named when it is refused.
-    let selector = match (request.all, request.event_id, request.id) {
-        (true, None, None) => RedriveSelector::All,
-        (false, Some(event_id), None) => {
-            let event_id = EventId::parse(&event_id)
-                .map_err(|rule| ApiError::validation(format!("event_id: {rule}")))?;
-            RedriveSelector::EventId(event_id.into())
-        }
-        (false, None, Some(id)) => {
+    // Each value is parsed before the queue sees it, and named when it is refused.
+    let selector = match (request.all, request.event_id, request.id, request.filter) {
+        (true, None, None, None) => RedriveSelector::Filter(DeadLetterFilter::default()),
+        (false, Some(event_id), None, None) => RedriveSelector::Filter(
+            FilterIn {
+                event_id: Some(event_id),
+                ..FilterIn::default()
+            }
+            .parse("")?,
+        ),
+        (false, None, Some(id), None) => {
             let id = DeadLetterId::parse(&id)
                 .map_err(|rule| ApiError::validation(format!("id: {rule}")))?;
             RedriveSelector::Id(id.into())
         }
+        (false, None, None, Some(filter)) => RedriveSelector::Filter(filter.parse("filter.")?),
         _ => {
             return Err(ApiError::validation(
-                "body: give exactly one of {\"all\": true}, {\"event_id\": …} or {\"id\": …}",
+                "body: give exactly one of {\"all\": true}, {\"event_id\": …}, {\"id\": …} \
+                 or {\"filter\": {…}}",
             ))
         }
     };
-    let n_redriven = state
+    let dry_run = request.dry_run;
+    let limit = match request.limit {
+        None => None,
+        Some(limit @ 1..=MAX_REDRIVE_LIMIT) => Some(limit),
+        Some(_) => {
+            return Err(ApiError::validation(format!(
+                "limit: must be 1 to {MAX_REDRIVE_LIMIT}"
+            )))
+        }
+    };
+    let queue_error = |e: fluxa_queue::Error| ApiError::from_queue(&e);
+    let (matched, redriven) = match &selector {
+        RedriveSelector::Id(id) => {
+            let matched = u64::from(
+                state
+                    .dead_letters
+                    .get_dead_letter(id)
+                    .await
+                    .map_err(queue_error)?
+                    .is_some(),
+            );
+            let redriven = if dry_run || matched == 0 {
+                0
+            } else {
+                state
+                    .dead_letters
+                    .redrive(&selector, 1)
+                    .await
+                    .map_err(queue_error)?
+            };
+            (matched, redriven)
+        }
+        RedriveSelector::Filter(filter) => {
+            // One cutoff for the count and the moves, so the two agree and an entry that
+            // fails again during the redrive is not picked up a second time.
+            let mut filter = filter.clone();
+            let now = Utc::now();
+            filter.until = Some(filter.until.map_or(now, |until| until.min(now)));
+            let matched = state
+                .dead_letters
+                .count_dead_letters(&filter)
+                .await
+                .map_err(queue_error)?;
+            let redriven = match (dry_run || matched == 0, limit) {
+                (true, _) => 0,
+                (false, None) => fluxa_queue::redrive_in_batches(
+                    &*state.dead_letters,
+                    &filter,
+                    fluxa_queue::REDRIVE_BATCH,
+                    |_| {},
+                )
+                .await
+                .map_err(queue_error)?,
+                // At most one batch's worth per call: a client loops with its own cutoff.
+                (false, Some(limit)) => state
+                    .dead_letters
+                    .redrive(&RedriveSelector::Filter(filter.clone()), limit as usize)
+                    .await
+                    .map_err(queue_error)?,
+            };
+            (matched, redriven)
+        }
+    };
+    tracing::info!(
+        target: "fluxa::audit",
+        action = "dlq.redrive",
+        selector = ?selector,
+        dry_run,
+        limit,
+        matched,
+        redriven,
+        "operator action"
+    );
+    Ok(Json(RedriveOut {
+        matched,
+        redriven,
+        dry_run,
+    })
+    .into_response())
+}
+
+/// An idempotency record in full (contract section 8).
+#[derive(Serialize, utoipa::ToSchema)]
+#[schema(as = IdempotencyRecordOut)]
+struct IdempotencyRecordOut<'a> {
+    #[schema(value_type = crate::openapi::schema::EventId)]
+    event_id: &'a str,
+    #[schema(value_type = crate::openapi::schema::ProcessingStatus)]
+    status: &'a str,
+    attempts: u32,
+    /// `null` for an erased record, which keeps no hash.
+    #[schema(required = true, value_type = Option<crate::openapi::schema::PayloadSha256>)]
+    payload_sha256: Option<&'a str>,
+    /// When a `processing` record's lease runs out and another delivery may take over.
+    #[schema(required = true, format = DateTime)]
+    lease_expires_at: Option<String>,
+    #[schema(required = true)]
+    last_error: Option<ErrorOut<'a>>,
+    #[schema(required = true, value_type = Option<crate::openapi::schema::CorrelationId>)]
+    correlation_id: Option<&'a str>,
+    #[schema(format = DateTime)]
+    created_at: String,
+    #[schema(format = DateTime)]
+    updated_at: String,
+}
+
+fn record_json(record: &IdempotencyRecord) -> IdempotencyRecordOut<'_> {
+    IdempotencyRecordOut {
+        event_id: &record.event_id,
+        status: record.status.as_str(),
+        attempts: record.attempts,
+        payload_sha256: record.payload_sha256.as_deref(),
+        lease_expires_at: record.lease_expires_at.as_ref().map(format_rfc3339),
+        last_error: record.last_error.as_ref().map(|error| ErrorOut {
+            code: &error.code,
+            message: &error.message,
+        }),
+        correlation_id: record.correlation_id.as_deref(),
+        created_at: format_rfc3339(&record.created_at),
+        updated_at: format_rfc3339(&record.updated_at),
+    }
+}
+
+fn parse_event_id(event_id: Result<Path<String>, PathRejection>) -> Result<EventId, ApiError> {
+    path_id(event_id, EventId::parse, "event_id", "event")
+}
+
+/// Read an event's idempotency record.
+#[utoipa::path(
+    get,
+    path = "/v1/admin/idempotency/{event_id}",
+    tag = "admin",
+    operation_id = "get_idempotency_record",
+    params(("event_id" = crate::openapi::schema::EventId, Path, description = "The event id.")),
+    responses(
+        (status = 200, description = "The record.", body = IdempotencyRecordOut),
+        (status = 404, description = "No record for that id.",
+            body = crate::openapi::schema::ErrorBody),
+    ),
+    security(("bearer" = ["admin"])),
+)]
+async fn get_idempotency(
+    State(state): State<AppState>,
+    event_id: Result<Path<String>, PathRejection>,
+) -> Result<Response, ApiError> {
+    let event_id = parse_event_id(event_id)?;
+    let record = state
+        .store_admin
+        .idempotency_record(&event_id)
+        .await
+        .map_err(|e| ApiError::from_store(&e))?
+        .ok_or_else(|| ApiError::not_found(format!("no idempotency record for {event_id}")))?;
+    Ok(Json(record_json(&record)).into_response())
+}
+
+/// Evict a `processing` or `failed` idempotency record, so the next delivery starts fresh.
+#[utoipa::path(
+    delete,
+    path = "/v1/admin/idempotency/{event_id}",
+    tag = "admin",
+    operation_id = "evict_idempotency_record",
+    params(("event_id" = crate::openapi::schema::EventId, Path, description = "The event id.")),
+    responses(
+        (status = 204, description = "Evicted."),
+        (status = 404, description = "No record for that id.",
+            body = crate::openapi::schema::ErrorBody),
+        (status = 409, description = "`conflict`: the record is `processed` or `erased`, and \
+            evicting it would let the event be stored twice or come back.",
+            body = crate::openapi::schema::ErrorBody),
+    ),
+    security(("bearer" = ["admin"])),
+)]
+async fn evict_idempotency(
+    State(state): State<AppState>,
+    event_id: Result<Path<String>, PathRejection>,
+) -> Result<Response, ApiError> {
+    let event_id = parse_event_id(event_id)?;
+    let eviction = state
+        .store_admin
+        .evict(&event_id)
+        .await
+        .map_err(|e| ApiError::from_store(&e))?;
+    tracing::info!(
+        target: "fluxa::audit",
+        action = "idempotency.evict",
+        event_id = event_id.as_str(),
+        outcome = ?eviction,
+        "operator action"
+    );
+    match eviction {
+        Eviction::Evicted => Ok(StatusCode::NO_CONTENT.into_response()),
+        Eviction::Refused(status) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "conflict",
+            format!(
+                "the record of {event_id} is {}; only a processing or failed record can be \
+                 evicted",
+                status.as_str()
+            ),
+        )),
+        Eviction::NotFound => Err(ApiError::not_found(format!(
+            "no idempotency record for {event_id}"
+        ))),
+    }
+}
+
+/// Erase an event: its row and payload, its dead letters and blobs; its idempotency record
+/// becomes an `erased` tombstone so a late redelivery can never store it again.
+#[utoipa::path(
+    delete,
+    path = "/v1/admin/events/{event_id}",
+    tag = "admin",
+    operation_id = "erase_event",
+    params(("event_id" = crate::openapi::schema::EventId, Path, description = "The event id.")),
+    responses(
+        (status = 204, description = "Erased (also when it already was)."),
+        (status = 404, description = "Nothing with that id exists: no event, record, dead \
+            letter, queued message or blob.", body = crate::openapi::schema::ErrorBody),
+    ),
+    security(("bearer" = ["admin"])),
+)]
+async fn erase_event(
+    State(state): State<AppState>,
+    event_id: Result<Path<String>, PathRejection>,
+) -> Result<Response, ApiError> {
+    let event_id = parse_event_id(event_id)?;
+    let purge = state
         .dead_letters
-        .redrive(&selector)
+        .purge_event(event_id.as_str())
         .await
         .map_err(|e| ApiError::from_queue(&e))?;
-    tracing::info!(n_redriven, selector = ?selector, "dead letters redriven");
-    Ok(Json(json!({ "redriven": n_redriven })).into_response())
+    // A message still queued would store the event after this erasure without a tombstone.
+    let in_queue = purge.dead_letters > 0 || purge.queued > 0;
+    let erasure = state
+        .store_admin
+        .erase(&event_id, in_queue)
+        .await
+        .map_err(|e| ApiError::from_store(&e))?;
+    let blobs = state
+        .blobs
+        .delete_event_blobs(&event_id)
+        .await
+        .map_err(|e| {
+            tracing::warn!(error.message = %e, "could not delete an erased event's blobs");
+            ApiError::unavailable("blob store")
+        })?;
+    tracing::info!(
+        target: "fluxa::audit",
+        action = "event.erase",
+        event_id = event_id.as_str(),
+        event_deleted = erasure.event_deleted,
+        had_record = erasure.had_record,
+        dead_letters_deleted = purge.dead_letters,
+        messages_queued = purge.queued,
+        blobs_deleted = blobs,
+        "operator action"
+    );
+    if !erasure.event_deleted && !erasure.had_record && !in_queue && blobs == 0 {
+        return Err(ApiError::not_found(format!(
+            "nothing with event id {event_id} exists"
+        )));
+    }
+    Ok(StatusCode::NO_CONTENT.into_response())
 }

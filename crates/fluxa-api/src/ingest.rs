@@ -78,6 +78,7 @@ async fn prepare(
                 event_id: Some(event.event_id.to_string()),
                 correlation_id: Some(correlation_id.to_string()),
                 blob_key: blob_key.clone(),
+                event_type: Some(event.event_type.to_string()),
             },
         }),
         blob_key,

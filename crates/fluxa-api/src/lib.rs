@@ -20,6 +20,7 @@ mod body;
 mod correlation;
 pub mod error;
 mod ingest;
+mod listing;
 mod openapi;
 mod ops;
 mod query;
@@ -29,7 +30,7 @@ use std::sync::Arc;
 use axum::Router;
 use fluxa_blob::BlobStore;
 use fluxa_queue::{DeadLetterAdmin, Producer};
-use fluxa_store::EventReader;
+use fluxa_store::{EventReader, StoreAdmin};
 use metrics_exporter_prometheus::PrometheusHandle;
 
 pub use admin::{dead_letter_json, DeadLetterOut};
@@ -102,6 +103,8 @@ pub struct AppState {
     pub dead_letters: Arc<dyn DeadLetterAdmin>,
     pub blobs: BlobStore,
     pub reader: Arc<dyn EventReader>,
+    /// The store's deleting side: idempotency records, erasure (admin routes only).
+    pub store_admin: Arc<dyn StoreAdmin>,
     pub limits: Limits,
     /// Configured API tokens; empty means authentication is off.
     pub tokens: Arc<Vec<ApiToken>>,

@@ -93,11 +93,15 @@ async fn serve_document() -> Response {
     paths(
         crate::ingest::ingest_one,
         crate::ingest::ingest_batch,
+        crate::query::list_events,
         crate::query::get_event,
         crate::query::get_status,
         crate::admin::list,
         crate::admin::show,
         crate::admin::redrive,
+        crate::admin::get_idempotency,
+        crate::admin::evict_idempotency,
+        crate::admin::erase_event,
         crate::ops::healthz,
         crate::ops::readyz,
         crate::ops::metrics_text,
@@ -107,7 +111,8 @@ async fn serve_document() -> Response {
     tags(
         (name = "ingest", description = "Send events (scope `ingest`)."),
         (name = "query", description = "Read stored events and their status (scope `read`)."),
-        (name = "admin", description = "Operate the dead-letter queue (scope `admin`)."),
+        (name = "admin", description = "Operate the dead-letter queue, idempotency records \
+            and erasure (scope `admin`)."),
         (name = "operations", description = "Liveness, readiness, metrics and this document \
             (no token needed)."),
     ),
@@ -532,15 +537,16 @@ pub(crate) mod schema {
         Erased,
     }
 
-    /// The body of `POST /v1/admin/dlq/redrive`: one selector. (The handler reads it as a
-    /// struct of three optional members and checks that exactly one is given; this is the
-    /// same rule as a schema.)
+    /// The body of `POST /v1/admin/dlq/redrive`: one selector, and `dry_run` to only count.
+    /// (The handler reads it as a struct of optional members and checks that exactly one
+    /// selector is given; this is the same rule as a schema.)
     #[derive(Deserialize, ToSchema)]
     #[serde(untagged)]
     pub enum RedriveIn {
         All(RedriveAll),
         ByEventId(RedriveByEventId),
         ById(RedriveById),
+        ByFilter(RedriveByFilter),
     }
 
     /// Every dead letter.
@@ -549,6 +555,11 @@ pub(crate) mod schema {
     pub struct RedriveAll {
         #[schema(value_type = True)]
         pub all: bool,
+        /// Only count what would be redriven (default false).
+        pub dry_run: Option<bool>,
+        /// Move at most this many in this call.
+        #[schema(minimum = 1, maximum = 10000)]
+        pub limit: Option<u64>,
     }
 
     /// Every dead letter of one event.
@@ -557,6 +568,9 @@ pub(crate) mod schema {
     pub struct RedriveByEventId {
         #[schema(value_type = EventId)]
         pub event_id: String,
+        pub dry_run: Option<bool>,
+        #[schema(minimum = 1, maximum = 10000)]
+        pub limit: Option<u64>,
     }
 
     /// One dead letter.
@@ -565,6 +579,20 @@ pub(crate) mod schema {
     pub struct RedriveById {
         #[schema(value_type = DeadLetterId)]
         pub id: String,
+        pub dry_run: Option<bool>,
+        #[schema(minimum = 1, maximum = 10000)]
+        pub limit: Option<u64>,
+    }
+
+    /// Every dead letter the filter matches (the filters of `GET /v1/admin/dlq`).
+    #[derive(Deserialize, ToSchema)]
+    #[serde(deny_unknown_fields)]
+    pub struct RedriveByFilter {
+        #[schema(value_type = crate::admin::FilterIn)]
+        pub filter: serde_json::Value,
+        pub dry_run: Option<bool>,
+        #[schema(minimum = 1, maximum = 10000)]
+        pub limit: Option<u64>,
     }
 
     /// The JSON value `true`.
@@ -580,14 +608,6 @@ pub(crate) mod schema {
     }
 
     impl ToSchema for True {}
-
-    /// 200 from `POST /v1/admin/dlq/redrive`.
-    #[derive(Serialize, ToSchema)]
-    #[serde(deny_unknown_fields)]
-    pub struct RedriveOut {
-        /// Dead letters moved back to the queue.
-        pub redriven: u64,
-    }
 
     /// 200 from `GET /healthz`.
     #[derive(Serialize, ToSchema)]

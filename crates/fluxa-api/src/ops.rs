@@ -79,12 +79,28 @@ async fn readyz(State(state): State<AppState>) -> Response {
     ),
 )]
 async fn metrics_text(State(state): State<AppState>) -> Response {
-    // Depths are read at scrape time so they are never stale.
+    // Depths are read at scrape time so they are never stale; the backends keep them in
+    // counters, so a scrape costs the same however deep the queue is.
     match state.dead_letters.depth().await {
         Ok(depth) => {
             metrics::gauge!("fluxa_queue_depth").set(depth.pending as f64);
             metrics::gauge!("fluxa_queue_in_flight").set(depth.in_flight as f64);
             metrics::gauge!("fluxa_dlq_depth").set(depth.dead_letters as f64);
+            let oldest_age = depth.oldest_enqueued_at.map_or(0.0, |at| {
+                (chrono::Utc::now() - at).num_milliseconds().max(0) as f64 / 1000.0
+            });
+            metrics::gauge!("fluxa_queue_oldest_message_age_seconds").set(oldest_age);
+            // Labels from the fixed set of codes only (contract section 7), each set every
+            // scrape so a code whose dead letters are gone reads 0, not its last value.
+            for code in fluxa_core::ErrorCode::ALL {
+                let count = depth
+                    .dead_letters_by_code
+                    .iter()
+                    .find(|(name, _)| name == code.as_str())
+                    .map_or(0, |(_, count)| *count);
+                metrics::gauge!("fluxa_dlq_depth_by_code", "error_code" => code.as_str())
+                    .set(count as f64);
+            }
         }
         Err(e) => tracing::warn!(error.message = %e, "could not read queue depth for metrics"),
     }

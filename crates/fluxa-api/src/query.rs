@@ -1,24 +1,27 @@
-//! `GET /v1/events/{event_id}` and `GET /v1/events/{event_id}/status`: reads only, through an
-//! [`fluxa_store::EventReader`] (seed invariant 7).
+//! `GET /v1/events` (a filtered listing, one page at a time), `GET /v1/events/{event_id}` and
+//! `GET /v1/events/{event_id}/status`: reads only, through an [`fluxa_store::EventReader`]
+//! (seed invariant 7).
 
-use axum::extract::rejection::PathRejection;
-use axum::extract::{Path, State};
+use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
+use fluxa_core::cursor::{Listing, Position};
 use fluxa_core::time::format_rfc3339;
-use fluxa_core::{EventId, PayloadHash};
-use fluxa_store::StoredEvent;
-use serde::Serialize;
+use fluxa_core::{EventId, EventType, PayloadHash, Source};
+use fluxa_store::{EventFilter, EventPosition, StoredEvent};
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 use serde_json::value::RawValue;
 
 use crate::auth::{self, Scope};
 use crate::error::{path_id, ApiError};
-use crate::AppState;
+use crate::{listing, AppState};
 
 pub fn router(state: &AppState) -> Router<AppState> {
     Router::new()
+        .route("/v1/events", get(list_events))
         .route("/v1/events/{event_id}", get(get_event))
         .route("/v1/events/{event_id}/status", get(get_status))
         .route_layer(axum::middleware::from_fn_with_state(
@@ -49,10 +52,14 @@ fn verified_payload(event: &StoredEvent) -> Result<&RawValue, ApiError> {
             reason,
         })
     };
-    if PayloadHash::of(&event.payload).as_str() != event.payload_sha256 {
+    let payload = event
+        .payload
+        .as_deref()
+        .ok_or_else(|| corrupt("it was not read"))?;
+    if PayloadHash::of(payload).as_str() != event.payload_sha256 {
         return Err(corrupt("its hash does not match payload_sha256"));
     }
-    let text = std::str::from_utf8(&event.payload).map_err(|_| corrupt("it is not UTF-8"))?;
+    let text = std::str::from_utf8(payload).map_err(|_| corrupt("it is not UTF-8"))?;
     serde_json::from_str(text).map_err(|_| corrupt("it is not JSON"))
 }
 
@@ -83,20 +90,10 @@ async fn get_event(
         .ok_or_else(|| {
             ApiError::not_found(format!("no event with id {event_id} has been stored"))
         })?;
-    let payload = verified_payload(&event)?;
     // A struct, not `json!`: converting a RawValue into a `Value` would re-format the payload.
     Ok(Json(EventOut {
-        event_id: &event.event_id,
-        event_type: &event.event_type,
-        source: event.source.as_deref(),
-        occurred_at: event.occurred_at.as_ref().map(format_rfc3339),
-        payload,
-        payload_sha256: &event.payload_sha256,
-        payload_size: event.payload_size,
-        payload_mode: &event.payload_mode,
-        correlation_id: &event.correlation_id,
-        received_at: format_rfc3339(&event.received_at),
-        processed_at: format_rfc3339(&event.processed_at),
+        summary: EventSummary::of(&event),
+        payload: verified_payload(&event)?,
     })
     .into_response())
 }
@@ -105,6 +102,29 @@ async fn get_event(
 #[derive(Serialize, utoipa::ToSchema)]
 #[schema(as = EventOut)]
 struct EventOut<'a> {
+    #[serde(flatten)]
+    summary: EventSummary<'a>,
+    /// The payload exactly as ingested.
+    #[schema(value_type = serde_json::Value)]
+    payload: &'a RawValue,
+}
+
+/// An item of `GET /v1/events`: a stored event, its payload only when asked for.
+#[derive(Serialize, utoipa::ToSchema)]
+#[schema(as = EventListItem)]
+struct EventListItem<'a> {
+    #[serde(flatten)]
+    summary: EventSummary<'a>,
+    /// The payload exactly as ingested, with `include=payload`; absent otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<serde_json::Value>)]
+    payload: Option<&'a RawValue>,
+}
+
+/// A stored event's fields beside its payload.
+#[derive(Serialize, utoipa::ToSchema)]
+#[schema(as = EventSummary)]
+struct EventSummary<'a> {
     #[schema(value_type = crate::openapi::schema::EventId)]
     event_id: &'a str,
     event_type: &'a str,
@@ -113,9 +133,6 @@ struct EventOut<'a> {
     /// RFC 3339, UTC.
     #[schema(required = true, format = DateTime)]
     occurred_at: Option<String>,
-    /// The payload exactly as ingested.
-    #[schema(value_type = serde_json::Value)]
-    payload: &'a RawValue,
     #[schema(value_type = crate::openapi::schema::PayloadSha256)]
     payload_sha256: &'a str,
     payload_size: u64,
@@ -127,6 +144,152 @@ struct EventOut<'a> {
     received_at: String,
     #[schema(format = DateTime)]
     processed_at: String,
+}
+
+impl<'a> EventSummary<'a> {
+    fn of(event: &'a StoredEvent) -> Self {
+        Self {
+            event_id: &event.event_id,
+            event_type: &event.event_type,
+            source: event.source.as_deref(),
+            occurred_at: event.occurred_at.as_ref().map(format_rfc3339),
+            payload_sha256: &event.payload_sha256,
+            payload_size: event.payload_size,
+            payload_mode: &event.payload_mode,
+            correlation_id: &event.correlation_id,
+            received_at: format_rfc3339(&event.received_at),
+            processed_at: format_rfc3339(&event.processed_at),
+        }
+    }
+}
+
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    /// Only events of this type (exact match).
+    event_type: Option<String>,
+    /// Only events from this source (exact match).
+    source: Option<String>,
+    /// Only events received at or after this time (RFC 3339).
+    #[param(format = DateTime)]
+    since: Option<String>,
+    /// Only events received before this time (RFC 3339).
+    #[param(format = DateTime)]
+    until: Option<String>,
+    /// At most this many events (default 100).
+    #[param(minimum = 1, maximum = 1000)]
+    limit: Option<usize>,
+    /// The `next_cursor` of the previous page, with the same filters.
+    cursor: Option<String>,
+    /// `payload` to include each event's payload.
+    #[param(pattern = "^payload$")]
+    include: Option<String>,
+}
+
+/// The body of `GET /v1/events`.
+#[derive(Serialize, utoipa::ToSchema)]
+#[schema(as = EventList)]
+struct EventList<'a> {
+    events: Vec<EventListItem<'a>>,
+    /// Pass it back as `cursor`, with the same filters, for the next page; `null` on the last.
+    #[schema(required = true)]
+    next_cursor: Option<String>,
+}
+
+/// List stored events, oldest `received_at` first (ties by `event_id`), one page at a time.
+///
+/// Paging with `next_cursor` through a table that is growing neither skips nor repeats an
+/// event that existed when paging began. Every filter combination is served by an index.
+#[utoipa::path(
+    get,
+    path = "/v1/events",
+    tag = "query",
+    operation_id = "list_events",
+    params(ListQuery),
+    responses(
+        (status = 200, description = "One page of events.", body = EventList),
+        (status = 400, description = "`validation_error` naming the parameter: an unknown \
+            one, `limit` outside 1..=1000, a time that is not RFC 3339, an invalid \
+            `event_type` or `source`, a malformed cursor or one made under other filters, \
+            or an invalid X-Correlation-ID.", body = crate::openapi::schema::ErrorBody),
+    ),
+    security(("bearer" = ["read"])),
+)]
+async fn list_events(
+    State(state): State<AppState>,
+    query: Result<Query<ListQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let query = listing::query(query)?;
+    let limit = listing::limit(query.limit)?;
+    let include_payload = match query.include.as_deref() {
+        None => false,
+        Some("payload") => true,
+        Some(_) => return Err(ApiError::validation("include: the only value is `payload`")),
+    };
+    let filter = EventFilter {
+        event_type: query
+            .event_type
+            .as_deref()
+            .map(EventType::parse)
+            .transpose()
+            .map_err(|rule| ApiError::validation(format!("event_type: {rule}")))?,
+        source: query
+            .source
+            .as_deref()
+            .map(Source::parse)
+            .transpose()
+            .map_err(|rule| ApiError::validation(format!("source: {rule}")))?,
+        since: listing::time("since", query.since.as_deref())?,
+        until: listing::time("until", query.until.as_deref())?,
+    };
+    let filters = listing::fingerprint(
+        &[
+            filter.event_type.as_ref().map(EventType::as_str),
+            filter.source.as_ref().map(Source::as_str),
+        ],
+        &[filter.since, filter.until],
+    );
+    let after = listing::after(Listing::Events, &filters, query.cursor.as_deref())?
+        .map(|position| {
+            // A cursor only this server made can name an id; one that breaks the id rules
+            // was tampered with.
+            EventId::parse(&position.id)
+                .map(|event_id| EventPosition {
+                    received_at: position.at,
+                    event_id,
+                })
+                .map_err(|_| ApiError::validation("cursor: not a cursor this server made"))
+        })
+        .transpose()?;
+    let page = state
+        .reader
+        .list_events(&filter, after.as_ref(), limit, include_payload)
+        .await
+        .map_err(|e| ApiError::from_store(&e))?;
+    let events = page
+        .events
+        .iter()
+        .map(|event| {
+            Ok(EventListItem {
+                summary: EventSummary::of(event),
+                payload: if include_payload {
+                    Some(verified_payload(event)?)
+                } else {
+                    None
+                },
+            })
+        })
+        .collect::<Result<Vec<_>, ApiError>>()?;
+    let next = page.next.map(|next| Position {
+        at: next.received_at,
+        id: next.event_id.into(),
+    });
+    Ok(Json(EventList {
+        events,
+        next_cursor: listing::next_cursor(Listing::Events, &filters, next),
+    })
+    .into_response())
 }
 
 /// Read the processor's record of an event: processing, processed, failed or erased.

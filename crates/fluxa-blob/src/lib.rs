@@ -148,6 +148,22 @@ impl BlobStore {
         Ok(keys)
     }
 
+    /// Deletes every payload blob ever written for `event_id` (an erasure), whichever upload
+    /// wrote it; returns how many. Keys are `<prefix>/<event_id>/<unique>.json`, so this lists
+    /// one folder, never the whole store.
+    pub async fn delete_event_blobs(&self, event_id: &EventId) -> Result<u64> {
+        let folder = Path::from(format!("{PAYLOAD_PREFIX}/{event_id}"));
+        let mut listing = self.inner.list(Some(&folder));
+        let mut keys = Vec::new();
+        while let Some(meta) = listing.next().await {
+            keys.push(meta.map_err(Error::Unavailable)?.location.to_string());
+        }
+        for key in &keys {
+            self.delete(key).await?;
+        }
+        Ok(keys.len() as u64)
+    }
+
     /// Readiness: the store answers (a missing probe key is an answer).
     pub async fn check(&self) -> Result<()> {
         match self.inner.head(&Path::from("_fluxa/readiness-probe")).await {
@@ -200,6 +216,21 @@ mod tests {
         ));
         store.delete(&key).await.unwrap();
         store.check().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn erasing_an_events_blobs_deletes_all_of_its_uploads_and_no_other_events() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::local(dir.path()).unwrap();
+        let erased = EventId::parse("e").unwrap();
+        let kept = EventId::parse("e-1").unwrap();
+        for event_id in [&erased, &erased, &kept] {
+            let key = BlobStore::new_key(event_id);
+            store.put(&key, Bytes::from_static(b"1")).await.unwrap();
+        }
+        assert_eq!(store.delete_event_blobs(&erased).await.unwrap(), 2);
+        assert_eq!(store.delete_event_blobs(&erased).await.unwrap(), 0);
+        assert_eq!(store.delete_event_blobs(&kept).await.unwrap(), 1);
     }
 
     #[tokio::test]

@@ -34,6 +34,23 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
+    /// Every code, for listings that filter by one (an unknown code is a client's typo).
+    pub const ALL: [Self; 9] = [
+        Self::InvalidMessage,
+        Self::HashMismatch,
+        Self::BlobMissing,
+        Self::EventIdConflict,
+        Self::StoreUnavailable,
+        Self::BlobStoreUnavailable,
+        Self::LeaseHeld,
+        Self::Internal,
+        Self::RetriesExhausted,
+    ];
+
+    pub fn parse(text: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|code| code.as_str() == text)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::InvalidMessage => "invalid_message",

@@ -7,10 +7,12 @@
 //! - [`hash`]: the SHA-256 of payload bytes, as a lower-case hex newtype.
 //! - [`task`]: the versioned queue message, the only type that crosses process boundaries.
 //! - [`failure`]: error codes and classes shared by the processor, the queue and the API.
+//! - [`cursor`]: the opaque paging cursors of the listing APIs.
 //!
 //! **Architecture Invariant:** this crate does no IO (no tokio, no sqlx, no HTTP), so every rule
 //! in it is unit-testable and identical on every host (self-hosted, Lambda, tests).
 
+pub mod cursor;
 pub mod failure;
 pub mod hash;
 pub mod ids;

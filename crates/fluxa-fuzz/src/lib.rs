@@ -26,7 +26,39 @@ pub const TARGETS: &[(&str, Property)] = &[
     ("ids", ids),
     ("queue_message", queue_message),
     ("config_file", config_file),
+    ("cursor", cursor),
 ];
+
+/// The listing cursors' decoder: never panics on any text, refuses what another listing or
+/// other filters made, and what it accepts re-encodes to a cursor naming the same position;
+/// and any position survives an encode and decode unchanged.
+pub fn cursor(data: &[u8]) {
+    use fluxa_core::cursor::{decode, encode, fingerprint, Listing, Position};
+    let filters = fingerprint(&[Some("t"), None]);
+    let text = String::from_utf8_lossy(data);
+    if let Ok(position) = decode(Listing::Events, &filters, &text) {
+        let again = encode(Listing::Events, &filters, &position);
+        assert_eq!(decode(Listing::Events, &filters, &again), Ok(position));
+        assert!(decode(Listing::DeadLetters, &filters, &text).is_err());
+        assert!(decode(Listing::Events, &fingerprint(&[]), &text).is_err());
+    }
+    // The same bytes as a position: 8 for the time, the rest for the id.
+    if data.len() >= 8 {
+        let (time, id) = data.split_at(8);
+        let micros = i64::from_le_bytes(time.try_into().expect("8 bytes"));
+        // Only the instants chrono can hold; the store never holds others.
+        if let Some(at) = chrono::DateTime::from_timestamp_micros(micros) {
+            let position = Position {
+                at,
+                id: String::from_utf8_lossy(id).into_owned(),
+            };
+            let text = encode(Listing::DeadLetters, &filters, &position);
+            if text.len() <= fluxa_core::cursor::MAX_CURSOR_LEN {
+                assert_eq!(decode(Listing::DeadLetters, &filters, &text), Ok(position));
+            }
+        }
+    }
+}
 
 /// `POST /v1/events`' validator: never panics, and whatever it accepts keeps every rule.
 pub fn ingest_event(data: &[u8]) {

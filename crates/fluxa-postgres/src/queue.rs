@@ -4,19 +4,28 @@
 //! A receive is one statement: it locks the first visible messages in `(visible_at, seq)`
 //! order (an index range scan that stops after the batch), moves those that have used up their
 //! receives to `dead_letters`, and claims the rest. No receive ever scans the backlog.
+//!
+//! Operators' reads never count a whole table either: statement triggers keep the number of
+//! queued messages and of dead letters per error code in `queue_message_counts` and
+//! `dead_letter_counts` (the migration says how they stay uncontended and deadlock-free), and
+//! DLQ listings page by key over indexes in `(dead_lettered_at, message_id)` order. Bulk DLQ
+//! changes (redrive, prune) lock what they take with `SKIP LOCKED`, so concurrent runs share
+//! the work instead of moving an entry twice.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use chrono::{DateTime, Utc};
 use fluxa_core::{ErrorCode, FailureClass, FailureInfo};
 use fluxa_queue::{
-    BlobReferences, Consumer, DeadLetter, DeadLetterAdmin, Delivery, Error, ExhaustedNotice,
-    MessageAttributes, NewMessage, PendingMessage, Producer, QueueDepth, Received, Receivers,
-    RedriveSelector, Result, SendError,
+    BlobReferences, Consumer, DeadLetter, DeadLetterAdmin, DeadLetterFilter, DeadLetterPage,
+    DeadLetterPosition, Delivery, Error, EventPurge, ExhaustedNotice, MessageAttributes,
+    NewMessage, PendingMessage, Producer, QueueDepth, Received, Receivers, RedriveSelector, Result,
+    SendError,
 };
 use sqlx::postgres::{PgListener, PgRow};
-use sqlx::{PgPool, Row};
+use sqlx::{PgPool, Postgres, QueryBuilder, Row};
 use tokio::sync::Notify;
 
 use crate::{is_refusal, seconds, QueueConfig};
@@ -103,10 +112,10 @@ impl PgQueue {
                  RETURNING q.*),
                dead AS (
                  INSERT INTO dead_letters
-                   (message_id, body, event_id, correlation_id, blob_key, error_class,
-                    error_code, error_message, receive_count, enqueued_at, first_failure_at,
-                    last_failure_at, dead_lettered_at)
-                 SELECT message_id, body, event_id, correlation_id, blob_key,
+                   (message_id, body, event_id, correlation_id, blob_key, event_type,
+                    error_class, error_code, error_message, receive_count, enqueued_at,
+                    first_failure_at, last_failure_at, dead_lettered_at)
+                 SELECT message_id, body, event_id, correlation_id, blob_key, event_type,
                         'retries_exhausted', 'retries_exhausted',
                         'gave up after ' || receive_count || ' receives; last error: ' ||
                           COALESCE(last_error_code || ': ' || last_error_message,
@@ -121,12 +130,12 @@ impl PgQueue {
                      visible_at = now() + make_interval(secs => $2)
                  FROM head WHERE q.seq = head.seq AND head.receive_count < $3
                  RETURNING q.seq, q.message_id, q.body, q.event_id, q.correlation_id,
-                           q.blob_key, q.receive_count, q.enqueued_at)
-               SELECT seq, message_id, body, event_id, correlation_id, blob_key, receive_count,
-                      enqueued_at, NULL::text AS error_message
+                           q.blob_key, q.event_type, q.receive_count, q.enqueued_at)
+               SELECT seq, message_id, body, event_id, correlation_id, blob_key, event_type,
+                      receive_count, enqueued_at, NULL::text AS error_message
                FROM delivered
                UNION ALL
-               SELECT NULL, NULL, NULL, event_id, NULL, NULL, NULL, NULL, error_message
+               SELECT NULL, NULL, NULL, event_id, NULL, NULL, NULL, NULL, NULL, error_message
                FROM dead"#,
         )
         .bind(&receipt)
@@ -237,6 +246,7 @@ fn attributes(row: &PgRow) -> MessageAttributes {
         event_id: row.get("event_id"),
         correlation_id: row.get("correlation_id"),
         blob_key: row.get("blob_key"),
+        event_type: row.get("event_type"),
     }
 }
 
@@ -249,20 +259,26 @@ impl Producer for PgQueue {
         let mut event_ids = Vec::with_capacity(n_messages);
         let mut correlation_ids = Vec::with_capacity(n_messages);
         let mut blob_keys = Vec::with_capacity(n_messages);
+        let mut event_types = Vec::with_capacity(n_messages);
         for message in messages {
             message_ids.push(uuid::Uuid::new_v4().to_string());
             bodies.push(message.body);
             event_ids.push(message.attributes.event_id);
             correlation_ids.push(message.attributes.correlation_id);
             blob_keys.push(message.attributes.blob_key);
+            event_types.push(message.attributes.event_type);
         }
         // One statement for the whole batch: atomic and one round trip.
         sqlx::query(
             r#"INSERT INTO queue_messages
-                 (message_id, body, event_id, correlation_id, blob_key, enqueued_at, visible_at)
-               SELECT message_id, body, event_id, correlation_id, blob_key, now(), now()
-               FROM UNNEST($1::text[], $2::bytea[], $3::text[], $4::text[], $5::text[])
-                 WITH ORDINALITY AS m(message_id, body, event_id, correlation_id, blob_key, ord)
+                 (message_id, body, event_id, correlation_id, blob_key, event_type, enqueued_at,
+                  visible_at)
+               SELECT message_id, body, event_id, correlation_id, blob_key, event_type, now(),
+                      now()
+               FROM UNNEST($1::text[], $2::bytea[], $3::text[], $4::text[], $5::text[],
+                           $6::text[])
+                 WITH ORDINALITY
+                   AS m(message_id, body, event_id, correlation_id, blob_key, event_type, ord)
                ORDER BY ord"#,
         )
         .bind(&message_ids)
@@ -270,6 +286,7 @@ impl Producer for PgQueue {
         .bind(&event_ids)
         .bind(&correlation_ids)
         .bind(&blob_keys)
+        .bind(&event_types)
         .execute(&self.pool)
         .await
         .map_err(|e| SendError {
@@ -344,11 +361,12 @@ impl Consumer for PgQueue {
                  DELETE FROM queue_messages WHERE message_id = $1 AND receipt = $2
                  RETURNING *)
                INSERT INTO dead_letters
-                 (message_id, body, event_id, correlation_id, blob_key, error_class, error_code,
-                  error_message, receive_count, enqueued_at, first_failure_at, last_failure_at,
-                  dead_lettered_at)
-               SELECT message_id, body, event_id, correlation_id, blob_key, 'permanent', $3, $4,
-                      receive_count, enqueued_at, COALESCE(first_failure_at, now()), now(), now()
+                 (message_id, body, event_id, correlation_id, blob_key, event_type, error_class,
+                  error_code, error_message, receive_count, enqueued_at, first_failure_at,
+                  last_failure_at, dead_lettered_at)
+               SELECT message_id, body, event_id, correlation_id, blob_key, event_type,
+                      'permanent', $3, $4, receive_count, enqueued_at,
+                      COALESCE(first_failure_at, now()), now(), now()
                FROM failed"#,
         )
         .bind(&delivery.message_id)
@@ -365,28 +383,31 @@ impl Consumer for PgQueue {
 #[async_trait]
 impl DeadLetterAdmin for PgQueue {
     async fn depth(&self) -> Result<QueueDepth> {
-        let row = sqlx::query(
-            r#"SELECT
-                 (SELECT COUNT(*) FROM queue_messages
-                    WHERE receipt IS NULL OR visible_at <= now()) AS pending,
-                 (SELECT COUNT(*) FROM queue_messages
-                    WHERE receipt IS NOT NULL AND visible_at > now()) AS in_flight,
-                 (SELECT COUNT(*) FROM dead_letters) AS dead"#,
-        )
-        .fetch_one(&self.pool)
-        .await
-        .map_err(queue_error)?;
-        let count = |name: &str| u64::try_from(row.get::<i64, _>(name)).unwrap_or(0);
+        let row = sqlx::query(DEPTH_SQL)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(queue_error)?;
+        let total = count(row.get("total"));
+        let in_flight = count(row.get("in_flight"));
+        let codes: Vec<String> = row.get("codes");
+        let code_counts: Vec<i64> = row.get("code_counts");
+        let dead_letters_by_code: Vec<(String, u64)> = codes
+            .into_iter()
+            .zip(code_counts.into_iter().map(count))
+            .collect();
         Ok(QueueDepth {
-            pending: count("pending"),
-            in_flight: count("in_flight"),
-            dead_letters: count("dead"),
+            pending: total.saturating_sub(in_flight),
+            in_flight,
+            dead_letters: dead_letters_by_code.iter().map(|(_, n)| n).sum(),
+            oldest_enqueued_at: row.get("oldest_enqueued_at"),
+            dead_letters_by_code,
         })
     }
 
     async fn peek(&self, limit: usize) -> Result<Vec<PendingMessage>> {
         let rows = sqlx::query(
-            r#"SELECT message_id, body, event_id, correlation_id, blob_key, receive_count, enqueued_at
+            r#"SELECT message_id, body, event_id, correlation_id, blob_key, event_type,
+                      receive_count, enqueued_at
                FROM queue_messages ORDER BY seq LIMIT $1"#,
         )
         .bind(i64::try_from(limit).unwrap_or(i64::MAX))
@@ -407,19 +428,41 @@ impl DeadLetterAdmin for PgQueue {
 
     async fn list_dead_letters(
         &self,
+        filter: &DeadLetterFilter,
+        after: Option<&DeadLetterPosition>,
         limit: usize,
-        event_id: Option<&str>,
-    ) -> Result<Vec<DeadLetter>> {
-        let rows = sqlx::query(
-            r#"SELECT * FROM dead_letters WHERE $1::text IS NULL OR event_id = $1
-               ORDER BY seq LIMIT $2"#,
-        )
-        .bind(event_id)
-        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-        .fetch_all(&self.pool)
-        .await
+    ) -> Result<DeadLetterPage> {
+        let rows = list_query("", filter, after, limit)
+            .build()
+            .fetch_all(&self.pool)
+            .await
+            .map_err(queue_error)?;
+        let dead_letters: Vec<DeadLetter> = rows.iter().map(dead_letter).collect();
+        Ok(page(dead_letters, limit))
+    }
+
+    async fn count_dead_letters(&self, filter: &DeadLetterFilter) -> Result<u64> {
+        // The counters answer the common questions (everything, one error code) at once; other
+        // filters count over their index.
+        let code_only = DeadLetterFilter {
+            error_code: filter.error_code.clone(),
+            ..DeadLetterFilter::default()
+        };
+        let n: i64 = if *filter == code_only {
+            sqlx::query_scalar(
+                "SELECT COALESCE(SUM(n), 0)::bigint FROM dead_letter_counts \
+                 WHERE $1::text IS NULL OR error_code = $1",
+            )
+            .bind(filter.error_code.as_deref())
+            .fetch_one(&self.pool)
+            .await
+        } else {
+            let mut query = QueryBuilder::new("SELECT COUNT(*) FROM dead_letters");
+            push_conditions(&mut query, &Selection::Filter(filter.clone()), None);
+            query.build_query_scalar().fetch_one(&self.pool).await
+        }
         .map_err(queue_error)?;
-        Ok(rows.iter().map(dead_letter).collect())
+        Ok(count(n))
     }
 
     async fn get_dead_letter(&self, id: &str) -> Result<Option<DeadLetter>> {
@@ -431,35 +474,220 @@ impl DeadLetterAdmin for PgQueue {
         Ok(row.as_ref().map(dead_letter))
     }
 
-    async fn redrive(&self, selector: &RedriveSelector) -> Result<u64> {
-        let (event_id, message_id) = match selector {
-            RedriveSelector::All => (None, None),
-            RedriveSelector::EventId(event_id) => (Some(event_id.as_str()), None),
-            RedriveSelector::Id(id) => (None, Some(id.as_str())),
+    async fn redrive(&self, selector: &RedriveSelector, limit: usize) -> Result<u64> {
+        if limit == 0 {
+            return Ok(0);
+        }
+        let selection = match selector {
+            RedriveSelector::Filter(filter) => Selection::Filter(filter.clone()),
+            RedriveSelector::Id(id) => Selection::Id(id.clone()),
         };
-        let n_moved: i64 = sqlx::query_scalar(
-            r#"WITH chosen AS (
-                 DELETE FROM dead_letters
-                 WHERE ($1::text IS NULL OR event_id = $1) AND ($2::text IS NULL OR message_id = $2)
-                 RETURNING *),
-               inserted AS (
-                 INSERT INTO queue_messages
-                   (message_id, body, event_id, correlation_id, blob_key, enqueued_at, visible_at)
-                 SELECT message_id, body, event_id, correlation_id, blob_key, now(), now()
-                 FROM chosen ORDER BY seq
-                 RETURNING 1)
-               SELECT COUNT(*) FROM inserted"#,
-        )
-        .bind(event_id)
-        .bind(message_id)
-        .fetch_one(&self.pool)
-        .await
-        .map_err(queue_error)?;
+        // One statement: lock the oldest selected entries (skipping those a concurrent redrive
+        // or prune holds, so no entry moves twice), delete them and enqueue them afresh.
+        let mut query = QueryBuilder::new("WITH chosen AS (SELECT seq FROM dead_letters");
+        push_conditions(&mut query, &selection, None);
+        query
+            .push(" ORDER BY dead_lettered_at, message_id LIMIT ")
+            .push_bind(sql_limit(limit))
+            .push(
+                r#" FOR UPDATE SKIP LOCKED),
+                moved AS (
+                  DELETE FROM dead_letters d USING chosen WHERE d.seq = chosen.seq
+                  RETURNING d.*),
+                inserted AS (
+                  INSERT INTO queue_messages
+                    (message_id, body, event_id, correlation_id, blob_key, event_type,
+                     enqueued_at, visible_at)
+                  SELECT message_id, body, event_id, correlation_id, blob_key, event_type, now(),
+                         now()
+                  FROM moved ORDER BY dead_lettered_at, message_id
+                  RETURNING 1)
+                SELECT COUNT(*) FROM inserted"#,
+            );
+        let n_moved: i64 = query
+            .build_query_scalar()
+            .fetch_one(&self.pool)
+            .await
+            .map_err(queue_error)?;
         if n_moved > 0 {
             self.announce_enqueued();
         }
-        Ok(u64::try_from(n_moved).unwrap_or(0))
+        Ok(count(n_moved))
     }
+
+    async fn purge_event(&self, event_id: &str) -> Result<EventPurge> {
+        // No index on queue_messages.event_id: every send and every settle would pay for one,
+        // while this count runs once per erasure over a queue the workers keep short. A long
+        // backlog makes an erasure slower (a scan that locks nothing), not the pipeline.
+        let row = sqlx::query(
+            r#"WITH purged AS (
+                 DELETE FROM dead_letters WHERE event_id = $1 RETURNING blob_key)
+               SELECT (SELECT COUNT(*) FROM purged) AS dead_letters,
+                      ARRAY(SELECT DISTINCT blob_key FROM purged WHERE blob_key IS NOT NULL
+                            ORDER BY blob_key) AS blob_keys,
+                      (SELECT COUNT(*) FROM queue_messages WHERE event_id = $1) AS queued"#,
+        )
+        .bind(event_id)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(queue_error)?;
+        Ok(EventPurge {
+            dead_letters: count(row.get("dead_letters")),
+            blob_keys: row.get("blob_keys"),
+            queued: count(row.get("queued")),
+        })
+    }
+
+    async fn prune_dead_letters(&self, before: DateTime<Utc>, limit: usize) -> Result<u64> {
+        if limit == 0 {
+            return Ok(0);
+        }
+        let pruned = sqlx::query(
+            r#"WITH chosen AS (
+                 SELECT seq FROM dead_letters WHERE dead_lettered_at < $1
+                 ORDER BY dead_lettered_at, message_id LIMIT $2
+                 FOR UPDATE SKIP LOCKED)
+               DELETE FROM dead_letters d USING chosen WHERE d.seq = chosen.seq"#,
+        )
+        .bind(micros_rounded_up(before))
+        .bind(sql_limit(limit))
+        .execute(&self.pool)
+        .await
+        .map_err(queue_error)?;
+        Ok(pruned.rows_affected())
+    }
+}
+
+/// Everything `depth` reports, from one snapshot: the message counter's slots, the messages
+/// in flight (a range over the `(visible_at, seq)` index: it reads only in-flight and delayed
+/// messages), the head of the queue (the first row in `seq` order) and the dead-letter
+/// counters by code.
+const DEPTH_SQL: &str = r#"WITH codes AS (
+     SELECT error_code, SUM(n)::bigint AS n FROM dead_letter_counts
+     GROUP BY error_code HAVING SUM(n) > 0)
+   SELECT
+     (SELECT COALESCE(SUM(n), 0) FROM queue_message_counts)::bigint AS total,
+     (SELECT COUNT(*) FROM queue_messages
+        WHERE visible_at > now() AND receipt IS NOT NULL) AS in_flight,
+     (SELECT enqueued_at FROM queue_messages ORDER BY seq LIMIT 1) AS oldest_enqueued_at,
+     ARRAY(SELECT error_code FROM codes ORDER BY error_code) AS codes,
+     ARRAY(SELECT n FROM codes ORDER BY error_code) AS code_counts"#;
+
+/// A page of the DLQ: `SELECT *` of up to `limit` entries matching `filter` after `after`, in
+/// `(dead_lettered_at, message_id)` order, preceded by `prefix` (tests explain the plan).
+fn list_query(
+    prefix: &str,
+    filter: &DeadLetterFilter,
+    after: Option<&DeadLetterPosition>,
+    limit: usize,
+) -> QueryBuilder<'static, Postgres> {
+    let mut query = QueryBuilder::new(format!("{prefix}SELECT * FROM dead_letters"));
+    push_conditions(&mut query, &Selection::Filter(filter.clone()), after);
+    query
+        .push(" ORDER BY dead_lettered_at, message_id LIMIT ")
+        .push_bind(sql_limit(limit));
+    query
+}
+
+/// Which dead letters a statement works on.
+enum Selection {
+    Filter(DeadLetterFilter),
+    Id(String),
+}
+
+/// Appends ` WHERE` and the conditions for `selection` (and, with `after`, for the rows
+/// strictly after it in `(dead_lettered_at, message_id)` order). Only the filters given become
+/// conditions, so each combination gets a plan that uses the index that fits.
+fn push_conditions(
+    query: &mut QueryBuilder<'_, Postgres>,
+    selection: &Selection,
+    after: Option<&DeadLetterPosition>,
+) {
+    query.push(" WHERE TRUE");
+    let filter = match selection {
+        Selection::Id(id) => {
+            query.push(" AND message_id = ").push_bind(id.clone());
+            return;
+        }
+        Selection::Filter(filter) => filter,
+    };
+    let equalities = [
+        ("event_id", filter.event_id.clone()),
+        ("error_code", filter.error_code.clone()),
+        (
+            "error_class",
+            filter.error_class.map(|c| c.as_str().to_owned()),
+        ),
+        ("event_type", filter.event_type.clone()),
+    ];
+    for (column, value) in equalities {
+        if let Some(value) = value {
+            query.push(format!(" AND {column} = ")).push_bind(value);
+        }
+    }
+    // A cursor at or after `since` already implies it; leaving it out lets the index search
+    // start at the cursor instead of at `since` (which would step over every earlier page).
+    let since = filter
+        .since
+        .filter(|since| after.is_none_or(|after| after.dead_lettered_at < *since));
+    if let Some(since) = since {
+        query
+            .push(" AND dead_lettered_at >= ")
+            .push_bind(micros_rounded_up(since));
+    }
+    if let Some(until) = filter.until {
+        query
+            .push(" AND dead_lettered_at < ")
+            .push_bind(micros_rounded_up(until));
+    }
+    if let Some(after) = after {
+        // A position between two microseconds (not one this backend handed out) goes on from
+        // the next microsecond: every id sorts after the empty string.
+        let at = micros_rounded_up(after.dead_lettered_at);
+        let id = if at == after.dead_lettered_at {
+            after.id.clone()
+        } else {
+            String::new()
+        };
+        query
+            .push(" AND (dead_lettered_at, message_id) > (")
+            .push_bind(at)
+            .push(", ")
+            .push_bind(id)
+            .push(")");
+    }
+}
+
+/// A page of up to `limit` dead letters; it says where the next starts only when it is full.
+fn page(dead_letters: Vec<DeadLetter>, limit: usize) -> DeadLetterPage {
+    let next = match dead_letters.last() {
+        Some(last) if dead_letters.len() >= limit => Some(DeadLetterPosition {
+            dead_lettered_at: last.dead_lettered_at,
+            id: last.id.clone(),
+        }),
+        _ => None,
+    };
+    DeadLetterPage { dead_letters, next }
+}
+
+/// `at` rounded up to PostgreSQL's microseconds (sqlx would truncate the nanoseconds), so that
+/// `>= rounded` keeps exactly the rows at or after `at` and `< rounded` exactly those before.
+fn micros_rounded_up(at: DateTime<Utc>) -> DateTime<Utc> {
+    let below_micros = at.timestamp_subsec_nanos() % 1_000;
+    if below_micros == 0 {
+        at
+    } else {
+        at + chrono::TimeDelta::nanoseconds(i64::from(1_000 - below_micros))
+    }
+}
+
+fn sql_limit(limit: usize) -> i64 {
+    i64::try_from(limit).unwrap_or(i64::MAX)
+}
+
+/// A count read from the database, where it is never negative.
+fn count(n: i64) -> u64 {
+    u64::try_from(n).unwrap_or(0)
 }
 
 #[async_trait]
@@ -493,5 +721,247 @@ fn dead_letter(row: &PgRow) -> DeadLetter {
         last_failure_at: row.get("last_failure_at"),
         dead_lettered_at: row.get("dead_lettered_at"),
         body: row.get("body"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::TimeZone;
+    use secrecy::SecretString;
+
+    use super::*;
+
+    fn admin_url() -> String {
+        std::env::var("FLUXA_TEST_PG_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
+    }
+
+    /// A scratch database for one test, dropped with it (as in `tests/postgres.rs`).
+    struct ScratchDatabase {
+        name: String,
+    }
+
+    impl ScratchDatabase {
+        fn new() -> Self {
+            Self {
+                name: format!("fluxa_test_{}", uuid::Uuid::new_v4().simple()),
+            }
+        }
+
+        fn url(&self) -> SecretString {
+            let admin = admin_url();
+            let (server, _) = admin.rsplit_once('/').unwrap();
+            SecretString::from(format!("{server}/{}", self.name))
+        }
+    }
+
+    impl Drop for ScratchDatabase {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("psql")
+                .arg(admin_url())
+                .args([
+                    "-qc",
+                    &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name),
+                ])
+                .output();
+        }
+    }
+
+    /// The plan PostgreSQL picks for `query` (an `EXPLAIN`), one line per node.
+    async fn plan_of<'q>(
+        pool: &PgPool,
+        query: sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments>,
+    ) -> String {
+        let rows = query.fetch_all(pool).await.unwrap();
+        rows.iter()
+            .map(|row| row.get::<String, _>(0))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// 200 000 messages (1 in 100 in flight, 1 in 100 waiting out a retry delay) and 200 000
+    /// dead letters, dead-lettered one millisecond apart from 2027-01-15 08:00: 8 common codes
+    /// and 20 common types, one rare code and one rare type (0.25% each), 0.25% exhausted.
+    /// Analyzed, as autovacuum would.
+    async fn big_queue(db: &ScratchDatabase) -> PgQueue {
+        let config = crate::QueueConfig {
+            visibility_timeout: Duration::from_secs(60),
+            max_receives: 3,
+        };
+        let queue = crate::open(&db.url(), 2, config).await.unwrap().queue;
+        sqlx::query(
+            r#"INSERT INTO queue_messages
+                 (message_id, body, event_id, enqueued_at, visible_at, receipt)
+               SELECT 'm' || i, '\x31', 'e' || i, now(),
+                      CASE WHEN i % 100 IN (0, 1) THEN now() + interval '1 hour' ELSE now() END,
+                      CASE WHEN i % 100 = 0 THEN 'r' END
+               FROM generate_series(1, 200000) AS i"#,
+        )
+        .execute(&queue.pool)
+        .await
+        .unwrap();
+        sqlx::query(
+            r#"INSERT INTO dead_letters
+                 (message_id, body, event_id, event_type, error_class, error_code,
+                  error_message, receive_count, enqueued_at, first_failure_at, last_failure_at,
+                  dead_lettered_at)
+               SELECT 'd' || i, '\x31', 'e' || i,
+                      CASE WHEN i % 400 = 207 THEN 'rare-type' ELSE 'type-' || (i % 20) END,
+                      CASE WHEN i % 400 = 3 THEN 'retries_exhausted' ELSE 'permanent' END,
+                      CASE WHEN i % 400 = 7 THEN 'rare-code' ELSE 'code-' || (i % 8) END,
+                      'm', 1, now(), now(), now(),
+                      timestamptz '2027-01-15 08:00:00Z' + i * interval '1 ms'
+               FROM generate_series(1, 200000) AS i"#,
+        )
+        .execute(&queue.pool)
+        .await
+        .unwrap();
+        sqlx::query("ANALYZE queue_messages, dead_letters")
+            .execute(&queue.pool)
+            .await
+            .unwrap();
+        queue
+    }
+
+    /// Contract section 7: the gauges are "computed without full scans". On 200 000 messages
+    /// and 200 000 dead letters, `depth` reads the counters, counts what is in flight over the
+    /// `(visible_at, seq)` index and takes the head of the queue from the primary key: no
+    /// sequential scan of `queue_messages` or `dead_letters`. And the counters saw the bulk
+    /// inserts (one statement each, so one trigger call each).
+    #[tokio::test]
+    async fn depth_reads_counters_and_index_ranges_and_never_scans_the_queue_or_the_dlq() {
+        let db = ScratchDatabase::new();
+        let queue = big_queue(&db).await;
+        let plan = plan_of(&queue.pool, sqlx::query(&format!("EXPLAIN {DEPTH_SQL}"))).await;
+        for table in ["queue_messages", "dead_letters"] {
+            assert!(
+                !plan.contains(&format!("Seq Scan on {table}")),
+                "depth scans {table}:\n{plan}"
+            );
+        }
+        assert!(
+            plan.lines()
+                .any(|line| line.contains("Index Scan on queue_messages_visible")
+                    || line.contains("Index Scan using queue_messages_visible")),
+            "in-flight messages are counted over the (visible_at, seq) index:\n{plan}"
+        );
+        assert!(
+            plan.contains("Index Scan using queue_messages_pkey"),
+            "the head of the queue comes from the primary key:\n{plan}"
+        );
+        let depth = queue.depth().await.unwrap();
+        assert_eq!((depth.pending, depth.in_flight), (198_000, 2_000));
+        assert_eq!(depth.dead_letters, 200_000);
+        assert_eq!(depth.dead_letters_by_code.len(), 9);
+    }
+
+    /// Contract section 4: a DLQ page is one walk of an index in page order that stops after
+    /// the page: no Sort, no sequential or bitmap scan, and a cursor is an index condition (so
+    /// page n does not step over pages 1 to n - 1). A selective filter is served by the index
+    /// made for it; one that matches a large share of the rows may instead be walked along
+    /// `dead_letters_dead_lettered` with the filter applied as it goes (still no sort, and a
+    /// page costs about `limit / share` rows whatever the DLQ's size), as the planner sees fit.
+    #[tokio::test]
+    async fn every_dead_letter_filter_is_served_by_an_index_in_page_order() {
+        let db = ScratchDatabase::new();
+        let queue = big_queue(&db).await;
+        let start = Utc.with_ymd_and_hms(2027, 1, 15, 8, 0, 0).unwrap();
+        let cursor = DeadLetterPosition {
+            dead_lettered_at: start + chrono::TimeDelta::milliseconds(100_000),
+            id: "d100000".into(),
+        };
+        let any_listing_index = "dead_letters_";
+        let filters = [
+            (DeadLetterFilter::default(), "dead_letters_dead_lettered"),
+            (
+                DeadLetterFilter {
+                    event_id: Some("e5".into()),
+                    ..DeadLetterFilter::default()
+                },
+                "dead_letters_event_id",
+            ),
+            (
+                DeadLetterFilter {
+                    error_code: Some("rare-code".into()),
+                    ..DeadLetterFilter::default()
+                },
+                "dead_letters_error_code",
+            ),
+            (
+                DeadLetterFilter {
+                    error_class: Some(FailureClass::RetriesExhausted),
+                    ..DeadLetterFilter::default()
+                },
+                "dead_letters_error_class",
+            ),
+            (
+                DeadLetterFilter {
+                    event_type: Some("rare-type".into()),
+                    ..DeadLetterFilter::default()
+                },
+                "dead_letters_event_type",
+            ),
+            (
+                DeadLetterFilter {
+                    since: Some(start + chrono::TimeDelta::seconds(50)),
+                    until: Some(start + chrono::TimeDelta::seconds(180)),
+                    ..DeadLetterFilter::default()
+                },
+                "dead_letters_dead_lettered",
+            ),
+            (
+                DeadLetterFilter {
+                    error_code: Some("code-1".into()),
+                    ..DeadLetterFilter::default()
+                },
+                any_listing_index,
+            ),
+            (
+                DeadLetterFilter {
+                    error_code: Some("code-1".into()),
+                    event_type: Some("type-3".into()),
+                    since: Some(start),
+                    ..DeadLetterFilter::default()
+                },
+                any_listing_index,
+            ),
+        ];
+        for (filter, index) in &filters {
+            for after in [None, Some(&cursor)] {
+                let plan = plan_of(
+                    &queue.pool,
+                    list_query("EXPLAIN ", filter, after, 50).build(),
+                )
+                .await;
+                let case = format!("{filter:?}, cursor: {}", after.is_some());
+                assert!(
+                    plan.contains(&format!("Index Scan using {index}")),
+                    "{case}: expected {index}, got:\n{plan}"
+                );
+                for step in ["Sort", "Seq Scan", "Bitmap"] {
+                    assert!(!plan.contains(step), "{case}: {step}:\n{plan}");
+                }
+                if after.is_some() {
+                    assert!(
+                        plan.lines().any(|line| {
+                            line.trim_start().starts_with("Index Cond:")
+                                && line.contains("ROW(dead_lettered_at, message_id) > ROW(")
+                        }),
+                        "{case}: the cursor does not bound the scan:\n{plan}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_bound_with_nanoseconds_rounds_up_to_the_next_stored_microsecond() {
+        let whole = Utc.timestamp_micros(1_700_000_000_123_456).unwrap();
+        assert_eq!(micros_rounded_up(whole), whole);
+        let later = whole + chrono::TimeDelta::nanoseconds(1);
+        assert_eq!(
+            micros_rounded_up(later),
+            whole + chrono::TimeDelta::microseconds(1)
+        );
     }
 }

@@ -1,4 +1,6 @@
-//! The store on PostgreSQL: batches of idempotency-record writes and event inserts.
+//! The store on PostgreSQL: batches of idempotency-record writes and event inserts, the query
+//! API's reads (lookups and keyset-paged listings), and the operator's and the retention
+//! pruner's deletes ([`StoreAdmin`]).
 //!
 //! [`Store::apply`] works in two stages, so that the common case costs one statement:
 //! 1. Every write that needs no existing record (a first delivery) is inserted with its final
@@ -7,6 +9,9 @@
 //! 2. The rest (redeliveries, take-overs, writes that finish a lease) lock their records
 //!    (`SELECT … FOR UPDATE`, in event id order so that concurrent batches cannot deadlock),
 //!    are decided by [`fluxa_store::decide`], and are carried out in one transaction.
+//!
+//! The pruners delete in bounded batches whose rows are picked `FOR UPDATE SKIP LOCKED`, so
+//! replicas pruning at once share the work instead of queueing behind each other's locks.
 
 use std::collections::HashSet;
 
@@ -14,8 +19,9 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use fluxa_core::{EventId, FailureInfo};
 use fluxa_store::{
-    decide, Decision, Error, EventReader, EventStatus, Lease, RecordState, Result, Status, Store,
-    StoredEvent, Write, WriteAction, WriteResult,
+    decide, Decision, Erasure, Error, EventFilter, EventPage, EventPosition, EventReader,
+    EventStatus, Eviction, IdempotencyRecord, Lease, RecordState, Result, Status, Store,
+    StoreAdmin, StoredEvent, Write, WriteAction, WriteResult,
 };
 use sqlx::postgres::PgRow;
 use sqlx::{PgPool, Row};
@@ -245,6 +251,7 @@ impl PgStore {
         }
         let mut columns = Columns::default();
         let mut updated = Vec::new();
+        let mut n_lease_expiries = 0u64;
         for &write_idx in idxs {
             let write = &writes[write_idx];
             let record = records.get(write.event_id.as_str());
@@ -256,6 +263,9 @@ impl PgStore {
                     results[write_idx] = Some(WriteResult::Busy { until: Utc::now() });
                 }
                 Decision::Update { take_over } => {
+                    if take_over && record.is_some_and(held_lease_expired) {
+                        n_lease_expiries += 1;
+                    }
                     columns.push(write, take_over);
                     let attempts = record.map_or(0, |r| r.attempts) + u32::from(take_over);
                     updated.push((write_idx, attempts));
@@ -296,6 +306,9 @@ impl PgStore {
                 .map_err(store_error)?;
         }
         tx.commit().await.map_err(store_error)?;
+        if n_lease_expiries > 0 {
+            metrics::counter!("fluxa_lease_expiries_total").increment(n_lease_expiries);
+        }
         for ((write_idx, attempts), token) in updated.into_iter().zip(columns.tokens) {
             let lease = token.map(|token| Lease {
                 event_id: writes[write_idx].event_id.clone(),
@@ -331,6 +344,13 @@ impl PgStore {
         }
         Ok(())
     }
+}
+
+/// Whether a take-over of `record` takes a lease that a worker held and let run out (it died,
+/// or took longer than the lease), as opposed to a `failed` record or a `processing` one whose
+/// lease was given back on purpose (a released record keeps no token).
+fn held_lease_expired(record: &RecordState) -> bool {
+    record.status == Status::Processing && record.lease_token.is_some()
 }
 
 fn record_state(row: &PgRow) -> Result<RecordState> {
@@ -373,7 +393,8 @@ impl Store for PgStore {
                ON CONFLICT (event_id) DO UPDATE
                SET last_error_code = excluded.last_error_code,
                    last_error_message = excluded.last_error_message,
-                   updated_at = excluded.updated_at"#,
+                   updated_at = excluded.updated_at
+               WHERE idempotency_keys.status <> 'erased'"#,
         )
         .bind(event_id.as_str())
         .bind(&error.code)
@@ -413,6 +434,202 @@ impl Store for PgStore {
     }
 }
 
+#[async_trait]
+impl StoreAdmin for PgStore {
+    async fn idempotency_record(&self, event_id: &EventId) -> Result<Option<IdempotencyRecord>> {
+        let row = sqlx::query(
+            r#"SELECT event_id, status, attempts, payload_sha256, lease_expires_at,
+                      last_error_code, last_error_message, correlation_id, created_at, updated_at
+               FROM idempotency_keys WHERE event_id = $1"#,
+        )
+        .bind(event_id.as_str())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(store_error)?;
+        row.map(|row| {
+            let code: Option<String> = row.get("last_error_code");
+            let message: Option<String> = row.get("last_error_message");
+            Ok(IdempotencyRecord {
+                event_id: row.get("event_id"),
+                status: parse_status(&row)?,
+                attempts: u32::try_from(row.get::<i32, _>("attempts")).unwrap_or(0),
+                payload_sha256: row.get("payload_sha256"),
+                lease_expires_at: row.get("lease_expires_at"),
+                last_error: code.map(|code| FailureInfo {
+                    code,
+                    message: message.unwrap_or_default(),
+                }),
+                correlation_id: row.get("correlation_id"),
+                created_at: row.get("created_at"),
+                updated_at: row.get("updated_at"),
+            })
+        })
+        .transpose()
+    }
+
+    async fn evict(&self, event_id: &EventId) -> Result<Eviction> {
+        // The row lock keeps a concurrent claim from turning the record `processed` between
+        // the read and the delete.
+        let mut tx = self.pool.begin().await.map_err(store_error)?;
+        let status: Option<String> = sqlx::query_scalar(
+            "SELECT status FROM idempotency_keys WHERE event_id = $1 FOR UPDATE",
+        )
+        .bind(event_id.as_str())
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(store_error)?;
+        let Some(status) = status else {
+            return Ok(Eviction::NotFound);
+        };
+        let status = Status::parse(&status)
+            .ok_or_else(|| Error::Corrupt(format!("unknown status {status:?}")))?;
+        if !matches!(status, Status::Processing | Status::Failed) {
+            return Ok(Eviction::Refused(status));
+        }
+        sqlx::query("DELETE FROM idempotency_keys WHERE event_id = $1")
+            .bind(event_id.as_str())
+            .execute(&mut *tx)
+            .await
+            .map_err(store_error)?;
+        tx.commit().await.map_err(store_error)?;
+        Ok(Eviction::Evicted)
+    }
+
+    async fn erase(&self, event_id: &EventId, always_tombstone: bool) -> Result<Erasure> {
+        // The tombstone is written before the row is deleted: once it holds the record's row
+        // (updated, or inserted), a concurrent store of the event either committed before it,
+        // and its row is visible to the DELETE that follows (a new snapshot, READ COMMITTED),
+        // or comes after it, and finds the tombstone. The other order could miss an event
+        // stored between the DELETE and the tombstone.
+        let mut tx = self.pool.begin().await.map_err(store_error)?;
+        let had_record = sqlx::query_scalar::<_, i32>(
+            "SELECT 1 FROM idempotency_keys WHERE event_id = $1 FOR UPDATE",
+        )
+        .bind(event_id.as_str())
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(store_error)?
+        .is_some();
+        sqlx::query(
+            r#"INSERT INTO idempotency_keys (event_id, status, attempts, created_at, updated_at)
+               VALUES ($1, 'erased', 0, now(), now())
+               ON CONFLICT (event_id) DO UPDATE
+               SET status = 'erased', payload_sha256 = NULL, lease_token = NULL,
+                   lease_expires_at = NULL, last_error_code = NULL, last_error_message = NULL,
+                   updated_at = now()"#,
+        )
+        .bind(event_id.as_str())
+        .execute(&mut *tx)
+        .await
+        .map_err(store_error)?;
+        let event_deleted = sqlx::query("DELETE FROM events WHERE event_id = $1")
+            .bind(event_id.as_str())
+            .execute(&mut *tx)
+            .await
+            .map_err(store_error)?
+            .rows_affected()
+            > 0;
+        let erasure = Erasure {
+            event_deleted,
+            had_record,
+        };
+        if had_record || event_deleted || always_tombstone {
+            tx.commit().await.map_err(store_error)?;
+        } else {
+            // Nothing to erase and no tombstone asked for: leave no trace.
+            tx.rollback().await.map_err(store_error)?;
+        }
+        Ok(erasure)
+    }
+
+    async fn prune_events(&self, before: DateTime<Utc>, limit: usize) -> Result<u64> {
+        let done = sqlx::query(PRUNE_EVENTS_SQL)
+            .bind(ceil_micros(before))
+            .bind(sql_limit(limit))
+            .execute(&self.pool)
+            .await
+            .map_err(store_error)?;
+        Ok(done.rows_affected())
+    }
+
+    async fn prune_idempotency(&self, before: DateTime<Utc>, limit: usize) -> Result<u64> {
+        let before = ceil_micros(before);
+        // Two statements, each a bounded batch that stands on its own (no transaction needed
+        // between them): the second takes what the first left of `limit`.
+        let mut n_deleted = 0;
+        for sql in [PRUNE_IDEMPOTENCY_SQL, PRUNE_UNPROCESSED_IDEMPOTENCY_SQL] {
+            let n_left = limit.saturating_sub(n_deleted);
+            if n_left == 0 {
+                break;
+            }
+            let done = sqlx::query(sql)
+                .bind(before)
+                .bind(sql_limit(n_left))
+                .execute(&self.pool)
+                .await
+                .map_err(store_error)?;
+            n_deleted += usize::try_from(done.rows_affected()).unwrap_or(usize::MAX);
+        }
+        Ok(n_deleted as u64)
+    }
+}
+
+/// One bounded batch of the events received before `$1`, oldest first, walking
+/// `events_received`; rows another replica's batch holds are skipped, not waited for.
+const PRUNE_EVENTS_SQL: &str = r#"
+    DELETE FROM events WHERE event_id IN (
+        SELECT event_id FROM events WHERE received_at < $1
+        ORDER BY received_at, event_id LIMIT $2
+        FOR UPDATE SKIP LOCKED)"#;
+
+/// The first of the idempotency pruner's two bounded batches, oldest first: records last
+/// updated before `$1` and before the oldest stored event was received. Such a record's event,
+/// received before the record was last written, cannot still be stored, so nearly every record
+/// this walks along `idempotency_keys_updated` is deleted; the check that the event row is gone
+/// stays, for clocks that disagree (`received_at` comes from the API's host). No walk over the
+/// processed records whose events are still stored, however many there are (when events are
+/// kept longer than idempotency records). A record a live lease holds stays; one a worker is
+/// writing is locked, so skipped (and its write moves `updated_at` past `$1` anyway).
+const PRUNE_IDEMPOTENCY_SQL: &str = r#"
+    DELETE FROM idempotency_keys WHERE event_id IN (
+        SELECT k.event_id FROM idempotency_keys k
+        WHERE k.updated_at < LEAST($1, (SELECT COALESCE(min(received_at), 'infinity')
+                                        FROM events))
+          AND NOT (k.status = 'processing' AND k.lease_expires_at IS NOT NULL
+                   AND k.lease_expires_at > now())
+          AND NOT EXISTS (SELECT 1 FROM events e WHERE e.event_id = k.event_id)
+        ORDER BY k.updated_at LIMIT $2
+        FOR UPDATE OF k SKIP LOCKED)"#;
+
+/// The second batch: the records that never have an event row (every status but `processed`:
+/// failed, erased, abandoned) last updated before `$1`, along the partial index
+/// `idempotency_keys_unprocessed_updated`. A processed record whose event was pruned but that
+/// was written after the oldest stored event's arrival waits for the first batch to reach it.
+const PRUNE_UNPROCESSED_IDEMPOTENCY_SQL: &str = r#"
+    DELETE FROM idempotency_keys WHERE event_id IN (
+        SELECT k.event_id FROM idempotency_keys k
+        WHERE k.status <> 'processed' AND k.updated_at < $1
+          AND NOT (k.status = 'processing' AND k.lease_expires_at IS NOT NULL
+                   AND k.lease_expires_at > now())
+          AND NOT EXISTS (SELECT 1 FROM events e WHERE e.event_id = k.event_id)
+        ORDER BY k.updated_at LIMIT $2
+        FOR UPDATE OF k SKIP LOCKED)"#;
+
+/// `limit` as PostgreSQL takes it.
+fn sql_limit(limit: usize) -> i64 {
+    i64::try_from(limit).unwrap_or(i64::MAX)
+}
+
+/// `at` rounded up to whole microseconds, PostgreSQL's resolution: a stored `t` is at or after
+/// `at` exactly when `t >= ceil(at)`, and before it exactly when `t < ceil(at)`. The driver
+/// would otherwise truncate, and a bound with nanoseconds would admit the microsecond before it.
+fn ceil_micros(at: DateTime<Utc>) -> DateTime<Utc> {
+    match at.timestamp_subsec_nanos() % 1_000 {
+        0 => at,
+        extra => at + chrono::Duration::nanoseconds(i64::from(1_000 - extra)),
+    }
+}
+
 /// The query API's side of the database: read-only sessions only.
 #[derive(Clone, Debug)]
 pub struct PgReader {
@@ -443,19 +660,7 @@ impl EventReader for PgReader {
         .fetch_optional(&self.pool)
         .await
         .map_err(store_error)?;
-        Ok(row.map(|row| StoredEvent {
-            event_id: row.get("event_id"),
-            event_type: row.get("event_type"),
-            source: row.get("source"),
-            occurred_at: row.get("occurred_at"),
-            payload: row.get("payload"),
-            payload_sha256: row.get("payload_sha256"),
-            payload_size: u64::try_from(row.get::<i64, _>("payload_size")).unwrap_or(0),
-            payload_mode: row.get("payload_mode"),
-            correlation_id: row.get("correlation_id"),
-            received_at: row.get("received_at"),
-            processed_at: row.get("processed_at"),
-        }))
+        Ok(row.map(|row| stored_event(&row, true)))
     }
 
     async fn status(&self, event_id: &EventId) -> Result<Option<EventStatus>> {
@@ -489,9 +694,279 @@ impl EventReader for PgReader {
     async fn ping(&self) -> Result<()> {
         crate::ping(&self.pool).await.map_err(store_error)
     }
+
+    async fn list_events(
+        &self,
+        filter: &EventFilter,
+        after: Option<&EventPosition>,
+        limit: usize,
+        include_payload: bool,
+    ) -> Result<EventPage> {
+        let rows = list_events_query("", filter, after, limit, include_payload)
+            .build()
+            .fetch_all(&self.pool)
+            .await
+            .map_err(store_error)?;
+        let events: Vec<StoredEvent> = rows
+            .iter()
+            .map(|row| stored_event(row, include_payload))
+            .collect();
+        let next = match events.last() {
+            Some(last) if events.len() == limit => Some(EventPosition {
+                received_at: last.received_at,
+                event_id: EventId::parse(&last.event_id)
+                    .map_err(|_| Error::Corrupt(format!("bad event id {:?}", last.event_id)))?,
+            }),
+            _ => None,
+        };
+        Ok(EventPage { events, next })
+    }
+}
+
+/// The listing's columns; `payload` only when asked for, so a listing without it never reads
+/// the payload (nor its TOAST chunks).
+const LISTED_COLUMNS: &str = "event_id, event_type, source, occurred_at, payload_sha256, \
+                              payload_size, payload_mode, correlation_id, received_at, processed_at";
+
+/// The listing query (`prefix` is empty, or `EXPLAIN ` in the test that checks its plans):
+/// only the filters present, so that each combination meets the index made for it
+/// (`events_received`, `events_type_received`, `events_source_received`,
+/// `events_type_source_received`: the equality filters, then `received_at, event_id`), and
+/// exactly one lower bound, the later of `since` and the cursor, so the index scan starts where
+/// the page starts. The cursor is a row comparison, which PostgreSQL turns into one index
+/// condition on `(received_at, event_id)`.
+fn list_events_query<'a>(
+    prefix: &str,
+    filter: &'a EventFilter,
+    after: Option<&'a EventPosition>,
+    limit: usize,
+    include_payload: bool,
+) -> sqlx::QueryBuilder<'a, sqlx::Postgres> {
+    let mut query = sqlx::QueryBuilder::new(prefix);
+    query.push("SELECT ").push(LISTED_COLUMNS);
+    if include_payload {
+        query.push(", payload");
+    }
+    query.push(" FROM events WHERE true");
+    if let Some(event_type) = &filter.event_type {
+        query
+            .push(" AND event_type = ")
+            .push_bind(event_type.as_str());
+    }
+    if let Some(source) = &filter.source {
+        query.push(" AND source = ").push_bind(source.as_str());
+    }
+    let since = filter.since.map(ceil_micros);
+    match after {
+        // Positions come from stored rows: whole microseconds, so exact.
+        Some(after) if since.is_none_or(|since| after.received_at >= since) => {
+            query
+                .push(" AND (received_at, event_id) > (")
+                .push_bind(after.received_at)
+                .push(", ")
+                .push_bind(after.event_id.as_str())
+                .push(")");
+        }
+        // A cursor before `since` bounds nothing that `since` does not.
+        _ => {
+            if let Some(since) = since {
+                query.push(" AND received_at >= ").push_bind(since);
+            }
+        }
+    }
+    if let Some(until) = filter.until {
+        query
+            .push(" AND received_at < ")
+            .push_bind(ceil_micros(until));
+    }
+    query
+        .push(" ORDER BY received_at, event_id LIMIT ")
+        .push_bind(sql_limit(limit));
+    query
+}
+
+/// An events row; `with_payload` says whether the query selected the payload.
+fn stored_event(row: &PgRow, with_payload: bool) -> StoredEvent {
+    StoredEvent {
+        event_id: row.get("event_id"),
+        event_type: row.get("event_type"),
+        source: row.get("source"),
+        occurred_at: row.get("occurred_at"),
+        payload: if with_payload {
+            row.get("payload")
+        } else {
+            None
+        },
+        payload_sha256: row.get("payload_sha256"),
+        payload_size: u64::try_from(row.get::<i64, _>("payload_size")).unwrap_or(0),
+        payload_mode: row.get("payload_mode"),
+        correlation_id: row.get("correlation_id"),
+        received_at: row.get("received_at"),
+        processed_at: row.get("processed_at"),
+    }
 }
 
 fn parse_status(row: &PgRow) -> Result<Status> {
     let text: String = row.get("status");
     Status::parse(&text).ok_or_else(|| Error::Corrupt(format!("unknown status {text:?}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::TimeZone;
+    use fluxa_core::{EventType, Source};
+    use secrecy::SecretString;
+
+    use super::*;
+
+    fn admin_url() -> String {
+        std::env::var("FLUXA_TEST_PG_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
+    }
+
+    /// A scratch database for one test, dropped with it (as in `tests/postgres.rs`).
+    struct ScratchDatabase {
+        name: String,
+    }
+
+    impl ScratchDatabase {
+        fn url(&self) -> SecretString {
+            let admin = admin_url();
+            let (server, _) = admin.rsplit_once('/').unwrap();
+            SecretString::from(format!("{server}/{}", self.name))
+        }
+    }
+
+    impl Drop for ScratchDatabase {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("psql")
+                .arg(admin_url())
+                .args([
+                    "-qc",
+                    &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name),
+                ])
+                .output();
+        }
+    }
+
+    /// The plan PostgreSQL picks for the listing query, one line per node.
+    async fn plan_of(pool: &PgPool, filter: &EventFilter, after: Option<&EventPosition>) -> String {
+        let rows = list_events_query("EXPLAIN ", filter, after, 100, true)
+            .build()
+            .fetch_all(pool)
+            .await
+            .unwrap();
+        rows.iter()
+            .map(|row| row.get::<String, _>(0))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// Contract section 2: "an index serves every filter combination". For each combination of
+    /// the filters, with and without a time window and a cursor, the listing is one walk of an
+    /// index in page order that stops after a page: no Sort node, no sequential or bitmap scan,
+    /// and a cursor is an index condition (so page n does not step over pages 1 to n - 1).
+    ///
+    /// The planner is left to choose freely (no `enable_*` settings), on statistics (ANALYZE,
+    /// which autovacuum runs on any table that takes inserts), over 100 000 rows: enough that
+    /// every filter below matches many pages, which is where the choice matters. A selective
+    /// filter must be served by the index made for it. A filter that matches a large share of
+    /// the rows may instead be walked along `events_received` with the filter applied as it
+    /// goes, since received_at follows the table's physical order: still no sort, and a page
+    /// costs about `limit / share` rows whatever the table's size, so that is accepted too.
+    /// (On a table of a few pages, or before any statistics, PostgreSQL may rightly prefer a
+    /// bitmap scan and a sort of what it expects to be less than a page.)
+    #[tokio::test]
+    async fn every_filter_combination_of_the_listing_is_served_by_its_index_without_sorting() {
+        let db = ScratchDatabase {
+            name: format!("fluxa_test_{}", uuid::Uuid::new_v4().simple()),
+        };
+        let config = crate::QueueConfig {
+            visibility_timeout: std::time::Duration::from_secs(1),
+            max_receives: 3,
+        };
+        let backends = crate::open(&db.url(), 2, config).await.unwrap();
+        // 20 common types (5% each), sources that follow the type (as they do in practice) or
+        // are absent, and one rare type and one rare source (1% each), spread over time.
+        sqlx::query(
+            r#"INSERT INTO events
+                 (event_id, event_type, source, occurred_at, payload, payload_sha256,
+                  payload_size, payload_mode, correlation_id, received_at, processed_at)
+               SELECT 'e' || i,
+                      CASE WHEN i % 100 = 7 THEN 'rare-type' ELSE 'type-' || (i % 20) END,
+                      CASE WHEN i % 100 = 57 THEN 'rare-source' WHEN i % 3 = 0 THEN NULL
+                           ELSE 'source-' || (i % 20 % 4) END,
+                      NULL, '\x31', 'h', 1, 'INLINE', 'c',
+                      timestamptz '2027-01-15 08:00:00Z' + i * interval '1 ms', now()
+               FROM generate_series(1, 100000) AS i"#,
+        )
+        .execute(&backends.store.pool)
+        .await
+        .unwrap();
+        sqlx::query("ANALYZE events")
+            .execute(&backends.store.pool)
+            .await
+            .unwrap();
+        let reader = &backends.reader.pool;
+        let start = Utc.with_ymd_and_hms(2027, 1, 15, 8, 0, 0).unwrap();
+        let at = |ms| start + chrono::Duration::milliseconds(ms);
+        let cursor = EventPosition {
+            received_at: at(50_000),
+            event_id: EventId::parse("e50000").unwrap(),
+        };
+        let any_listing_index = "events_";
+        let combinations = [
+            (None, None, "events_received"),
+            (Some("rare-type"), None, "events_type_received"),
+            (None, Some("rare-source"), "events_source_received"),
+            (
+                Some("type-1"),
+                Some("source-1"),
+                "events_type_source_received",
+            ),
+            (Some("type-1"), None, any_listing_index),
+            (None, Some("source-1"), any_listing_index),
+        ];
+        for (event_type, source, index) in combinations {
+            for window in [false, true] {
+                let filter = EventFilter {
+                    event_type: event_type.map(|t| EventType::parse(t).unwrap()),
+                    source: source.map(|s| Source::parse(s).unwrap()),
+                    since: window.then(|| at(1_000)),
+                    until: window.then(|| at(90_000)),
+                };
+                for after in [None, Some(&cursor)] {
+                    let plan = plan_of(reader, &filter, after).await;
+                    let case = format!("{filter:?}, cursor: {}", after.is_some());
+                    assert!(
+                        plan.contains(&format!("Index Scan using {index}")),
+                        "{case}: expected {index}, got:\n{plan}"
+                    );
+                    for step in ["Sort", "Seq Scan", "Bitmap"] {
+                        assert!(!plan.contains(step), "{case}: {step}:\n{plan}");
+                    }
+                    if after.is_some() {
+                        assert!(
+                            plan.lines().any(|line| {
+                                line.trim_start().starts_with("Index Cond:")
+                                    && line.contains("ROW(received_at, event_id) > ROW(")
+                            }),
+                            "{case}: the cursor does not bound the scan:\n{plan}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_bound_with_nanoseconds_rounds_up_to_the_next_stored_microsecond() {
+        let whole = Utc.timestamp_micros(1_700_000_000_123_456).unwrap();
+        assert_eq!(ceil_micros(whole), whole);
+        let later = whole + chrono::Duration::nanoseconds(1);
+        assert_eq!(
+            ceil_micros(later),
+            whole + chrono::Duration::microseconds(1)
+        );
+    }
 }

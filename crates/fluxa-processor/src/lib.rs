@@ -10,7 +10,8 @@
 //! 1. decode every message, once (undecodable: permanent `invalid_message`);
 //! 2. claim the events whose payload is in the blob store, in one [`Store::apply`] (a lease,
 //!    because fetching a blob happens outside any transaction); an event already processed is
-//!    decided as a duplicate or a conflict by its payload hash *before* any blob is read;
+//!    decided as a duplicate or a conflict by its payload hash, and an erased one is dropped,
+//!    *before* any blob is read;
 //! 3. fetch those blobs concurrently (missing: permanent; blob store down: transient);
 //! 4. verify every payload's SHA-256 (mismatch: permanent, no row written);
 //! 5. store every event and settle every idempotency record in one [`Store::apply`]: an inline
@@ -19,6 +20,7 @@
 //! One bad item never fails its neighbours: if a batch write fails as a whole, its writes are
 //! retried one by one.
 
+mod pruner;
 mod sweeper;
 mod worker;
 
@@ -34,6 +36,7 @@ use fluxa_queue::{Consumer, Delivery, ExhaustedNotice};
 use fluxa_store::{Lease, NewEvent, Store, Write, WriteAction, WriteResult};
 use futures::FutureExt;
 
+pub use pruner::{prune_once, run_pruner, Pruned, Retention};
 pub use sweeper::{run_blob_sweeper, sweep_orphan_blobs};
 pub use worker::run_workers;
 
@@ -75,6 +78,9 @@ pub enum Outcome {
     Processed,
     /// Already processed with the same payload hash: nothing written.
     Duplicate,
+    /// The event was erased by an operator: nothing written, the message (and its blob) goes,
+    /// as a duplicate's does, so a late redelivery can never bring the event back.
+    Erased,
     /// Already processed with a different payload hash: nothing written, dead-letter.
     Conflict(FailureInfo),
     /// Can never succeed: dead-letter, never retry.
@@ -103,6 +109,7 @@ impl Outcome {
         match self {
             Self::Processed => "processed",
             Self::Duplicate => "duplicate",
+            Self::Erased => "erased",
             Self::Conflict(_) => "conflict",
             Self::Permanent(_) => "permanent_failure",
             Self::Transient { .. } => "transient_failure",
@@ -112,7 +119,7 @@ impl Outcome {
     /// The queue's part of the contract's outcome table; pure, so every host maps alike.
     pub fn disposition(&self) -> Disposition {
         match self {
-            Self::Processed | Self::Duplicate => Disposition::Delete,
+            Self::Processed | Self::Duplicate | Self::Erased => Disposition::Delete,
             Self::Conflict(error) | Self::Permanent(error) => {
                 Disposition::DeadLetter(error.clone())
             }
@@ -389,6 +396,7 @@ impl Processor {
                     self.busy(delivery, &item.message.event_id, until)
                 }
                 Ok(WriteResult::LeaseLost) => self.lease_lost(delivery),
+                Ok(WriteResult::Erased) => Outcome::Erased,
                 Err(failure) => self.transient(delivery, failure.error),
             };
             outcomes[item.delivery_idx] = Some(outcome);
@@ -529,6 +537,10 @@ impl Processor {
             }
             WriteResult::Busy { until } => self.busy(delivery, &write.event_id, until),
             WriteResult::LeaseLost => self.lease_lost(delivery),
+            // Whatever this delivery would have written (the event, or a failure it met on
+            // the way, such as a hash mismatch), the event is erased: nothing to keep, and no
+            // dead letter to hold its payload either.
+            WriteResult::Erased => Outcome::Erased,
         }
     }
 
@@ -681,9 +693,10 @@ impl Processor {
         }
     }
 
-    /// Deletes the blobs of messages that are done with (processed or duplicate), a few at a
-    /// time: the payload now lives in the store, and a redelivery of the same message is
-    /// decided as a duplicate before any payload is read. Dead-lettered messages keep theirs.
+    /// Deletes the blobs of messages that are done with (processed, duplicate or erased), a few
+    /// at a time: the payload now lives in the store (or must not live anywhere), and a
+    /// redelivery of the same message is decided before any payload is read. Dead-lettered
+    /// messages keep theirs.
     pub async fn discard_payloads(&self, deliveries: &[&Delivery]) {
         let keys: Vec<&str> = deliveries
             .iter()
@@ -780,6 +793,13 @@ fn record_outcome(delivery: &Delivery, outcome: &Outcome) {
         Outcome::Duplicate => {
             metrics::counter!("fluxa_events_duplicate_total").increment(1);
             tracing::info!(outcome = outcome.name(), "duplicate delivery ignored");
+        }
+        Outcome::Erased => {
+            metrics::counter!("fluxa_events_erased_redelivery_total").increment(1);
+            tracing::info!(
+                outcome = outcome.name(),
+                "erased event's redelivery dropped"
+            );
         }
         Outcome::Conflict(error) | Outcome::Permanent(error) => {
             metrics::counter!("fluxa_processing_failures_total",
@@ -1104,11 +1124,47 @@ mod tests {
         );
     }
 
+    /// Contract section 8: an erased event's late redelivery is dropped like a duplicate (the
+    /// message is deleted, never dead-lettered), whether it carries its payload inline or in a
+    /// blob; a blob payload is never read, is not stored, and is discarded with the message.
+    #[tokio::test]
+    async fn an_erased_events_redelivery_is_dropped_and_its_blob_discarded_without_storing() {
+        let (dir, processor, store) = counted_processor(|| Ok(WriteResult::Erased));
+        let blobs = BlobStore::local(dir.path()).unwrap();
+        let mut in_blob = blob_delivery(&blobs, "erased-blob", b"\"big\"").await;
+        let FluxaTask::EventV1(message) = FluxaTask::decode(&in_blob.body).unwrap();
+        let blob = message.payload_blob.clone().expect("a blob delivery");
+        in_blob.attributes.blob_key = Some(blob.key.clone());
+        let batch = [good(1), in_blob];
+        let outcomes = processor.process_batch(&batch).await;
+        assert_eq!(outcomes, vec![Outcome::Erased, Outcome::Erased]);
+        assert!(outcomes
+            .iter()
+            .all(|outcome| outcome.disposition() == Disposition::Delete));
+        // The blob item's lease answered `Erased`, so it never reached the store phase: one
+        // apply for the leases, one for the inline event.
+        assert_eq!(
+            store.n_applies.load(std::sync::atomic::Ordering::Relaxed),
+            2
+        );
+        // What the worker does with every deleted message.
+        let done: Vec<&Delivery> = batch.iter().collect();
+        processor.discard_payloads(&done).await;
+        assert!(
+            matches!(
+                blobs.get(&blob).await,
+                Err(fluxa_blob::Error::NotFound { .. })
+            ),
+            "the erased event's blob must go with its message"
+        );
+    }
+
     #[test]
     fn every_outcome_maps_to_the_disposition_of_the_contracts_table() {
         let error = FailureInfo::new(ErrorCode::HashMismatch, "x");
         assert_eq!(Outcome::Processed.disposition(), Disposition::Delete);
         assert_eq!(Outcome::Duplicate.disposition(), Disposition::Delete);
+        assert_eq!(Outcome::Erased.disposition(), Disposition::Delete);
         assert_eq!(
             Outcome::Conflict(error.clone()).disposition(),
             Disposition::DeadLetter(error.clone())

@@ -6,15 +6,15 @@
 //!   [`BlobReferences`], and the database backends' stronger promise that a stale receipt
 //!   settles nothing.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use fluxa_core::{ErrorCode, FailureClass, FailureInfo};
 
 use crate::{
-    BlobReferences, Consumer, DeadLetterAdmin, MessageAttributes, NewMessage, Producer, QueueDepth,
-    RedriveSelector,
+    BlobReferences, Consumer, DeadLetter, DeadLetterAdmin, DeadLetterFilter, EventPurge,
+    MessageAttributes, NewMessage, Producer, QueueDepth, RedriveSelector,
 };
 
 /// What the core checks need.
@@ -32,6 +32,7 @@ fn message(n: usize) -> NewMessage {
             event_id: Some(format!("e-{n}")),
             correlation_id: Some("c".into()),
             blob_key: Some(format!("events/e-{n}/blob.json")),
+            event_type: Some("test.event".into()),
         },
     }
 }
@@ -151,7 +152,13 @@ pub async fn a_stale_receipt_settles_nothing_and_a_deleted_message_releases_its_
 
 /// Sends message `n`, then receives it 3 times, failing each transiently ("db down").
 async fn fail_three_times<Q: CoreQueue + ?Sized>(queue: &Q, n: usize) {
-    queue.send(vec![message(n)]).await.unwrap();
+    fail_three_times_message(queue, message(n)).await;
+}
+
+/// Sends `message`, then receives it 3 times, failing each transiently ("db down"). No other
+/// message may be visible.
+async fn fail_three_times_message<Q: CoreQueue + ?Sized>(queue: &Q, message: NewMessage) {
+    queue.send(vec![message]).await.unwrap();
     let error = FailureInfo::new(ErrorCode::StoreUnavailable, "db down");
     for receive in 1..=3 {
         let delivery = receive_one(queue).await;
@@ -203,7 +210,11 @@ pub async fn an_exhausted_message_is_kept_in_the_dlq_and_can_be_redriven<Q: Full
             .len(),
         1
     );
-    let dead = queue.list_dead_letters(10, None).await.unwrap();
+    let dead = queue
+        .list_dead_letters(&DeadLetterFilter::default(), None, 10)
+        .await
+        .unwrap()
+        .dead_letters;
     assert_eq!(dead.len(), 1);
     assert_eq!(dead[0].error_class, FailureClass::RetriesExhausted);
     assert_eq!(dead[0].error.code, "retries_exhausted");
@@ -214,6 +225,11 @@ pub async fn an_exhausted_message_is_kept_in_the_dlq_and_can_be_redriven<Q: Full
         "the original bytes must be kept"
     );
     assert_eq!(dead[0].attributes.event_id.as_deref(), Some("e-7"));
+    assert_eq!(
+        dead[0].attributes.event_type.as_deref(),
+        Some("test.event"),
+        "a dead letter keeps its event type"
+    );
     assert!(
         queue.references_blob("events/e-7/blob.json").await.unwrap(),
         "a dead letter's blob is still referenced"
@@ -222,7 +238,13 @@ pub async fn an_exhausted_message_is_kept_in_the_dlq_and_can_be_redriven<Q: Full
 
     assert_eq!(
         queue
-            .redrive(&RedriveSelector::EventId("e-7".into()))
+            .redrive(
+                &RedriveSelector::Filter(DeadLetterFilter {
+                    event_id: Some("e-7".into()),
+                    ..DeadLetterFilter::default()
+                }),
+                10
+            )
             .await
             .unwrap(),
         1
@@ -231,6 +253,11 @@ pub async fn an_exhausted_message_is_kept_in_the_dlq_and_can_be_redriven<Q: Full
     assert_eq!(
         again.receive_count, 1,
         "a redriven message starts a fresh receive count"
+    );
+    assert_eq!(
+        again.attributes.event_type.as_deref(),
+        Some("test.event"),
+        "a redriven message keeps its event type"
     );
 }
 
@@ -243,7 +270,18 @@ pub async fn a_dead_lettered_message_keeps_its_reason_and_leaves_the_queue<Q: Fu
     let error = FailureInfo::new(ErrorCode::HashMismatch, "bad bytes");
     queue.dead_letter(&delivery, &error).await.unwrap();
     queue.dead_letter(&delivery, &error).await.unwrap();
-    let dead = queue.list_dead_letters(10, Some("e-3")).await.unwrap();
+    let dead = queue
+        .list_dead_letters(
+            &DeadLetterFilter {
+                event_id: Some("e-3".into()),
+                ..DeadLetterFilter::default()
+            },
+            None,
+            10,
+        )
+        .await
+        .unwrap()
+        .dead_letters;
     assert_eq!(
         dead.len(),
         1,
@@ -253,4 +291,762 @@ pub async fn a_dead_lettered_message_keeps_its_reason_and_leaves_the_queue<Q: Fu
     assert_eq!(dead[0].error, error);
     assert!(queue.get_dead_letter(&dead[0].id).await.unwrap().is_some());
     assert_eq!(queue.depth().await.unwrap().pending, 0);
+}
+
+// Operator features (contract sections 4 and 8): DLQ filters, paging, bounded redrives,
+// erasure, retention, and depth gauges that stay exact.
+
+/// Message `n` (event `e-{n}`) of type `event_type`.
+fn typed_message(n: usize, event_type: &str) -> NewMessage {
+    let mut message = message(n);
+    message.attributes.event_type = Some(event_type.to_owned());
+    message
+}
+
+/// Sends `message`, receives it and dead-letters it as `code`, then waits a few milliseconds so
+/// that the next dead letter is strictly later (SQLite keeps milliseconds). No other message
+/// may be visible. Returns the new dead letter.
+async fn dead_letter_one<Q: FullQueue + ?Sized>(
+    queue: &Q,
+    message: NewMessage,
+    code: ErrorCode,
+) -> DeadLetter {
+    queue.send(vec![message]).await.unwrap();
+    let delivery = receive_one(queue).await;
+    let error = FailureInfo::new(code, format!("test {}", code.as_str()));
+    queue.dead_letter(&delivery, &error).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(3)).await;
+    queue
+        .get_dead_letter(&delivery.message_id)
+        .await
+        .unwrap()
+        .expect("a dead-lettered message must be in the DLQ")
+}
+
+/// Sends `messages`, receives them all and dead-letters each as `code`, all at once (so a
+/// backend that groups writes gets groups, and many entries share a timestamp). No other
+/// message may be visible and the visibility timeout must be long.
+async fn dead_letter_all<Q: FullQueue>(queue: &Arc<Q>, messages: Vec<NewMessage>, code: ErrorCode) {
+    let n_messages = messages.len();
+    queue.send(messages).await.unwrap();
+    let mut deliveries = Vec::with_capacity(n_messages);
+    while deliveries.len() < n_messages {
+        let got = queue.receive(100, Duration::ZERO).await.unwrap().deliveries;
+        assert!(!got.is_empty(), "every message sent must be delivered");
+        deliveries.extend(got);
+    }
+    let mut dead_letterings = tokio::task::JoinSet::new();
+    for delivery in deliveries {
+        let queue = Arc::clone(queue);
+        dead_letterings.spawn(async move {
+            let error = FailureInfo::new(code, "test");
+            queue.dead_letter(&delivery, &error).await.unwrap();
+        });
+    }
+    while let Some(done) = dead_letterings.join_next().await {
+        done.unwrap();
+    }
+}
+
+/// Every dead letter `filter` matches, read page by page (small pages, so paging is
+/// exercised); checks the order and that only a full page says where the next one starts.
+async fn all_dead_letters<Q: FullQueue + ?Sized>(
+    queue: &Q,
+    filter: &DeadLetterFilter,
+) -> Vec<DeadLetter> {
+    const PAGE: usize = 7;
+    let mut all: Vec<DeadLetter> = Vec::new();
+    let mut after = None;
+    loop {
+        let page = queue
+            .list_dead_letters(filter, after.as_ref(), PAGE)
+            .await
+            .unwrap();
+        assert!(
+            page.dead_letters.len() <= PAGE,
+            "a page holds at most its limit"
+        );
+        assert_eq!(
+            page.next.is_some(),
+            page.dead_letters.len() == PAGE,
+            "a page says where the next starts exactly when it is full"
+        );
+        all.extend(page.dead_letters);
+        match page.next {
+            Some(next) => after = Some(next),
+            None => break,
+        }
+    }
+    for pair in all.windows(2) {
+        assert!(
+            (pair[0].dead_lettered_at, &pair[0].id) < (pair[1].dead_lettered_at, &pair[1].id),
+            "dead letters are listed in (dead_lettered_at, id) order, each once"
+        );
+    }
+    all
+}
+
+fn ids(dead_letters: &[DeadLetter]) -> Vec<String> {
+    dead_letters.iter().map(|d| d.id.clone()).collect()
+}
+
+/// Checks that `depth` says exactly what the queue and the DLQ hold, given how many messages
+/// are in flight.
+async fn assert_depth_is_exact<Q: FullQueue + ?Sized>(queue: &Q, in_flight: u64, step: &str) {
+    let queued = queue.peek(100_000).await.unwrap();
+    let dead = all_dead_letters(queue, &DeadLetterFilter::default()).await;
+    let mut by_code = BTreeMap::<String, u64>::new();
+    for dead_letter in &dead {
+        *by_code.entry(dead_letter.error.code.clone()).or_default() += 1;
+    }
+    let expected = QueueDepth {
+        pending: queued.len() as u64 - in_flight,
+        in_flight,
+        dead_letters: dead.len() as u64,
+        oldest_enqueued_at: queued.first().map(|message| message.enqueued_at),
+        dead_letters_by_code: by_code.into_iter().collect(),
+    };
+    assert_eq!(
+        queue.depth().await.unwrap(),
+        expected,
+        "after {step}, depth must say exactly what the queue and the DLQ hold"
+    );
+}
+
+/// Capability: every DLQ filter (error code, error class, event type, event id, since, until)
+/// selects exactly its entries, alone and combined, and a count agrees with the listing. The
+/// queue must allow 3 receives and have a long visibility timeout.
+pub async fn dead_letters_can_be_filtered_by_code_class_type_event_and_time<Q: FullQueue>(
+    queue: Arc<Q>,
+) {
+    let queue = queue.as_ref();
+    let a = dead_letter_one(
+        queue,
+        typed_message(1, "order.created"),
+        ErrorCode::HashMismatch,
+    )
+    .await;
+    let b = dead_letter_one(
+        queue,
+        typed_message(2, "order.created"),
+        ErrorCode::InvalidMessage,
+    )
+    .await;
+    let c = dead_letter_one(
+        queue,
+        typed_message(3, "user.deleted"),
+        ErrorCode::HashMismatch,
+    )
+    .await;
+    fail_three_times_message(queue, typed_message(4, "user.deleted")).await;
+    assert_eq!(
+        queue
+            .receive(1, Duration::ZERO)
+            .await
+            .unwrap()
+            .exhausted
+            .len(),
+        1
+    );
+    tokio::time::sleep(Duration::from_millis(3)).await;
+    let e = dead_letter_one(
+        queue,
+        typed_message(1, "order.created"),
+        ErrorCode::BlobMissing,
+    )
+    .await;
+    let all = all_dead_letters(queue, &DeadLetterFilter::default()).await;
+    assert_eq!(all.len(), 5);
+    let d = all[3].clone();
+    assert_eq!(
+        ids(&all),
+        ids(&[a.clone(), b.clone(), c.clone(), d.clone(), e.clone()]),
+        "the listing runs oldest first"
+    );
+    assert_eq!(d.error_class, FailureClass::RetriesExhausted);
+    assert_eq!(
+        d.attributes.event_type.as_deref(),
+        Some("user.deleted"),
+        "an exhausted message keeps its event type in the DLQ"
+    );
+    assert_eq!(a.attributes.event_type.as_deref(), Some("order.created"));
+
+    let nanosecond = chrono::TimeDelta::nanoseconds(1);
+    let cases: Vec<(&str, DeadLetterFilter, Vec<&DeadLetter>)> = vec![
+        (
+            "no filter",
+            DeadLetterFilter::default(),
+            vec![&a, &b, &c, &d, &e],
+        ),
+        (
+            "error_code",
+            DeadLetterFilter {
+                error_code: Some("hash_mismatch".into()),
+                ..DeadLetterFilter::default()
+            },
+            vec![&a, &c],
+        ),
+        (
+            "error_class retries_exhausted",
+            DeadLetterFilter {
+                error_class: Some(FailureClass::RetriesExhausted),
+                ..DeadLetterFilter::default()
+            },
+            vec![&d],
+        ),
+        (
+            "error_class permanent",
+            DeadLetterFilter {
+                error_class: Some(FailureClass::Permanent),
+                ..DeadLetterFilter::default()
+            },
+            vec![&a, &b, &c, &e],
+        ),
+        (
+            "event_type",
+            DeadLetterFilter {
+                event_type: Some("user.deleted".into()),
+                ..DeadLetterFilter::default()
+            },
+            vec![&c, &d],
+        ),
+        (
+            "event_id",
+            DeadLetterFilter {
+                event_id: Some("e-1".into()),
+                ..DeadLetterFilter::default()
+            },
+            vec![&a, &e],
+        ),
+        (
+            "since (inclusive)",
+            DeadLetterFilter {
+                since: Some(c.dead_lettered_at),
+                ..DeadLetterFilter::default()
+            },
+            vec![&c, &d, &e],
+        ),
+        (
+            "until (exclusive)",
+            DeadLetterFilter {
+                until: Some(c.dead_lettered_at),
+                ..DeadLetterFilter::default()
+            },
+            vec![&a, &b],
+        ),
+        (
+            "since a nanosecond after an entry",
+            DeadLetterFilter {
+                since: Some(c.dead_lettered_at + nanosecond),
+                ..DeadLetterFilter::default()
+            },
+            vec![&d, &e],
+        ),
+        (
+            "until a nanosecond after an entry",
+            DeadLetterFilter {
+                until: Some(c.dead_lettered_at + nanosecond),
+                ..DeadLetterFilter::default()
+            },
+            vec![&a, &b, &c],
+        ),
+        (
+            "since and until",
+            DeadLetterFilter {
+                since: Some(b.dead_lettered_at),
+                until: Some(d.dead_lettered_at),
+                ..DeadLetterFilter::default()
+            },
+            vec![&b, &c],
+        ),
+        (
+            "error_code and event_type",
+            DeadLetterFilter {
+                error_code: Some("hash_mismatch".into()),
+                event_type: Some("user.deleted".into()),
+                ..DeadLetterFilter::default()
+            },
+            vec![&c],
+        ),
+        (
+            "every filter at once",
+            DeadLetterFilter {
+                event_id: Some("e-1".into()),
+                error_code: Some("blob_missing".into()),
+                error_class: Some(FailureClass::Permanent),
+                event_type: Some("order.created".into()),
+                since: Some(a.dead_lettered_at),
+                until: Some(e.dead_lettered_at + nanosecond),
+            },
+            vec![&e],
+        ),
+        (
+            "an error code no entry has",
+            DeadLetterFilter {
+                error_code: Some("lease_held".into()),
+                ..DeadLetterFilter::default()
+            },
+            vec![],
+        ),
+    ];
+    for (name, filter, expected) in cases {
+        let expected: Vec<String> = expected.into_iter().map(|d| d.id.clone()).collect();
+        let listed = all_dead_letters(queue, &filter).await;
+        assert_eq!(
+            ids(&listed),
+            expected,
+            "filter {name} must select exactly its entries"
+        );
+        assert_eq!(
+            queue.count_dead_letters(&filter).await.unwrap(),
+            expected.len() as u64,
+            "a count with filter {name} must agree with the listing"
+        );
+    }
+}
+
+/// Capability: paging through the DLQ with a cursor returns every entry exactly once, in
+/// order, while more dead letters arrive between pages. The queue must have a long visibility
+/// timeout.
+pub async fn paging_through_dead_letters_returns_each_once_while_more_arrive<Q: FullQueue>(
+    queue: Arc<Q>,
+) {
+    // Dead-lettered at once, so many share a timestamp and the id breaks the tie.
+    dead_letter_all(
+        &queue,
+        (0..10).map(message).collect(),
+        ErrorCode::InvalidMessage,
+    )
+    .await;
+    let filter = DeadLetterFilter::default();
+    let mut seen: Vec<DeadLetter> = Vec::new();
+    let mut after = None;
+    let mut n_pages = 0;
+    loop {
+        let page = queue
+            .list_dead_letters(&filter, after.as_ref(), 3)
+            .await
+            .unwrap();
+        n_pages += 1;
+        seen.extend(page.dead_letters);
+        if n_pages <= 4 {
+            for n in 0..2 {
+                dead_letter_one(
+                    queue.as_ref(),
+                    message(100 + 10 * n_pages + n),
+                    ErrorCode::HashMismatch,
+                )
+                .await;
+            }
+        }
+        match page.next {
+            Some(next) => after = Some(next),
+            None => break,
+        }
+    }
+    let unique: HashSet<&str> = seen.iter().map(|d| d.id.as_str()).collect();
+    assert_eq!(
+        unique.len(),
+        seen.len(),
+        "paging must return no entry twice"
+    );
+    assert_eq!(
+        seen.len(),
+        18,
+        "paging must return every entry, those that arrived meanwhile included"
+    );
+    for pair in seen.windows(2) {
+        assert!(
+            (pair[0].dead_lettered_at, &pair[0].id) < (pair[1].dead_lettered_at, &pair[1].id),
+            "pages run in (dead_lettered_at, id) order"
+        );
+    }
+    assert_eq!(
+        n_pages, 7,
+        "18 entries in pages of 3: the sixth page is full, so a seventh (empty) one ends"
+    );
+    assert_eq!(queue.count_dead_letters(&filter).await.unwrap(), 18);
+    let empty = queue.list_dead_letters(&filter, None, 0).await.unwrap();
+    assert!(empty.dead_letters.is_empty() && empty.next.is_none());
+}
+
+/// Capability: a redrive moves at most its limit, oldest first, only what its selector
+/// matches, and a redriven message keeps its attributes. The queue must have a long visibility
+/// timeout.
+pub async fn a_redrive_moves_at_most_its_limit_oldest_first_and_only_what_it_selects<
+    Q: FullQueue,
+>(
+    queue: Arc<Q>,
+) {
+    let queue = queue.as_ref();
+    let mut hash_mismatches = Vec::new();
+    for n in 0..4 {
+        hash_mismatches.push(
+            dead_letter_one(
+                queue,
+                typed_message(n, "order.created"),
+                ErrorCode::HashMismatch,
+            )
+            .await,
+        );
+    }
+    let mut invalid = Vec::new();
+    for n in 10..12 {
+        invalid.push(dead_letter_one(queue, message(n), ErrorCode::InvalidMessage).await);
+    }
+    let by_code = |code: &str| {
+        RedriveSelector::Filter(DeadLetterFilter {
+            error_code: Some(code.into()),
+            ..DeadLetterFilter::default()
+        })
+    };
+    assert_eq!(
+        queue.redrive(&by_code("hash_mismatch"), 0).await.unwrap(),
+        0
+    );
+    assert_eq!(
+        queue.redrive(&by_code("hash_mismatch"), 3).await.unwrap(),
+        3,
+        "a redrive moves at most its limit"
+    );
+    let redriven = queue.receive(10, Duration::ZERO).await.unwrap().deliveries;
+    let mut redriven_ids: Vec<String> = redriven.iter().map(|d| d.message_id.clone()).collect();
+    redriven_ids.sort();
+    let mut oldest_three = ids(&hash_mismatches[..3]);
+    oldest_three.sort();
+    assert_eq!(
+        redriven_ids, oldest_three,
+        "a redrive takes the oldest matching entries, and only matching ones"
+    );
+    for delivery in &redriven {
+        assert_eq!(delivery.receive_count, 1);
+        assert_eq!(
+            delivery.attributes.event_type.as_deref(),
+            Some("order.created")
+        );
+        assert!(delivery.attributes.event_id.is_some());
+        assert!(delivery.attributes.blob_key.is_some());
+    }
+    assert_eq!(
+        ids(&all_dead_letters(queue, &DeadLetterFilter::default()).await),
+        ids(&[
+            hash_mismatches[3].clone(),
+            invalid[0].clone(),
+            invalid[1].clone()
+        ]),
+        "what was not selected stays in the DLQ"
+    );
+    assert_eq!(
+        queue.redrive(&by_code("blob_missing"), 10).await.unwrap(),
+        0
+    );
+    assert_eq!(
+        queue
+            .redrive(&RedriveSelector::Id(invalid[1].id.clone()), 10)
+            .await
+            .unwrap(),
+        1,
+        "a redrive by id moves that entry"
+    );
+    assert_eq!(
+        queue
+            .redrive(&RedriveSelector::Id(invalid[1].id.clone()), 10)
+            .await
+            .unwrap(),
+        0,
+        "an entry is redriven once"
+    );
+    assert_eq!(
+        queue
+            .redrive(&RedriveSelector::Id("no-such-id".into()), 10)
+            .await
+            .unwrap(),
+        0
+    );
+    assert_eq!(
+        ids(&all_dead_letters(queue, &DeadLetterFilter::default()).await),
+        ids(&[hash_mismatches[3].clone(), invalid[0].clone()])
+    );
+}
+
+/// Capability: `redrive_in_batches` moves every entry (more than two batches' worth), reports
+/// its progress batch by batch, and a repeat moves nothing; two running at once on two handles
+/// never move an entry twice. The queues must share one backend and have a long visibility
+/// timeout.
+pub async fn redriving_in_batches_moves_every_entry_once_even_when_two_run_at_once<Q: FullQueue>(
+    first: Arc<Q>,
+    second: Arc<Q>,
+) {
+    const N: usize = 1200;
+    dead_letter_all(
+        &first,
+        (0..N).map(message).collect(),
+        ErrorCode::InvalidMessage,
+    )
+    .await;
+    let everything = DeadLetterFilter::default();
+    let mut progress = Vec::new();
+    let moved = crate::redrive_in_batches(first.as_ref(), &everything, 500, |total| {
+        progress.push(total)
+    })
+    .await
+    .unwrap();
+    assert_eq!(moved, N as u64, "a batched redrive moves everything");
+    assert_eq!(
+        progress,
+        vec![500, 1000, 1200],
+        "progress is reported batch by batch"
+    );
+    let again = crate::redrive_in_batches(first.as_ref(), &everything, 500, |_| {})
+        .await
+        .unwrap();
+    assert_eq!(again, 0, "a repeated redrive moves nothing");
+    let depth = first.depth().await.unwrap();
+    assert_eq!((depth.pending, depth.dead_letters), (N as u64, 0));
+
+    // Back to the DLQ, then two redrives at once.
+    let mut deliveries = Vec::with_capacity(N);
+    while deliveries.len() < N {
+        let got = first.receive(100, Duration::ZERO).await.unwrap().deliveries;
+        assert!(!got.is_empty());
+        deliveries.extend(got);
+    }
+    let mut dead_letterings = tokio::task::JoinSet::new();
+    for delivery in deliveries {
+        let queue = Arc::clone(&first);
+        dead_letterings.spawn(async move {
+            let error = FailureInfo::new(ErrorCode::InvalidMessage, "again");
+            queue.dead_letter(&delivery, &error).await.unwrap();
+        });
+    }
+    while let Some(done) = dead_letterings.join_next().await {
+        done.unwrap();
+    }
+    let (moved_first, moved_second) = tokio::join!(
+        crate::redrive_in_batches(first.as_ref(), &everything, 100, |_| {}),
+        crate::redrive_in_batches(second.as_ref(), &everything, 100, |_| {}),
+    );
+    assert_eq!(
+        moved_first.unwrap() + moved_second.unwrap(),
+        N as u64,
+        "two redrives at once move every entry once between them"
+    );
+    let mut received = HashSet::new();
+    loop {
+        let got = first.receive(100, Duration::ZERO).await.unwrap().deliveries;
+        if got.is_empty() {
+            break;
+        }
+        for delivery in got {
+            assert!(
+                received.insert(delivery.message_id),
+                "a message was enqueued twice"
+            );
+        }
+    }
+    assert_eq!(
+        received.len(),
+        N,
+        "every redriven entry is in the queue once"
+    );
+    assert_eq!(first.count_dead_letters(&everything).await.unwrap(), 0);
+}
+
+/// Capability: purging an event deletes its dead letters (and only its), reports the blobs they
+/// pointed at once each, and counts its messages still queued. The queue must have a long
+/// visibility timeout.
+pub async fn purging_an_event_deletes_its_dead_letters_and_counts_its_queued_messages<
+    Q: FullQueue,
+>(
+    queue: Arc<Q>,
+) {
+    let queue = queue.as_ref();
+    let mut other_blob = message(1);
+    other_blob.attributes.blob_key = Some("events/e-1/other.json".into());
+    dead_letter_one(queue, message(1), ErrorCode::HashMismatch).await;
+    dead_letter_one(queue, message(1), ErrorCode::InvalidMessage).await;
+    dead_letter_one(queue, other_blob, ErrorCode::BlobMissing).await;
+    let kept = dead_letter_one(queue, message(2), ErrorCode::HashMismatch).await;
+    queue.send(vec![message(1)]).await.unwrap();
+
+    let purged = queue.purge_event("e-1").await.unwrap();
+    assert_eq!(
+        purged,
+        EventPurge {
+            dead_letters: 3,
+            blob_keys: vec![
+                "events/e-1/blob.json".to_owned(),
+                "events/e-1/other.json".to_owned()
+            ],
+            queued: 1,
+        },
+        "a purge deletes the event's dead letters, names their blobs once each and counts its queued messages"
+    );
+    assert_eq!(
+        ids(&all_dead_letters(queue, &DeadLetterFilter::default()).await),
+        vec![kept.id.clone()],
+        "a purge deletes only that event's dead letters"
+    );
+    assert!(
+        !queue
+            .references_blob("events/e-1/other.json")
+            .await
+            .unwrap(),
+        "a purged dead letter no longer references its blob"
+    );
+    assert_eq!(
+        queue.purge_event("e-1").await.unwrap(),
+        EventPurge {
+            dead_letters: 0,
+            blob_keys: vec![],
+            queued: 1
+        },
+        "a repeated purge finds nothing more in the DLQ"
+    );
+    assert_eq!(
+        queue.purge_event("e-unknown").await.unwrap(),
+        EventPurge::default()
+    );
+    assert_depth_is_exact(queue, 0, "purges").await;
+}
+
+/// Capability: pruning deletes dead letters older than a time, oldest first, at most `limit`
+/// at a time. The queue must have a long visibility timeout.
+pub async fn pruning_deletes_the_oldest_dead_letters_before_a_time_in_bounded_batches<
+    Q: FullQueue,
+>(
+    queue: Arc<Q>,
+) {
+    let queue = queue.as_ref();
+    let mut dead = Vec::new();
+    for n in 0..5 {
+        dead.push(dead_letter_one(queue, message(n), ErrorCode::InvalidMessage).await);
+    }
+    let before = dead[3].dead_lettered_at;
+    assert_eq!(queue.prune_dead_letters(before, 0).await.unwrap(), 0);
+    assert_eq!(queue.prune_dead_letters(before, 2).await.unwrap(), 2);
+    assert_eq!(
+        ids(&all_dead_letters(queue, &DeadLetterFilter::default()).await),
+        ids(&dead[2..]),
+        "a prune deletes the oldest entries first"
+    );
+    assert_eq!(queue.prune_dead_letters(before, 2).await.unwrap(), 1);
+    assert_eq!(
+        queue.prune_dead_letters(before, 2).await.unwrap(),
+        0,
+        "a prune keeps what was dead-lettered at or after its time"
+    );
+    assert_eq!(
+        ids(&all_dead_letters(queue, &DeadLetterFilter::default()).await),
+        ids(&dead[3..])
+    );
+    assert_depth_is_exact(queue, 0, "prunes").await;
+}
+
+/// Capability: `depth` (read from counters, not by counting rows) stays exact through send,
+/// receive, delete, retry_later, dead_letter, exhaustion on receive, redrive, purge_event and
+/// prune_dead_letters, including writes from two handles at once. The queues must share one
+/// backend, allow 3 receives and have a long visibility timeout.
+pub async fn the_depth_counters_stay_exact_through_every_kind_of_change<Q: FullQueue>(
+    first: Arc<Q>,
+    second: Arc<Q>,
+) {
+    let queue = first.as_ref();
+    assert_eq!(queue.depth().await.unwrap(), QueueDepth::default());
+    fail_three_times(queue, 7).await;
+    assert_depth_is_exact(queue, 0, "three receives and retries").await;
+    assert_eq!(
+        queue
+            .receive(1, Duration::ZERO)
+            .await
+            .unwrap()
+            .exhausted
+            .len(),
+        1
+    );
+    assert_depth_is_exact(queue, 0, "an exhaustion on receive").await;
+
+    queue.send((10..15).map(message).collect()).await.unwrap();
+    assert_depth_is_exact(queue, 0, "a send").await;
+    let received = queue.receive(2, Duration::ZERO).await.unwrap().deliveries;
+    assert_eq!(received.len(), 2);
+    assert_depth_is_exact(queue, 2, "a receive").await;
+    queue.delete_many(&[&received[0]]).await.unwrap();
+    assert_depth_is_exact(queue, 1, "a delete").await;
+    queue.delete_many(&[&received[0]]).await.unwrap();
+    assert_depth_is_exact(queue, 1, "a repeated delete").await;
+    let error = FailureInfo::new(ErrorCode::StoreUnavailable, "db down");
+    queue
+        .retry_later(&received[1], Duration::from_secs(3600), &error)
+        .await
+        .unwrap();
+    assert_depth_is_exact(queue, 0, "a retry later (a delayed message is pending)").await;
+    let delivery = receive_one(queue).await;
+    let failure = FailureInfo::new(ErrorCode::HashMismatch, "bad bytes");
+    queue.dead_letter(&delivery, &failure).await.unwrap();
+    assert_depth_is_exact(queue, 0, "a dead letter").await;
+    queue.dead_letter(&delivery, &failure).await.unwrap();
+    assert_depth_is_exact(queue, 0, "a repeated dead letter").await;
+    assert_eq!(
+        queue
+            .redrive(&RedriveSelector::Id(delivery.message_id.clone()), 1)
+            .await
+            .unwrap(),
+        1
+    );
+    assert_depth_is_exact(queue, 0, "a redrive (the emptied code disappears)").await;
+    queue.purge_event("e-7").await.unwrap();
+    assert_depth_is_exact(queue, 0, "a purge").await;
+
+    // Writes from two handles at once (on PostgreSQL, several connections and counter slots).
+    let mut writers = tokio::task::JoinSet::new();
+    for writer_idx in 0..10 {
+        let queue = Arc::clone(if writer_idx % 2 == 0 { &first } else { &second });
+        writers.spawn(async move {
+            let first_n = 100 + 20 * writer_idx;
+            queue
+                .send((first_n..first_n + 20).map(message).collect())
+                .await
+                .unwrap();
+            let got = queue.receive(10, Duration::ZERO).await.unwrap().deliveries;
+            let (deleted, failed) = got.split_at(got.len() / 2);
+            queue
+                .delete_many(&deleted.iter().collect::<Vec<_>>())
+                .await
+                .unwrap();
+            for (delivery_idx, delivery) in failed.iter().enumerate() {
+                let code = if delivery_idx % 2 == 0 {
+                    ErrorCode::InvalidMessage
+                } else {
+                    ErrorCode::BlobMissing
+                };
+                queue
+                    .dead_letter(delivery, &FailureInfo::new(code, "test"))
+                    .await
+                    .unwrap();
+            }
+        });
+    }
+    while let Some(done) = writers.join_next().await {
+        done.unwrap();
+    }
+    assert_depth_is_exact(queue, 0, "concurrent sends, deletes and dead letters").await;
+    let dead = queue
+        .count_dead_letters(&DeadLetterFilter::default())
+        .await
+        .unwrap();
+    assert!(dead > 10, "the concurrent writers dead-lettered messages");
+    assert_eq!(
+        queue
+            .prune_dead_letters(chrono::Utc::now(), 7)
+            .await
+            .unwrap(),
+        7
+    );
+    assert_depth_is_exact(queue, 0, "a prune").await;
+    let moved = crate::redrive_in_batches(queue, &DeadLetterFilter::default(), 4, |_| {})
+        .await
+        .unwrap();
+    assert_eq!(moved, dead - 7);
+    assert_depth_is_exact(queue, 0, "a batched redrive").await;
 }

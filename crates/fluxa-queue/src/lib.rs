@@ -66,6 +66,8 @@ pub struct MessageAttributes {
     pub correlation_id: Option<String>,
     /// The blob holding the payload, for messages that carry only its key.
     pub blob_key: Option<String>,
+    /// The event's type, so dead letters can be filtered by it without parsing bodies.
+    pub event_type: Option<String>,
 }
 
 /// A message to enqueue.
@@ -146,22 +148,69 @@ pub struct DeadLetter {
     pub body: Vec<u8>,
 }
 
+/// Which dead letters a listing, a count or a redrive selects (contract section 4): every
+/// filter is optional, and they combine with AND.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DeadLetterFilter {
+    pub event_id: Option<String>,
+    pub error_code: Option<String>,
+    pub error_class: Option<FailureClass>,
+    pub event_type: Option<String>,
+    /// Inclusive lower bound on `dead_lettered_at`.
+    pub since: Option<DateTime<Utc>>,
+    /// Exclusive upper bound on `dead_lettered_at`.
+    pub until: Option<DateTime<Utc>>,
+}
+
+/// Where a page of dead letters ends: listings run in `(dead_lettered_at, id)` order and the
+/// next page starts strictly after this key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeadLetterPosition {
+    pub dead_lettered_at: DateTime<Utc>,
+    pub id: String,
+}
+
+/// One page of dead letters.
+#[derive(Clone, Debug)]
+pub struct DeadLetterPage {
+    pub dead_letters: Vec<DeadLetter>,
+    /// The last entry's position when the page is full (more may follow); `None` at the end.
+    pub next: Option<DeadLetterPosition>,
+}
+
 /// Which dead letters to move back to the queue.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum RedriveSelector {
-    All,
-    EventId(String),
+    /// Every dead letter the filter matches (the default filter matches all).
+    Filter(DeadLetterFilter),
+    /// One dead letter by its id.
     Id(String),
 }
 
-/// Message counts, for `/metrics` and operators.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// What [`DeadLetterAdmin::purge_event`] found for one event id.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EventPurge {
+    /// Dead letters deleted.
+    pub dead_letters: u64,
+    /// The blobs those dead letters pointed at, each once, for the caller to delete.
+    pub blob_keys: Vec<String>,
+    /// Messages of the event still waiting in the queue (left there: their delivery finds
+    /// the event erased).
+    pub queued: u64,
+}
+
+/// Message counts, for `/metrics` and operators; read without scanning the queue or the DLQ.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct QueueDepth {
     /// Visible now or waiting out a retry delay.
     pub pending: u64,
     /// Received and not yet settled.
     pub in_flight: u64,
     pub dead_letters: u64,
+    /// When the oldest message still in the queue was sent.
+    pub oldest_enqueued_at: Option<DateTime<Utc>>,
+    /// Dead letters per error code, in code order; codes with none are left out.
+    pub dead_letters_by_code: Vec<(String, u64)>,
 }
 
 /// Ingest's side of the queue.
@@ -199,22 +248,68 @@ pub trait Consumer: Send + Sync + 'static {
 /// Operators' view of the queue and its DLQ (an optional capability).
 #[async_trait]
 pub trait DeadLetterAdmin: Send + Sync + 'static {
+    /// The gauges, from counters the backend keeps and bounded index reads: its cost does not
+    /// grow with the backlog or the DLQ.
     async fn depth(&self) -> Result<QueueDepth>;
 
     /// The oldest waiting messages, without receiving them.
     async fn peek(&self, limit: usize) -> Result<Vec<PendingMessage>>;
 
-    /// Dead letters, oldest first, optionally only those of one event id.
+    /// Up to `limit` dead letters matching `filter`, oldest `dead_lettered_at` first (ties by
+    /// id), strictly after `after`.
     async fn list_dead_letters(
         &self,
+        filter: &DeadLetterFilter,
+        after: Option<&DeadLetterPosition>,
         limit: usize,
-        event_id: Option<&str>,
-    ) -> Result<Vec<DeadLetter>>;
+    ) -> Result<DeadLetterPage>;
+
+    /// How many dead letters match `filter` (a redrive's dry run).
+    async fn count_dead_letters(&self, filter: &DeadLetterFilter) -> Result<u64>;
 
     async fn get_dead_letter(&self, id: &str) -> Result<Option<DeadLetter>>;
 
-    /// Moves dead letters back to the queue with a fresh receive count; returns how many.
-    async fn redrive(&self, selector: &RedriveSelector) -> Result<u64>;
+    /// Moves up to `limit` of the selected dead letters, oldest first, back to the queue with
+    /// a fresh receive count, in one transaction; returns how many. [`redrive_in_batches`]
+    /// moves any number this way.
+    async fn redrive(&self, selector: &RedriveSelector, limit: usize) -> Result<u64>;
+
+    /// Deletes every dead letter of `event_id` and counts its messages still queued (an
+    /// erasure).
+    async fn purge_event(&self, event_id: &str) -> Result<EventPurge>;
+
+    /// Deletes up to `limit` dead letters dead-lettered before `before`, oldest first; returns
+    /// how many (their blobs are left to the blob sweeper). Safe to run from many replicas.
+    async fn prune_dead_letters(&self, before: DateTime<Utc>, limit: usize) -> Result<u64>;
+}
+
+/// Dead letters one [`DeadLetterAdmin::redrive`] call moves: small enough that a transaction
+/// stays short, large enough that a big redrive is not all round trips.
+pub const REDRIVE_BATCH: usize = 500;
+
+/// Redrives everything `filter` matches that was dead-lettered before this call began, in
+/// transactions of at most `batch` entries, calling `progress` with the running total after
+/// each. Entries that fail again and come back to the DLQ while it runs are not picked up a
+/// second time, so it always ends; running it again is safe (what moved is no longer there).
+pub async fn redrive_in_batches(
+    admin: &dyn DeadLetterAdmin,
+    filter: &DeadLetterFilter,
+    batch: usize,
+    mut progress: impl FnMut(u64) + Send,
+) -> Result<u64> {
+    let mut filter = filter.clone();
+    let started = Utc::now();
+    filter.until = Some(filter.until.map_or(started, |until| until.min(started)));
+    let selector = RedriveSelector::Filter(filter);
+    let mut total = 0;
+    loop {
+        let moved = admin.redrive(&selector, batch.max(1)).await?;
+        total += moved;
+        progress(total);
+        if moved < batch.max(1) as u64 {
+            return Ok(total);
+        }
+    }
 }
 
 /// Whether a queued or dead-lettered message points at a blob (an optional capability).

@@ -93,6 +93,18 @@ pub struct Config {
     pub blob_sweep_interval: Duration,
     /// Blobs younger than this are never swept (their ingest may still be enqueuing).
     pub blob_grace: Duration,
+    /// Events received longer ago than this are pruned; `None` keeps them for ever.
+    pub retention_events: Option<Duration>,
+    /// Dead letters older than this are pruned; `None` keeps them for ever.
+    pub retention_dead_letters: Option<Duration>,
+    /// Idempotency records whose event is gone and that have not changed for this long are
+    /// pruned; `None` keeps them for ever. This is the deduplication window for ids whose
+    /// event was pruned or erased: after it, the same event id may be stored again.
+    pub retention_idempotency: Option<Duration>,
+    /// How often the pruner looks for rows past their retention.
+    pub prune_interval: Duration,
+    /// Rows one prune statement deletes at most (one short transaction each).
+    pub prune_batch: usize,
     /// API tokens (`SCOPES=TOKEN,…`); `None` turns authentication off.
     pub api_tokens: Option<SecretString>,
     /// Allows serving without tokens on a non-loopback address.
@@ -132,6 +144,11 @@ impl Default for Config {
             max_blob_memory: 128 * 1024 * 1024,
             blob_sweep_interval: Duration::from_secs(600),
             blob_grace: Duration::from_secs(3600),
+            retention_events: None,
+            retention_dead_letters: None,
+            retention_idempotency: None,
+            prune_interval: Duration::from_secs(60),
+            prune_batch: 1000,
             api_tokens: None,
             insecure_no_auth: false,
             header_read_timeout: Duration::from_secs(10),
@@ -412,6 +429,43 @@ pub const SETTINGS: &[Setting] = &[
         "Payload blobs younger than this are never swept (their ingest may still be \
          enqueuing).",
     ),
+    setting(
+        "retention_events",
+        "retention-events",
+        "FLUXA_RETENTION_EVENTS",
+        "DURATION|off",
+        "Prune stored events received longer ago than this (off: keep them for ever).",
+    ),
+    setting(
+        "retention_dead_letters",
+        "retention-dead-letters",
+        "FLUXA_RETENTION_DEAD_LETTERS",
+        "DURATION|off",
+        "Prune dead letters older than this (off: keep them for ever).",
+    ),
+    setting(
+        "retention_idempotency",
+        "retention-idempotency",
+        "FLUXA_RETENTION_IDEMPOTENCY",
+        "DURATION|off",
+        "Prune idempotency records whose event is gone (pruned, erased or never stored) and \
+         that have not changed for this long (off: keep them for ever). This is the \
+         deduplication window: after it, the same event id may be stored again.",
+    ),
+    setting(
+        "prune_interval",
+        "prune-interval",
+        "FLUXA_PRUNE_INTERVAL",
+        "DURATION",
+        "How often workers prune rows past their retention.",
+    ),
+    setting(
+        "prune_batch",
+        "prune-batch",
+        "FLUXA_PRUNE_BATCH",
+        "N",
+        "Rows one prune transaction deletes at most.",
+    ),
     Setting {
         secret: true,
         ..setting(
@@ -549,6 +603,14 @@ impl Config {
             humantime::parse_duration(text.trim())
                 .map_err(|_| "must be a duration such as 30s or 500ms".to_owned())
         }
+        fn optional_duration(text: &str) -> Result<Option<Duration>, String> {
+            match text.trim() {
+                "off" => Ok(None),
+                _ => duration(text)
+                    .map(Some)
+                    .map_err(|_| "must be a duration such as 30d or 12h, or off".to_owned()),
+            }
+        }
         match key {
             "bind" => {
                 self.bind = text
@@ -596,6 +658,11 @@ impl Config {
             "retry_backoff_max" => self.retry_backoff_max = duration(text)?,
             "blob_sweep_interval" => self.blob_sweep_interval = duration(text)?,
             "blob_grace" => self.blob_grace = duration(text)?,
+            "retention_events" => self.retention_events = optional_duration(text)?,
+            "retention_dead_letters" => self.retention_dead_letters = optional_duration(text)?,
+            "retention_idempotency" => self.retention_idempotency = optional_duration(text)?,
+            "prune_interval" => self.prune_interval = duration(text)?,
+            "prune_batch" => self.prune_batch = count(text)?,
             "api_tokens" => self.api_tokens = Some(SecretString::from(text)),
             "insecure_no_auth" => {
                 self.insecure_no_auth = match text.trim().to_ascii_lowercase().as_str() {
@@ -638,6 +705,11 @@ impl Config {
             "retry_backoff_max" => duration(d.retry_backoff_max),
             "blob_sweep_interval" => duration(d.blob_sweep_interval),
             "blob_grace" => duration(d.blob_grace),
+            "retention_events" | "retention_dead_letters" | "retention_idempotency" => {
+                "off".to_owned()
+            }
+            "prune_interval" => duration(d.prune_interval),
+            "prune_batch" => d.prune_batch.to_string(),
             _ => return None,
         })
     }
@@ -660,6 +732,21 @@ impl Config {
         anyhow::ensure!(
             !self.blob_sweep_interval.is_zero() && self.blob_grace >= Duration::from_secs(1),
             "--blob-sweep-interval must be positive and --blob-grace at least 1s"
+        );
+        anyhow::ensure!(
+            !self.prune_interval.is_zero() && (1..=100_000).contains(&self.prune_batch),
+            "--prune-interval must be positive and --prune-batch 1 to 100000"
+        );
+        anyhow::ensure!(
+            [
+                self.retention_events,
+                self.retention_dead_letters,
+                self.retention_idempotency
+            ]
+            .iter()
+            .flatten()
+            .all(|keep| *keep >= Duration::from_secs(1)),
+            "a retention must be at least 1s (or off)"
         );
         anyhow::ensure!(
             self.limits.max_payload_bytes >= 1 && self.limits.max_batch_bytes >= 1,

@@ -12,7 +12,7 @@ use fluxa_api::AppState;
 use fluxa_blob::BlobStore;
 use fluxa_processor::{Processor, ProcessorConfig};
 use fluxa_queue::{BlobReferences, Consumer, DeadLetterAdmin, Producer};
-use fluxa_store::{EventReader, Store};
+use fluxa_store::{EventReader, Store, StoreAdmin};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -29,6 +29,7 @@ pub use config::{
 pub struct Backends {
     pub store: Arc<dyn Store>,
     pub reader: Arc<dyn EventReader>,
+    pub store_admin: Arc<dyn StoreAdmin>,
     pub queue: QueueHandles,
     pub blobs: BlobStore,
 }
@@ -57,11 +58,28 @@ impl QueueHandles {
     }
 }
 
-/// The store's two sides: writes (the processor's) and reads (the query API's).
+/// The store's three sides: writes (the processor's), reads (the query API's) and deletes
+/// (operators' and the pruner's).
 #[derive(Clone)]
 pub struct StoreHandles {
     pub store: Arc<dyn Store>,
     pub reader: Arc<dyn EventReader>,
+    pub admin: Arc<dyn StoreAdmin>,
+}
+
+impl StoreHandles {
+    fn of<S, R>(store: S, reader: R) -> Self
+    where
+        S: Store + StoreAdmin,
+        R: EventReader,
+    {
+        let store = Arc::new(store);
+        Self {
+            store: store.clone(),
+            reader: Arc::new(reader),
+            admin: store,
+        }
+    }
 }
 
 /// Opens (and migrates) the backends `config` names.
@@ -90,6 +108,7 @@ async fn open_chosen(config: &Config, choice: &BackendChoice) -> anyhow::Result<
     Ok(Backends {
         store: store.store,
         reader: store.reader,
+        store_admin: store.admin,
         queue,
         blobs,
     })
@@ -137,10 +156,7 @@ async fn open_store_and_queue(
                 .await
                 .context("failed to open the embedded store and queue")?;
             Ok((
-                StoreHandles {
-                    store: Arc::new(sqlite.store),
-                    reader: Arc::new(sqlite.reader),
-                },
+                StoreHandles::of(sqlite.store, sqlite.reader),
                 QueueHandles::of(sqlite.queue),
             ))
         }
@@ -157,13 +173,25 @@ async fn open_store_and_queue(
                 .await
                 .context("failed to open the PostgreSQL store and queue")?;
             Ok((
-                StoreHandles {
-                    store: Arc::new(pg.store),
-                    reader: Arc::new(pg.reader),
-                },
+                StoreHandles::of(pg.store, pg.reader),
                 QueueHandles::of(pg.queue),
             ))
         }
+    }
+}
+
+/// What the API's handlers share, over opened backends: the server's, and the CLI's when it
+/// works on the backends directly (it then runs the same handlers in-process).
+pub fn app_state(validated: &ValidatedConfig, backends: &Backends) -> AppState {
+    AppState {
+        queue: Arc::clone(&backends.queue.producer),
+        dead_letters: Arc::clone(&backends.queue.dead_letters),
+        blobs: backends.blobs.clone(),
+        reader: Arc::clone(&backends.reader),
+        store_admin: Arc::clone(&backends.store_admin),
+        limits: validated.config().limits,
+        tokens: Arc::new(validated.tokens().to_vec()),
+        metrics: fluxa_telemetry::metrics_handle(),
     }
 }
 
@@ -215,16 +243,7 @@ pub async fn run(
 
     let serve_options = http::ServeOptions::new(config, file_limit);
     let api = config.role.runs_api().then(|| {
-        let state = AppState {
-            queue: Arc::clone(&backends.queue.producer),
-            dead_letters: Arc::clone(&backends.queue.dead_letters),
-            blobs: backends.blobs.clone(),
-            reader: Arc::clone(&backends.reader),
-            limits: config.limits,
-            tokens: Arc::new(validated.tokens().to_vec()),
-            metrics: fluxa_telemetry::metrics_handle(),
-        };
-        let app = fluxa_api::app(state);
+        let app = fluxa_api::app(app_state(&validated, &backends));
         let shutdown = shutdown.clone();
         http::serve(listener, app, serve_options, shutdown)
     });
@@ -246,6 +265,12 @@ pub async fn run(
             config.blob_grace,
             shutdown.clone(),
         );
+        let pruner = fluxa_processor::run_pruner(
+            Arc::clone(&backends.store_admin),
+            Arc::clone(&backends.queue.dead_letters),
+            retention(config),
+            shutdown.clone(),
+        );
         let workers = fluxa_processor::run_workers(
             processor,
             Arc::clone(&backends.queue.consumer),
@@ -254,7 +279,7 @@ pub async fn run(
             shutdown.clone(),
         );
         async move {
-            tokio::join!(workers, sweeper);
+            tokio::join!(workers, sweeper, pruner);
         }
     });
 
@@ -281,6 +306,17 @@ pub async fn run(
     tokio::join!(api_task, worker_task);
     tracing::info!("fluxa stopped");
     Ok(())
+}
+
+/// The retention settings as the pruner takes them.
+pub fn retention(config: &Config) -> fluxa_processor::Retention {
+    fluxa_processor::Retention {
+        events: config.retention_events,
+        dead_letters: config.retention_dead_letters,
+        idempotency: config.retention_idempotency,
+        interval: config.prune_interval,
+        batch: config.prune_batch,
+    }
 }
 
 /// Cancels `token` on SIGINT or SIGTERM.

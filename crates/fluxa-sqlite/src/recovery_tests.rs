@@ -143,7 +143,7 @@ async fn a_store_that_cannot_grow_fails_writes_as_unavailable_and_works_again_on
         .await
         .unwrap()
         .expect("the event written after the fault is stored");
-    assert_eq!(stored.payload, vec![b'p'; BIG]);
+    assert_eq!(stored.payload, Some(vec![b'p'; BIG]));
 }
 
 #[tokio::test]
@@ -177,7 +177,7 @@ async fn a_queue_that_cannot_grow_fails_sends_and_redrives_as_unavailable_and_wo
             "attempt {attempt}: a full database is an outage: {error:?}"
         );
         let error = queue
-            .redrive(&RedriveSelector::All)
+            .redrive(&RedriveSelector::Filter(Default::default()), 500)
             .await
             .expect_err("a redrive into a full database must fail");
         assert!(
@@ -192,7 +192,7 @@ async fn a_queue_that_cannot_grow_fails_sends_and_redrives_as_unavailable_and_wo
         .await
         .expect("the same queue sends again once the database has room");
     let n_redriven = queue
-        .redrive(&RedriveSelector::Id(dead_letter_id.clone()))
+        .redrive(&RedriveSelector::Id(dead_letter_id.clone()), 1)
         .await
         .expect("the same queue redrives again once the database has room");
     assert_eq!(n_redriven, 1);

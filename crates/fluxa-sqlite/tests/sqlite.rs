@@ -118,3 +118,181 @@ async fn a_failed_record_is_taken_over_by_the_next_write() {
     )
     .await;
 }
+
+#[tokio::test]
+async fn listing_filters_by_type_source_and_time_window_in_received_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let backends = open(dir.path(), Duration::from_secs(1)).await;
+    store_conformance::listing_filters_by_type_source_and_time_window_in_received_order(
+        Arc::new(backends.store),
+        Arc::new(backends.reader),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn paging_returns_every_event_once_while_new_events_arrive() {
+    let dir = tempfile::tempdir().unwrap();
+    let backends = open(dir.path(), Duration::from_secs(1)).await;
+    store_conformance::paging_returns_every_event_once_while_new_events_arrive(
+        Arc::new(backends.store),
+        Arc::new(backends.reader),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn an_erased_event_is_gone_and_no_later_write_brings_it_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let backends = open(dir.path(), Duration::from_secs(1)).await;
+    let store = Arc::new(backends.store);
+    store_conformance::an_erased_event_is_gone_and_no_later_write_brings_it_back(
+        store.clone(),
+        store,
+        Arc::new(backends.reader),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn erasing_an_unknown_event_without_a_tombstone_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let backends = open(dir.path(), Duration::from_secs(1)).await;
+    let store = Arc::new(backends.store);
+    store_conformance::erasing_an_unknown_event_without_a_tombstone_writes_nothing(
+        store.clone(),
+        store,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn evict_deletes_processing_and_failed_records_and_refuses_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let backends = open(dir.path(), Duration::from_secs(1)).await;
+    let store = Arc::new(backends.store);
+    store_conformance::evict_deletes_processing_and_failed_records_and_refuses_the_rest(
+        store.clone(),
+        store,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn pruning_events_deletes_only_older_ones_at_most_limit_per_call() {
+    let dir = tempfile::tempdir().unwrap();
+    let backends = open(dir.path(), Duration::from_secs(1)).await;
+    let store = Arc::new(backends.store);
+    store_conformance::pruning_events_deletes_only_older_ones_at_most_limit_per_call(
+        store.clone(),
+        store,
+        Arc::new(backends.reader),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn pruning_idempotency_records_deletes_only_stale_ones_without_an_event_or_live_lease() {
+    let dir = tempfile::tempdir().unwrap();
+    let backends = open(dir.path(), Duration::from_secs(1)).await;
+    let store = Arc::new(backends.store);
+    store_conformance::pruning_idempotency_records_deletes_only_stale_ones_without_an_event_or_live_lease(
+        store.clone(), store, Arc::new(backends.reader),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn record_error_and_mark_exhausted_leave_an_erased_record_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let backends = open(dir.path(), Duration::from_secs(1)).await;
+    let store = Arc::new(backends.store);
+    store_conformance::record_error_and_mark_exhausted_leave_an_erased_record_alone(
+        store.clone(),
+        store,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn an_erasure_racing_a_store_never_leaves_the_event_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let backends = open(dir.path(), Duration::from_secs(1)).await;
+    let store = Arc::new(backends.store);
+    store_conformance::an_erasure_racing_a_store_never_leaves_the_event_behind(
+        store.clone(),
+        store,
+        Arc::new(backends.reader),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn dead_letters_can_be_filtered_by_code_class_type_event_and_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let queue = open(dir.path(), Duration::from_secs(60)).await.queue;
+    conformance::dead_letters_can_be_filtered_by_code_class_type_event_and_time(Arc::new(queue))
+        .await;
+}
+
+#[tokio::test]
+async fn paging_through_dead_letters_returns_each_once_while_more_arrive() {
+    let dir = tempfile::tempdir().unwrap();
+    let queue = open(dir.path(), Duration::from_secs(60)).await.queue;
+    conformance::paging_through_dead_letters_returns_each_once_while_more_arrive(Arc::new(queue))
+        .await;
+}
+
+#[tokio::test]
+async fn a_redrive_moves_at_most_its_limit_oldest_first_and_only_what_it_selects() {
+    let dir = tempfile::tempdir().unwrap();
+    let queue = open(dir.path(), Duration::from_secs(60)).await.queue;
+    conformance::a_redrive_moves_at_most_its_limit_oldest_first_and_only_what_it_selects(Arc::new(
+        queue,
+    ))
+    .await;
+}
+
+#[tokio::test]
+async fn redriving_in_batches_moves_every_entry_once_even_when_two_run_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = open(dir.path(), Duration::from_secs(60)).await.queue;
+    let second = open(dir.path(), Duration::from_secs(60)).await.queue;
+    conformance::redriving_in_batches_moves_every_entry_once_even_when_two_run_at_once(
+        Arc::new(first),
+        Arc::new(second),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn purging_an_event_deletes_its_dead_letters_and_counts_its_queued_messages() {
+    let dir = tempfile::tempdir().unwrap();
+    let queue = open(dir.path(), Duration::from_secs(60)).await.queue;
+    conformance::purging_an_event_deletes_its_dead_letters_and_counts_its_queued_messages(
+        Arc::new(queue),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn pruning_deletes_the_oldest_dead_letters_before_a_time_in_bounded_batches() {
+    let dir = tempfile::tempdir().unwrap();
+    let queue = open(dir.path(), Duration::from_secs(60)).await.queue;
+    conformance::pruning_deletes_the_oldest_dead_letters_before_a_time_in_bounded_batches(
+        Arc::new(queue),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn the_depth_counters_stay_exact_through_every_kind_of_change() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = open(dir.path(), Duration::from_secs(60)).await.queue;
+    let second = open(dir.path(), Duration::from_secs(60)).await.queue;
+    conformance::the_depth_counters_stay_exact_through_every_kind_of_change(
+        Arc::new(first),
+        Arc::new(second),
+    )
+    .await;
+}

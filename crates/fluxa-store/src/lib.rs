@@ -54,6 +54,9 @@ pub enum Status {
     Processing,
     Processed,
     Failed,
+    /// An operator erased the event: its row is gone and no payload hash is kept; a late
+    /// redelivery of its message must never store it again (contract section 8).
+    Erased,
 }
 
 impl Status {
@@ -62,6 +65,7 @@ impl Status {
             Self::Processing => "processing",
             Self::Processed => "processed",
             Self::Failed => "failed",
+            Self::Erased => "erased",
         }
     }
 
@@ -70,6 +74,7 @@ impl Status {
             "processing" => Some(Self::Processing),
             "processed" => Some(Self::Processed),
             "failed" => Some(Self::Failed),
+            "erased" => Some(Self::Erased),
             _ => None,
         }
     }
@@ -131,6 +136,8 @@ pub enum WriteResult {
     /// The write's lease is no longer the record's (it expired and was taken over); nothing
     /// was written.
     LeaseLost,
+    /// The event was erased by an operator; nothing was written, and nothing ever will be.
+    Erased,
 }
 
 /// What [`Store::claim`] asks for: a lease on one event.
@@ -151,6 +158,8 @@ pub enum Claim {
     AlreadyProcessed { payload_sha256: PayloadHash },
     /// Another worker holds a live lease until `until`.
     Busy { until: DateTime<Utc> },
+    /// The event was erased by an operator: drop the message.
+    Erased,
 }
 
 /// The event columns a [`WriteAction::Store`] inserts beside the write's ids and hash.
@@ -172,7 +181,8 @@ pub struct StoredEvent {
     pub event_type: String,
     pub source: Option<String>,
     pub occurred_at: Option<DateTime<Utc>>,
-    pub payload: Vec<u8>,
+    /// The exact payload bytes; `None` when a listing did not ask for them.
+    pub payload: Option<Vec<u8>>,
     pub payload_sha256: String,
     pub payload_size: u64,
     pub payload_mode: String,
@@ -229,9 +239,39 @@ pub trait Store: Send + Sync + 'static {
                 Ok(Claim::AlreadyProcessed { payload_sha256 })
             }
             Some(WriteResult::Busy { until }) => Ok(Claim::Busy { until }),
+            Some(WriteResult::Erased) => Ok(Claim::Erased),
             other => Err(Error::Corrupt(format!("a lease write answered {other:?}"))),
         }
     }
+}
+
+/// Which events a listing returns (contract section 2): every filter is optional, and they
+/// combine with AND.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EventFilter {
+    pub event_type: Option<EventType>,
+    pub source: Option<Source>,
+    /// Inclusive lower bound on `received_at`.
+    pub since: Option<DateTime<Utc>>,
+    /// Exclusive upper bound on `received_at`.
+    pub until: Option<DateTime<Utc>>,
+}
+
+/// Where a page of events ends: listings run in `(received_at, event_id)` order, and the next
+/// page starts strictly after this key (keyset paging, so a growing table never makes a page
+/// skip or repeat a row that was there when paging began).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EventPosition {
+    pub received_at: DateTime<Utc>,
+    pub event_id: EventId,
+}
+
+/// One page of a listing.
+#[derive(Clone, Debug)]
+pub struct EventPage {
+    pub events: Vec<StoredEvent>,
+    /// The last event's position when the page is full (more may follow); `None` at the end.
+    pub next: Option<EventPosition>,
 }
 
 /// The query API's view of the store: reads only.
@@ -240,4 +280,76 @@ pub trait EventReader: Send + Sync + 'static {
     async fn event(&self, event_id: &EventId) -> Result<Option<StoredEvent>>;
     async fn status(&self, event_id: &EventId) -> Result<Option<EventStatus>>;
     async fn ping(&self) -> Result<()>;
+
+    /// Up to `limit` events matching `filter`, oldest `received_at` first (ties by
+    /// `event_id`), strictly after `after`. Served by an index for every filter combination,
+    /// so a page costs the same whatever the table's size; `include_payload` false leaves
+    /// `payload` `None` and does not read it.
+    async fn list_events(
+        &self,
+        filter: &EventFilter,
+        after: Option<&EventPosition>,
+        limit: usize,
+        include_payload: bool,
+    ) -> Result<EventPage>;
+}
+
+/// An idempotency record in full, as the operator API shows it (contract section 8).
+#[derive(Clone, Debug)]
+pub struct IdempotencyRecord {
+    pub event_id: String,
+    pub status: Status,
+    pub attempts: u32,
+    /// `None` for an erased record (no hash is kept) or one that never learnt it.
+    pub payload_sha256: Option<String>,
+    pub lease_expires_at: Option<DateTime<Utc>>,
+    pub last_error: Option<FailureInfo>,
+    pub correlation_id: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// What [`StoreAdmin::evict`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Eviction {
+    /// A `processing` or `failed` record was deleted; the next delivery starts fresh.
+    Evicted,
+    /// The record is `processed` or `erased` and stays: evicting it would let a redelivery
+    /// store the event twice, or bring an erased one back.
+    Refused(Status),
+    NotFound,
+}
+
+/// What [`StoreAdmin::erase`] found and removed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Erasure {
+    /// An event row was deleted.
+    pub event_deleted: bool,
+    /// An idempotency record existed before (it is now `erased`).
+    pub had_record: bool,
+}
+
+/// Operators' and the retention pruner's view of the store: everything that deletes.
+#[async_trait]
+pub trait StoreAdmin: Send + Sync + 'static {
+    async fn idempotency_record(&self, event_id: &EventId) -> Result<Option<IdempotencyRecord>>;
+
+    /// Deletes a `processing` or `failed` record; never a `processed` or `erased` one.
+    async fn evict(&self, event_id: &EventId) -> Result<Eviction>;
+
+    /// In one transaction: deletes the event row (and so its payload), and turns the
+    /// idempotency record into an `erased` tombstone without a payload hash, creating one
+    /// when there is none and `always_tombstone` is set (the event is still in the queue) or
+    /// a row was deleted. With nothing to erase and `always_tombstone` false, writes nothing.
+    /// A live lease on the event is broken: its holder's write then finds the tombstone.
+    async fn erase(&self, event_id: &EventId, always_tombstone: bool) -> Result<Erasure>;
+
+    /// Deletes up to `limit` events received before `before`, oldest first; returns how many.
+    /// Safe to run from many replicas at once.
+    async fn prune_events(&self, before: DateTime<Utc>, limit: usize) -> Result<u64>;
+
+    /// Deletes up to `limit` idempotency records last updated before `before` whose event row
+    /// is gone (pruned, erased, or never stored); a `processing` record with a live lease is
+    /// never deleted. Returns how many. Safe to run from many replicas at once.
+    async fn prune_idempotency(&self, before: DateTime<Utc>, limit: usize) -> Result<u64>;
 }

@@ -32,6 +32,8 @@ pub enum Decision {
 /// The rules of contract section 3 and seed invariants 1 and 2, in one place.
 pub fn decide(write: &Write, existing: Option<&RecordState>) -> Decision {
     match (&write.lease, existing) {
+        // An erased event stays erased, whoever asks and whatever lease they hold.
+        (_, Some(record)) if record.status == Status::Erased => Decision::Skip(WriteResult::Erased),
         (Some(lease), Some(record))
             if record.status == Status::Processing
                 && record.lease_token.as_deref() == Some(lease.token.as_str()) =>
@@ -53,6 +55,7 @@ pub fn decide(write: &Write, existing: Option<&RecordState>) -> Decision {
             }),
             // An expired lease (its worker died or gave up) or a failed record: take over.
             Status::Processing | Status::Failed => Decision::Update { take_over: true },
+            Status::Erased => Decision::Skip(WriteResult::Erased),
         },
     }
 }
@@ -138,6 +141,32 @@ mod tests {
                 payload_sha256: PayloadHash::of(b"1")
             })
         );
+    }
+
+    #[test]
+    fn an_erased_record_refuses_every_write_with_or_without_a_lease() {
+        let erased = RecordState {
+            payload_sha256: None,
+            ..record(Status::Erased, None, false)
+        };
+        let store = WriteAction::Store(crate::NewEvent {
+            event_type: fluxa_core::EventType::parse("t").unwrap(),
+            source: None,
+            occurred_at: None,
+            payload: bytes::Bytes::from_static(b"1"),
+            payload_mode: fluxa_core::PayloadMode::Inline,
+            received_at: Utc::now(),
+        });
+        for write in [
+            write(None, WriteAction::Lease(Duration::from_secs(1))),
+            write(None, store.clone()),
+            write(Some("t"), store),
+        ] {
+            assert_eq!(
+                decide(&write, Some(&erased)),
+                Decision::Skip(WriteResult::Erased)
+            );
+        }
     }
 
     #[test]

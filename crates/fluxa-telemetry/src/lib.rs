@@ -25,16 +25,25 @@ pub enum LogOutput {
     Stdout,
     /// For CLI commands whose stdout is their result.
     Stderr,
+    /// For the operator commands: stderr, and only warnings and the audit lines of what the
+    /// operator did (the handlers they run in-process would otherwise log every request).
+    Operator,
 }
+
+/// [`LogOutput::Operator`]'s default filter.
+const OPERATOR_FILTER: &str = "warn,fluxa::audit=info";
 
 /// Installs the JSON log subscriber and a panic hook that logs panics as JSON error lines.
 /// Calling it twice is harmless (the second call does nothing).
 pub fn init_logging(output: LogOutput) {
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER));
+    let default = match output {
+        LogOutput::Operator => OPERATOR_FILTER,
+        LogOutput::Stdout | LogOutput::Stderr => DEFAULT_FILTER,
+    };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     let writer: fn() -> Box<dyn std::io::Write> = match output {
         LogOutput::Stdout => || Box::new(std::io::stdout()),
-        LogOutput::Stderr => || Box::new(std::io::stderr()),
+        LogOutput::Stderr | LogOutput::Operator => || Box::new(std::io::stderr()),
     };
     let mut json = json_subscriber::JsonLayer::new(writer);
     json.with_timer("timestamp", tracing_subscriber::fmt::time::SystemTime);

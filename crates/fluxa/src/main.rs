@@ -1,17 +1,29 @@
-//! The `fluxa` command: a thin CLI over `fluxa-server` (serve, migrate) and the queue's
-//! dead-letter operations. Its flags are built from `fluxa_server::SETTINGS`, and
-//! `fluxa_server::Config::load` does all parsing, layering and validation, so a setting is
-//! added in `fluxa-server` alone.
+//! The `fluxa` command: a thin CLI over `fluxa-server` (serve, migrate) and the operator
+//! commands (events, dlq, idempotency, import), which speak the HTTP API to a running server
+//! or, in-process, over the configured backends. Its setting flags are built from
+//! `fluxa_server::SETTINGS`, and `fluxa_server::Config::load` does all parsing, layering and
+//! validation, so a setting is added in `fluxa-server` alone.
+//!
+//! Exit codes, for scripts: 0 success; 1 failure (unreachable, an outage, a server error);
+//! 2 bad usage or input (400, 413, 415); 3 not found (404); 4 conflict (409); 5 an import that
+//! finished with rejected lines; 6 unauthorized or forbidden (401, 403).
+
+mod client;
+mod import;
+mod operate;
+mod output;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::Context;
+use axum::http::StatusCode;
 use clap::{Arg, ArgAction, ArgMatches, Args, FromArgMatches, Parser, Subcommand};
-use fluxa_queue::RedriveSelector;
 use fluxa_server::{Config, FlagKind, Sources, ValidatedConfig, SETTINGS};
 use tokio_util::sync::CancellationToken;
+
+use crate::client::{ApiFailure, Client};
+use crate::output::OutputArgs;
 
 /// mimalloc rather than glibc's malloc: glibc raises its mmap threshold after a large buffer
 /// is freed, so the 10 MiB bodies and payloads that the memory bounds admit one after another
@@ -34,11 +46,72 @@ enum Command {
     Serve(SettingArgs<true>),
     /// Create or upgrade the store and queue schemas, then exit.
     Migrate(SettingArgs<false>),
-    /// Inspect and redrive the dead-letter queue.
-    Dlq {
+    /// List, read, check and erase stored events.
+    Events {
+        #[command(flatten)]
+        target: Target,
         #[command(subcommand)]
-        command: DlqCommand,
+        command: operate::EventsCommand,
     },
+    /// List, show and redrive dead letters.
+    Dlq {
+        #[command(flatten)]
+        target: Target,
+        #[command(subcommand)]
+        command: operate::DlqCommand,
+    },
+    /// Show and evict idempotency records.
+    Idempotency {
+        #[command(flatten)]
+        target: Target,
+        #[command(subcommand)]
+        command: operate::IdempotencyCommand,
+    },
+    /// Ingest events from an NDJSON file (one event per line, as POST /v1/events takes it).
+    Import {
+        #[command(flatten)]
+        target: Target,
+        #[command(flatten)]
+        args: import::ImportArgs,
+    },
+}
+
+/// Where an operator command goes: a running server (`--server`), or the configured backends
+/// directly (the settings flags, `FLUXA_*` variables and `--config`).
+#[derive(Args, Debug, Clone)]
+struct Target {
+    /// Talk to the running Fluxa server at this URL instead of opening the backends directly
+    /// (the only way on AWS).
+    #[arg(long, global = true, value_name = "URL", env = "FLUXA_SERVER")]
+    server: Option<String>,
+    /// The bearer token for --server (a token with the scope the command needs).
+    #[arg(
+        long,
+        global = true,
+        value_name = "TOKEN",
+        env = "FLUXA_TOKEN",
+        hide_env_values = true
+    )]
+    token: Option<String>,
+    #[command(flatten)]
+    output: OutputArgs,
+    #[command(flatten)]
+    data: SettingArgs<false>,
+}
+
+impl Target {
+    async fn client(&self) -> anyhow::Result<Client> {
+        match &self.server {
+            Some(url) => Client::remote(url, self.token.clone()),
+            None => {
+                anyhow::ensure!(
+                    self.token.is_none(),
+                    "--token is for --server; working on the backends directly needs none"
+                );
+                Client::local(&self.data.clone().load()?).await
+            }
+        }
+    }
 }
 
 /// The settings given on the command line: every setting for `serve` (`ALL`), only those that
@@ -62,8 +135,8 @@ impl<const ALL: bool> SettingArgs<ALL> {
         sources.file = self.config;
         sources.flags = self.flags;
         if !ALL {
-            // `migrate` and `dlq` serve nothing: a FLUXA_BIND meant for `serve` must not make
-            // them refuse to run (the no-tokens-on-a-public-address check is about serving).
+            // `migrate` and the operator commands serve nothing: a FLUXA_BIND meant for `serve`
+            // must not make them refuse to run (the no-tokens-on-a-public-address check is about serving).
             sources.flags.insert("role".to_owned(), "worker".to_owned());
         }
         Config::load(sources)
@@ -75,6 +148,7 @@ impl<const ALL: bool> Args for SettingArgs<ALL> {
         cmd = cmd.arg(
             Arg::new("config")
                 .long("config")
+                .global(true)
                 .value_name("FILE")
                 .value_parser(clap::value_parser!(PathBuf))
                 .help(
@@ -90,7 +164,12 @@ impl<const ALL: bool> Args for SettingArgs<ALL> {
             if let Some(default) = Config::default_text(setting.key) {
                 help.push_str(&format!(" [default: {default}]"));
             }
-            let arg = Arg::new(setting.key).long(setting.flag).help(help);
+            // Global, so an operator command takes them after its subcommand too
+            // (`fluxa dlq list --data-dir …`).
+            let arg = Arg::new(setting.key)
+                .long(setting.flag)
+                .global(true)
+                .help(help);
             cmd = cmd.arg(match setting.kind {
                 FlagKind::Value => arg.action(ArgAction::Set).value_name(setting.value_name),
                 FlagKind::Switch => arg.action(ArgAction::SetTrue),
@@ -128,53 +207,22 @@ impl<const ALL: bool> FromArgMatches for SettingArgs<ALL> {
     }
 }
 
-#[derive(Subcommand, Debug)]
-enum DlqCommand {
-    /// List dead letters, oldest first, one JSON object per line.
-    List {
-        #[command(flatten)]
-        data: SettingArgs<false>,
-        /// Only the entries of this event id.
-        #[arg(long)]
-        event_id: Option<String>,
-        /// At most this many entries.
-        #[arg(long, default_value_t = 100)]
-        limit: usize,
-    },
-    /// Show one dead letter as JSON.
-    Show {
-        #[command(flatten)]
-        data: SettingArgs<false>,
-        /// The dead letter's id (from `fluxa dlq list`).
-        id: String,
-    },
-    /// Move dead letters back to the queue for another try.
-    Redrive {
-        #[command(flatten)]
-        data: SettingArgs<false>,
-        /// Redrive every dead letter.
-        #[arg(long, conflicts_with_all = ["event_id", "id"], required_unless_present_any = ["event_id", "id"])]
-        all: bool,
-        /// Redrive the dead letters of this event id.
-        #[arg(long, conflicts_with = "id")]
-        event_id: Option<String>,
-        /// Redrive the dead letter with this id.
-        #[arg(long)]
-        id: Option<String>,
-    },
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let (log_output, settings) = match cli.command {
-        Command::Serve(ref args) => (fluxa_telemetry::LogOutput::Stdout, args.clone().load()),
-        Command::Migrate(ref args) => (fluxa_telemetry::LogOutput::Stderr, args.clone().load()),
-        Command::Dlq { ref command } => (
-            fluxa_telemetry::LogOutput::Stderr,
-            command.data().clone().load(),
-        ),
+    let log_output = match cli.command {
+        Command::Serve(_) => fluxa_telemetry::LogOutput::Stdout,
+        Command::Migrate(_) => fluxa_telemetry::LogOutput::Stderr,
+        _ => fluxa_telemetry::LogOutput::Operator,
     };
-    let config = match settings {
+    // `serve` and `migrate` need their settings before anything starts; the operator
+    // commands load them only when they open the backends (not with --server).
+    let config = match &cli.command {
+        Command::Serve(args) => Some(args.clone().load()),
+        Command::Migrate(args) => Some(args.clone().load()),
+        _ => None,
+    }
+    .transpose();
+    let config = match config {
         Ok(config) => config,
         Err(e) => {
             // `{:#}` prints the whole context chain on one line.
@@ -191,84 +239,66 @@ fn main() -> ExitCode {
         }
     };
     match runtime.block_on(run(cli.command, config)) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
-            tracing::error!(error.message = %format!("{e:#}"), "fluxa failed");
+            // A server's logs are where its failure must be; an operator command's answer is
+            // the one line below.
+            if log_output != fluxa_telemetry::LogOutput::Operator {
+                tracing::error!(error.message = %format!("{e:#}"), "fluxa failed");
+            }
             eprintln!("fluxa: {e:#}");
-            ExitCode::FAILURE
+            exit_code(&e)
         }
     }
 }
 
-async fn run(command: Command, config: ValidatedConfig) -> anyhow::Result<()> {
+/// The exit code a failed command ends with (see the crate's documentation).
+fn exit_code(error: &anyhow::Error) -> ExitCode {
+    let Some(failure) = error.chain().find_map(|e| e.downcast_ref::<ApiFailure>()) else {
+        return ExitCode::FAILURE;
+    };
+    match failure.status {
+        StatusCode::NOT_FOUND => ExitCode::from(3),
+        StatusCode::CONFLICT => ExitCode::from(4),
+        StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => ExitCode::from(6),
+        status if status.is_client_error() => ExitCode::from(2),
+        _ => ExitCode::FAILURE,
+    }
+}
+
+async fn run(command: Command, config: Option<ValidatedConfig>) -> anyhow::Result<ExitCode> {
     match command {
         Command::Serve(_) => {
+            let config = config.expect("serve loads its settings first");
             let listener = fluxa_server::bind(config.config()).await?;
             let shutdown = CancellationToken::new();
             fluxa_server::cancel_on_signals(shutdown.clone());
-            fluxa_server::run(config, listener, shutdown).await
+            fluxa_server::run(config, listener, shutdown).await?;
         }
         Command::Migrate(_) => {
+            let config = config.expect("migrate loads its settings first");
             fluxa_server::open_validated(&config).await?;
             eprintln!("migrations applied");
-            Ok(())
         }
-        Command::Dlq { command } => run_dlq(command, &config).await,
-    }
-}
-
-impl DlqCommand {
-    fn data(&self) -> &SettingArgs<false> {
-        match self {
-            Self::List { data, .. } | Self::Show { data, .. } | Self::Redrive { data, .. } => data,
+        Command::Events { target, command } => {
+            let client = target.client().await?;
+            operate::events(&client, command, target.output.format()).await?;
         }
-    }
-}
-
-async fn run_dlq(command: DlqCommand, config: &ValidatedConfig) -> anyhow::Result<()> {
-    let backends = fluxa_server::open_validated(config).await?;
-    let queue = backends.queue.dead_letters;
-    match command {
-        DlqCommand::List {
-            event_id, limit, ..
-        } => {
-            let entries = queue
-                .list_dead_letters(limit, event_id.as_deref())
-                .await
-                .context("failed to list dead letters")?;
-            for entry in &entries {
-                println!(
-                    "{}",
-                    serde_json::to_string(&fluxa_api::dead_letter_json(entry))?
-                );
+        Command::Dlq { target, command } => {
+            let client = target.client().await?;
+            operate::dlq(&client, command, target.output.format()).await?;
+        }
+        Command::Idempotency { target, command } => {
+            let client = target.client().await?;
+            operate::idempotency(&client, command, target.output.format()).await?;
+        }
+        Command::Import { target, args } => {
+            let client = target.client().await?;
+            let summary = import::run(&client, args, target.output.format()).await?;
+            if summary.n_rejected() > 0 {
+                return Ok(ExitCode::from(5));
             }
-            eprintln!("{} dead letter(s)", entries.len());
-        }
-        DlqCommand::Show { id, .. } => {
-            let entry = queue
-                .get_dead_letter(&id)
-                .await
-                .context("failed to read the dead letter")?
-                .with_context(|| format!("no dead letter with id {id}"))?;
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&fluxa_api::dead_letter_json(&entry))?
-            );
-        }
-        DlqCommand::Redrive {
-            all, event_id, id, ..
-        } => {
-            let selector = match (all, event_id, id) {
-                (_, Some(event_id), _) => RedriveSelector::EventId(event_id),
-                (_, _, Some(id)) => RedriveSelector::Id(id),
-                _ => RedriveSelector::All,
-            };
-            let n_redriven = queue
-                .redrive(&selector)
-                .await
-                .context("failed to redrive")?;
-            println!("{}", serde_json::json!({ "redriven": n_redriven }));
         }
     }
-    Ok(())
+    Ok(ExitCode::SUCCESS)
 }

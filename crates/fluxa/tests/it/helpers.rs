@@ -556,3 +556,54 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
     use sha2::Digest;
     hex::encode(sha2::Sha256::digest(bytes))
 }
+
+/// Request helpers the operator tests (`operator.rs`) added: admin calls that delete, post a
+/// JSON body to a path other than ingest, or wait on a counter.
+impl TestApp {
+    /// DELETEs `path`.
+    pub async fn delete(&self, path: &str) -> reqwest::Response {
+        self.client
+            .delete(self.url(path))
+            .send()
+            .await
+            .expect("request")
+    }
+
+    /// POSTs `body` as JSON to `path` and returns the status and the parsed answer.
+    pub async fn post_json(&self, path: &str, body: &Value) -> (u16, Value) {
+        let response = self
+            .post_raw(
+                path,
+                serde_json::to_vec(body).unwrap(),
+                Some("application/json"),
+            )
+            .await;
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Waits until the metric `name` (labels included, as `/metrics` prints them, e.g.
+    /// `fluxa_pruned_rows_total{table="events"}`) is at least `at_least`; returns its value.
+    #[track_caller]
+    pub fn wait_for_metric<'a>(
+        &'a self,
+        name: &'a str,
+        at_least: f64,
+    ) -> impl std::future::Future<Output = f64> + 'a {
+        let caller = std::panic::Location::caller();
+        async move {
+            let deadline = Instant::now() + PATIENCE;
+            loop {
+                let value = self.metric(name).await;
+                if value >= at_least {
+                    return value;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "{caller}: {name} never reached {at_least}; last: {value}"
+                );
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+        }
+    }
+}

@@ -102,6 +102,7 @@ async fn an_inline_payload_that_does_not_match_its_hash_goes_to_the_dlq_and_writ
                 event_id: Some("corrupt-1".into()),
                 correlation_id: Some("corrupt-corr".into()),
                 blob_key: None,
+                event_type: Some("test.corrupt".into()),
             },
         }])
         .await
@@ -182,6 +183,7 @@ async fn an_unparsable_message_is_dead_lettered_at_once_with_its_original_bytes(
                 event_id: Some("garbled-1".into()),
                 correlation_id: Some("garbled-corr".into()),
                 blob_key: None,
+                event_type: None,
             },
         }])
         .await

@@ -15,5 +15,6 @@ mod ids;
 mod ingest;
 mod invariants;
 mod operations;
+mod operator;
 mod query;
 mod security;

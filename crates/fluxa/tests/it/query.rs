@@ -56,7 +56,8 @@ async fn unknown_routes_and_wrong_methods_answer_with_the_contract_error_body() 
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["error"]["code"], "method_not_allowed");
 
-    let response = app.client.get(app.url("/v1/events")).send().await.unwrap();
+    // GET lists and POST ingests; nothing else is served on the collection.
+    let response = app.client.put(app.url("/v1/events")).send().await.unwrap();
     assert_eq!(response.status(), 405);
 }
 
