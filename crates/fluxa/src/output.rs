@@ -50,11 +50,8 @@ pub fn print_rows(format: Format, columns: &[Column], rows: &[Value]) {
             }
         }
         Format::Table => {
-            let mut table = Table::new();
-            table
-                .load_preset(presets::UTF8_FULL_CONDENSED)
-                .set_content_arrangement(ContentArrangement::Dynamic)
-                .set_header(columns.iter().map(|(heading, _)| *heading));
+            let mut table = new_table();
+            table.set_header(columns.iter().map(|(heading, _)| *heading));
             for row in rows {
                 table.add_row(columns.iter().map(|(_, path)| cell(lookup(row, path))));
             }
@@ -68,10 +65,7 @@ pub fn print_object(format: Format, object: &Value) {
     match format {
         Format::Json => println!("{object}"),
         Format::Table => {
-            let mut table = Table::new();
-            table
-                .load_preset(presets::UTF8_FULL_CONDENSED)
-                .set_content_arrangement(ContentArrangement::Dynamic);
+            let mut table = new_table();
             if let Some(members) = object.as_object() {
                 for (key, value) in members {
                     table.add_row([key.clone(), cell(Some(value))]);
@@ -80,6 +74,20 @@ pub fn print_object(format: Format, object: &Value) {
             println!("{table}");
         }
     }
+}
+
+/// A table that wraps to the terminal's width, or keeps its natural width when the terminal
+/// reports none worth fitting (a pseudo-terminal without a size says 0 columns, which would
+/// squeeze every column to one character).
+fn new_table() -> Table {
+    let mut table = Table::new();
+    table.load_preset(presets::UTF8_FULL_CONDENSED);
+    let arrangement = match table.width() {
+        Some(width) if width >= 40 => ContentArrangement::Dynamic,
+        _ => ContentArrangement::Disabled,
+    };
+    table.set_content_arrangement(arrangement);
+    table
 }
 
 fn lookup<'a>(row: &'a Value, path: &str) -> Option<&'a Value> {
