@@ -17,7 +17,8 @@ use fluxa_store::{EventReader, NewEvent, Store, Write, WriteAction, WriteResult}
 use sqlx::SqliteConnection;
 
 use crate::{
-    connect_options, migrate, pool_options, Pools, SqliteQueue, SqliteReader, SqliteStore,
+    connect_options, migrate, pool_options, Pools, SecureDelete, SqliteQueue, SqliteReader,
+    SqliteStore,
 };
 
 /// A payload far bigger than any free page the file may hold, so writing it needs new pages.
@@ -46,11 +47,11 @@ impl CappedFile {
                     Ok(())
                 })
             })
-            .connect_with(connect_options(path).create_if_missing(true))
+            .connect_with(connect_options(path, SecureDelete::On).create_if_missing(true))
             .await
             .unwrap();
         let reader = pool_options(1)
-            .connect_with(connect_options(path).read_only(true))
+            .connect_with(connect_options(path, SecureDelete::On).read_only(true))
             .await
             .unwrap();
         let pools = Pools { writer, reader };
@@ -213,11 +214,11 @@ async fn what_a_statement_asked_is_a_refusal_and_an_unwritable_database_is_an_ou
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("t.db");
     let writer = pool_options(1)
-        .connect_with(connect_options(&path).create_if_missing(true))
+        .connect_with(connect_options(&path, SecureDelete::On).create_if_missing(true))
         .await
         .unwrap();
     let reader = pool_options(1)
-        .connect_with(connect_options(&path).read_only(true))
+        .connect_with(connect_options(&path, SecureDelete::On).read_only(true))
         .await
         .unwrap();
     sqlx::query("CREATE TABLE t (n INTEGER PRIMARY KEY)")

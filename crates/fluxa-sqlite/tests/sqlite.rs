@@ -296,3 +296,69 @@ async fn the_depth_counters_stay_exact_through_every_kind_of_change() {
     )
     .await;
 }
+
+/// Right to erasure on disk: SQLite keeps deleted content in free space until it is reused, so
+/// without `secure_delete` an erased payload could still be read from `store.db` with a hex
+/// editor. Once the WAL is checkpointed, none of its bytes may remain, on b-tree pages or on
+/// the overflow pages a large payload spills onto.
+#[tokio::test]
+async fn an_erased_payload_leaves_none_of_its_bytes_in_the_store_file() {
+    use fluxa_core::{CorrelationId, EventId, EventType, PayloadHash, PayloadMode};
+    use fluxa_store::{NewEvent, Store, StoreAdmin, Write, WriteAction};
+
+    let dir = tempfile::tempdir().unwrap();
+    let backends = open(dir.path(), Duration::from_secs(60)).await;
+    let marker = "erase-me-7f3a";
+    let small = format!("{{\"secret\":\"{marker}\"}}");
+    let large = format!("{{\"secret\":\"{}\"}}", marker.repeat(3000));
+    let mut writes = Vec::new();
+    for (event_id, payload) in [("small", &small), ("large", &large)] {
+        let payload = bytes::Bytes::from(payload.clone().into_bytes());
+        writes.push(Write {
+            event_id: EventId::parse(event_id).unwrap(),
+            payload_sha256: PayloadHash::of(&payload),
+            correlation_id: CorrelationId::parse("c").unwrap(),
+            lease: None,
+            action: WriteAction::Store(NewEvent {
+                event_type: EventType::parse("t").unwrap(),
+                source: None,
+                occurred_at: None,
+                payload,
+                payload_mode: PayloadMode::Inline,
+                received_at: chrono::Utc::now(),
+            }),
+        });
+    }
+    backends.store.apply(writes).await.unwrap();
+    for event_id in ["small", "large"] {
+        let erasure = backends
+            .store
+            .erase(&EventId::parse(event_id).unwrap(), false)
+            .await
+            .unwrap();
+        assert!(erasure.event_deleted, "{event_id}");
+    }
+    drop(backends);
+
+    let path = dir.path().join("store.db");
+    let mut connection: sqlx::SqliteConnection =
+        sqlx::Connection::connect(&format!("sqlite://{}", path.display()))
+            .await
+            .unwrap();
+    sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
+        .execute(&mut connection)
+        .await
+        .unwrap();
+    sqlx::Connection::close(connection).await.unwrap();
+    for file in ["store.db", "store.db-wal"] {
+        let bytes = std::fs::read(dir.path().join(file)).unwrap_or_default();
+        let found = bytes
+            .windows(marker.len())
+            .filter(|window| *window == marker.as_bytes())
+            .count();
+        assert_eq!(
+            found, 0,
+            "{file} still holds the erased payload {found} times"
+        );
+    }
+}
