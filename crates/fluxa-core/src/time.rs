@@ -15,6 +15,28 @@ pub fn from_unix_millis(millis: i64) -> DateTime<Utc> {
         .unwrap_or(DateTime::<Utc>::UNIX_EPOCH)
 }
 
+/// `at` rounded up to whole microseconds (PostgreSQL's resolution). Stored times are whole
+/// microseconds, so a stored `t` is at or after `at` exactly when `t >= ceil(at)`, and before it
+/// exactly when `t < ceil(at)`; truncating, as the driver would, lets a bound with nanoseconds
+/// admit the microsecond before it.
+pub fn ceil_to_micros(at: DateTime<Utc>) -> DateTime<Utc> {
+    match at.timestamp_subsec_nanos() % 1_000 {
+        0 => at,
+        extra => at + chrono::Duration::nanoseconds(i64::from(1_000 - extra)),
+    }
+}
+
+/// `at` in Unix milliseconds (how the SQLite backends keep time), rounded up for the same
+/// reason as [`ceil_to_micros`].
+pub fn ceil_to_unix_millis(at: DateTime<Utc>) -> i64 {
+    let floor = at.timestamp_millis();
+    if at.timestamp_subsec_nanos().is_multiple_of(1_000_000) {
+        floor
+    } else {
+        floor.saturating_add(1)
+    }
+}
+
 /// Serde adapter so the queue message and API bodies carry timestamps in the same format.
 pub mod rfc3339 {
     use chrono::{DateTime, Utc};
@@ -65,6 +87,21 @@ pub mod rfc3339 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_bound_between_two_stored_instants_rounds_up_to_the_next_one() {
+        let whole = Utc.timestamp_micros(1_700_000_000_123_456).unwrap();
+        assert_eq!(ceil_to_micros(whole), whole);
+        let later = whole + chrono::Duration::nanoseconds(1);
+        assert_eq!(
+            ceil_to_micros(later),
+            whole + chrono::Duration::microseconds(1)
+        );
+        let whole = Utc.timestamp_millis_opt(1_700_000_000_123).unwrap();
+        assert_eq!(ceil_to_unix_millis(whole), 1_700_000_000_123);
+        let later = whole + chrono::Duration::microseconds(1);
+        assert_eq!(ceil_to_unix_millis(later), 1_700_000_000_124);
+    }
 
     #[test]
     fn whole_seconds_are_formatted_without_a_fraction_and_with_a_z() {

@@ -224,6 +224,28 @@ pub(crate) fn seconds(duration: Duration) -> f64 {
     duration.as_secs_f64()
 }
 
+/// Asserts that an `EXPLAIN` of a listing reads `index` in order (no sort, no sequential or
+/// bitmap scan) and, with a cursor, starts at it: the index condition bounds the `key` row.
+#[cfg(test)]
+pub(crate) fn assert_keyset_plan(plan: &str, case: &str, index: &str, key: &str, cursor: bool) {
+    assert!(
+        plan.contains(&format!("Index Scan using {index}")),
+        "{case}: expected {index}, got:\n{plan}"
+    );
+    for step in ["Sort", "Seq Scan", "Bitmap"] {
+        assert!(!plan.contains(step), "{case}: {step}:\n{plan}");
+    }
+    if cursor {
+        assert!(
+            plan.lines().any(|line| {
+                line.trim_start().starts_with("Index Cond:")
+                    && line.contains(&format!("ROW({key}) > ROW("))
+            }),
+            "{case}: the cursor does not bound the scan:\n{plan}"
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::borrow::Cow;

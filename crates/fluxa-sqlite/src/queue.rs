@@ -17,6 +17,7 @@
 //! of dead letters per error code in `queue_message_count` and `dead_letter_counts`, and DLQ
 //! listings page by key over indexes in `(dead_lettered_at, message_id)` order.
 
+use fluxa_core::time::ceil_to_unix_millis;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -571,7 +572,7 @@ impl DeadLetterAdmin for SqliteQueue {
         if limit == 0 {
             return Ok(0);
         }
-        let before = millis_rounded_up(before);
+        let before = ceil_to_unix_millis(before);
         self.writes
             .run(move |connection| {
                 Box::pin(async move {
@@ -666,17 +667,17 @@ fn push_conditions(
     if let Some(since) = since {
         query
             .push(" AND dead_lettered_at >= ")
-            .push_bind(millis_rounded_up(since));
+            .push_bind(ceil_to_unix_millis(since));
     }
     if let Some(until) = filter.until {
         query
             .push(" AND dead_lettered_at < ")
-            .push_bind(millis_rounded_up(until));
+            .push_bind(ceil_to_unix_millis(until));
     }
     if let Some(after) = after {
         // A position between two milliseconds (not one this backend handed out) goes on from
         // the next millisecond: every id sorts after the empty string.
-        let at = millis_rounded_up(after.dead_lettered_at);
+        let at = ceil_to_unix_millis(after.dead_lettered_at);
         let id = if from_unix_millis(at) == after.dead_lettered_at {
             after.id.clone()
         } else {
@@ -701,18 +702,6 @@ fn page(dead_letters: Vec<DeadLetter>, limit: usize) -> DeadLetterPage {
         _ => None,
     };
     DeadLetterPage { dead_letters, next }
-}
-
-/// `at` in Unix milliseconds (how this backend keeps time), rounded up, so that `>= rounded`
-/// keeps exactly the rows at or after `at` and `< rounded` exactly those before it.
-fn millis_rounded_up(at: DateTime<Utc>) -> i64 {
-    let floor = at.timestamp_millis();
-    let below_millis = at.timestamp_subsec_nanos() % 1_000_000;
-    if below_millis == 0 {
-        floor
-    } else {
-        floor.saturating_add(1)
-    }
 }
 
 fn sql_limit(limit: usize) -> i64 {

@@ -8,6 +8,7 @@
 //! The admin writes (evict, erase, prune) take the same path, so each is atomic against every
 //! claim and store of this process, and a prune batch holds the lock only for one bounded batch.
 
+use fluxa_core::time::ceil_to_unix_millis;
 use std::collections::HashSet;
 
 use async_trait::async_trait;
@@ -214,7 +215,7 @@ impl StoreAdmin for SqliteStore {
     }
 
     async fn prune_events(&self, before: DateTime<Utc>, limit: usize) -> Result<u64> {
-        let (before, limit) = (ceil_millis(&before), sql_limit(limit));
+        let (before, limit) = (ceil_to_unix_millis(before), sql_limit(limit));
         self.writes
             .run(move |connection| {
                 Box::pin(async move {
@@ -231,7 +232,7 @@ impl StoreAdmin for SqliteStore {
     }
 
     async fn prune_idempotency(&self, before: DateTime<Utc>, limit: usize) -> Result<u64> {
-        let before = ceil_millis(&before);
+        let before = ceil_to_unix_millis(before);
         self.writes
             .run(move |connection| {
                 Box::pin(async move {
@@ -307,19 +308,6 @@ const PRUNE_UNPROCESSED_IDEMPOTENCY_SQL: &str = r#"
 /// `limit` as SQLite takes it.
 fn sql_limit(limit: usize) -> i64 {
     i64::try_from(limit).unwrap_or(i64::MAX)
-}
-
-/// `at` in Unix milliseconds, rounded up: the columns hold whole milliseconds, so a stored
-/// `m` is at or after `at` exactly when `m >= ceil(at)`, and before it exactly when
-/// `m < ceil(at)`. Rounding down would let a bound with sub-millisecond digits admit the
-/// millisecond just before it.
-fn ceil_millis(at: &DateTime<Utc>) -> i64 {
-    let floor = at.timestamp_millis();
-    if at.timestamp_subsec_nanos().is_multiple_of(1_000_000) {
-        floor
-    } else {
-        floor.saturating_add(1)
-    }
 }
 
 /// Most rows one multi-row statement carries: far below SQLite's limit on bound parameters
@@ -666,7 +654,7 @@ fn list_events_query<'a>(
     if let Some(source) = &filter.source {
         query.push(" AND source = ").push_bind(source.as_str());
     }
-    let since = filter.since.as_ref().map(ceil_millis);
+    let since = filter.since.map(ceil_to_unix_millis);
     match after {
         // Positions come from stored rows: whole milliseconds, so exact.
         Some(after) if since.is_none_or(|since| after.received_at.timestamp_millis() >= since) => {
@@ -687,7 +675,7 @@ fn list_events_query<'a>(
     if let Some(until) = &filter.until {
         query
             .push(" AND received_at < ")
-            .push_bind(ceil_millis(until));
+            .push_bind(ceil_to_unix_millis(*until));
     }
     query
         .push(" ORDER BY received_at, event_id LIMIT ")
@@ -904,13 +892,5 @@ mod tests {
                 }
             }
         }
-    }
-
-    #[test]
-    fn a_bound_with_sub_millisecond_digits_rounds_up_to_the_next_stored_millisecond() {
-        let whole = Utc.timestamp_millis_opt(1_700_000_000_123).unwrap();
-        assert_eq!(ceil_millis(&whole), 1_700_000_000_123);
-        let later = whole + chrono::Duration::microseconds(1);
-        assert_eq!(ceil_millis(&later), 1_700_000_000_124);
     }
 }
