@@ -69,7 +69,8 @@ pub struct Config {
     pub database_url: Option<SecretString>,
     /// An SQS queue URL (not supported yet: validation refuses it).
     pub queue_url: Option<String>,
-    /// Where large payloads live: `file:///path`; `None` means `<data_dir>/blobs`.
+    /// Where large payloads live: `s3://bucket/prefix` or `file:///path`; `None` means
+    /// `<data_dir>/blobs`.
     pub blob_url: Option<String>,
     pub role: Role,
     /// Concurrent processor workers in this process.
@@ -252,8 +253,9 @@ pub const SETTINGS: &[Setting] = &[
             "blob-url",
             "FLUXA_BLOB_URL",
             "URL",
-            "Where large payloads live: file:///absolute/path (s3://bucket/prefix is not \
-             supported yet). Unset: <data-dir>/blobs.",
+            "Where large payloads live: s3://bucket/prefix (an S3 bucket, with the standard \
+             AWS_* settings for credentials, region and endpoint) or file:///absolute/path. \
+             Unset: <data-dir>/blobs.",
         )
     },
     setting(
@@ -908,31 +910,116 @@ pub enum QueueBackend {
     Postgres { url: SecretString },
 }
 
-/// Where large payloads live (S3 comes later).
+/// Where large payloads live.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum BlobBackend {
+    /// A local folder.
     Fs { root: PathBuf },
+    /// An S3 bucket (or an S3-compatible store at `AWS_ENDPOINT_URL`), every key under
+    /// `prefix` (`""` for the bucket's root; never with a leading or trailing `/`).
+    S3 { bucket: String, prefix: String },
 }
 
 impl BlobBackend {
-    /// Parses `FLUXA_BLOB_URL`. Errors do not quote the URL.
+    /// Parses `FLUXA_BLOB_URL`: `s3://bucket/prefix` or `file:///absolute/path`. Errors do not
+    /// quote the URL (a mistyped one might hold anything); S3 errors name the bucket, which is
+    /// not a secret.
     pub fn parse(url: &str) -> anyhow::Result<Self> {
-        if url.starts_with("s3://") {
-            anyhow::bail!(
-                "--blob-url / FLUXA_BLOB_URL: S3 blob stores (s3://…) are not supported yet; \
-                 use file:///absolute/path or leave it unset for <data-dir>/blobs"
-            );
+        if let Some(rest) = url.strip_prefix("s3://") {
+            return Self::parse_s3(rest);
         }
         match url.strip_prefix("file://") {
             Some(path) if path.starts_with('/') && path.len() > 1 => Ok(Self::Fs {
                 root: PathBuf::from(path),
             }),
             _ => anyhow::bail!(
-                "--blob-url / FLUXA_BLOB_URL must be file:///absolute/path (or unset for \
-                 <data-dir>/blobs)"
+                "--blob-url / FLUXA_BLOB_URL must be s3://bucket/prefix or \
+                 file:///absolute/path (or unset for <data-dir>/blobs)"
             ),
         }
     }
+
+    /// `bucket/prefix`, after `s3://`. The bucket follows S3's naming rules for new buckets;
+    /// the prefix is `/`-separated segments of S3's "safe" key characters, so that every key
+    /// Fluxa builds under it is the same string in a message, a listing and the bucket.
+    fn parse_s3(rest: &str) -> anyhow::Result<Self> {
+        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        anyhow::ensure!(
+            !bucket.is_empty(),
+            "--blob-url / FLUXA_BLOB_URL: s3:// needs a bucket name: s3://bucket/prefix"
+        );
+        // Credentials never belong in the URL; the message must not quote them back.
+        anyhow::ensure!(
+            !bucket.contains('@'),
+            "--blob-url / FLUXA_BLOB_URL: an s3:// URL holds no credentials; set \
+             AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or use an IAM role) instead"
+        );
+        if let Err(reason) = check_bucket_name(bucket) {
+            anyhow::bail!(
+                "--blob-url / FLUXA_BLOB_URL: the bucket name is not a valid S3 bucket name: \
+                 {reason}"
+            );
+        }
+        anyhow::ensure!(
+            !prefix.contains(['?', '#']),
+            "--blob-url / FLUXA_BLOB_URL: an s3:// URL takes no query or fragment: \
+             s3://bucket/prefix"
+        );
+        let prefix = prefix.trim_end_matches('/');
+        let valid_segment = |segment: &str| {
+            !segment.is_empty()
+                && segment != "."
+                && segment != ".."
+                && segment
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.!*'()".contains(&b))
+        };
+        anyhow::ensure!(
+            prefix.is_empty() || prefix.split('/').all(valid_segment),
+            "--blob-url / FLUXA_BLOB_URL: the key prefix after the bucket must be \
+             /-separated names of letters, digits and -_.!*'() (no empty, . or .. part)"
+        );
+        Ok(Self::S3 {
+            bucket: bucket.to_owned(),
+            prefix: prefix.to_owned(),
+        })
+    }
+}
+
+/// S3's rules for a bucket name (general purpose buckets): 3 to 63 characters of lower-case
+/// letters, digits, `.` and `-`, beginning and ending with a letter or a digit, no `..`, not
+/// an IP address, and none of the reserved prefixes and suffixes.
+fn check_bucket_name(bucket: &str) -> Result<(), &'static str> {
+    if !(3..=63).contains(&bucket.len()) {
+        return Err("it must be 3 to 63 characters long");
+    }
+    if !bucket
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-')
+    {
+        return Err("it may hold only lower-case letters, digits, '.' and '-'");
+    }
+    let alphanumeric = |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit();
+    let bytes = bucket.as_bytes();
+    if !alphanumeric(bytes[0]) || !alphanumeric(bytes[bytes.len() - 1]) {
+        return Err("it must begin and end with a letter or a digit");
+    }
+    if bucket.contains("..") {
+        return Err("it must not hold two adjacent periods");
+    }
+    if bucket.parse::<std::net::Ipv4Addr>().is_ok() {
+        return Err("it must not be formatted as an IP address");
+    }
+    if ["xn--", "sthree-", "amzn-s3-demo-"]
+        .iter()
+        .any(|p| bucket.starts_with(p))
+        || ["-s3alias", "--ol-s3", "--x-s3", "--table-s3", ".mrap"]
+            .iter()
+            .any(|s| bucket.ends_with(s))
+    {
+        return Err("it uses a prefix or suffix S3 reserves");
+    }
+    Ok(())
 }
 
 /// The three backends a configuration names; each has its own opener.

@@ -131,11 +131,16 @@ pub async fn open_queue(config: &Config, backend: &QueueBackend) -> anyhow::Resu
     Ok(open_store_and_queue(config, &as_store).await?.1)
 }
 
-/// Opens the blob store `backend` names, creating its folder if missing.
+/// Opens the blob store `backend` names: a local folder (created if missing), or an S3 client
+/// built from the standard AWS settings. Nothing is sent to S3 here; readiness
+/// (`BlobStore::check`) finds a missing bucket or refused credentials.
 pub fn open_blobs(backend: &BlobBackend) -> anyhow::Result<BlobStore> {
     match backend {
         BlobBackend::Fs { root } => BlobStore::local(root)
             .with_context(|| format!("failed to open the local blob store {}", root.display())),
+        // The context names the bucket only; fluxa_blob's errors hold no credential.
+        BlobBackend::S3 { bucket, prefix } => BlobStore::s3(bucket, prefix)
+            .with_context(|| format!("failed to open the S3 blob store s3://{bucket}/{prefix}")),
     }
 }
 

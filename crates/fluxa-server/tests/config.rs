@@ -280,10 +280,63 @@ fn a_file_blob_url_picks_the_fs_backend() {
 }
 
 #[test]
-fn an_s3_blob_url_is_refused_as_not_supported_yet() {
-    let error = error_of(load_env(&[("FLUXA_BLOB_URL", "s3://bucket/prefix")]));
-    assert!(error.contains("FLUXA_BLOB_URL"), "{error}");
-    assert!(error.contains("not supported yet"), "{error}");
+fn an_s3_blob_url_picks_the_s3_backend_with_its_prefix() {
+    for (url, bucket, prefix) in [
+        (
+            "s3://fluxa-payloads/prod/fluxa",
+            "fluxa-payloads",
+            "prod/fluxa",
+        ),
+        ("s3://fluxa-payloads/fluxa/", "fluxa-payloads", "fluxa"),
+        ("s3://fluxa-payloads", "fluxa-payloads", ""),
+        ("s3://fluxa-payloads/", "fluxa-payloads", ""),
+        ("s3://my.bucket.2/a_b-c.d", "my.bucket.2", "a_b-c.d"),
+    ] {
+        let loaded = load_env(&[("FLUXA_BLOB_URL", url)]).unwrap();
+        assert_eq!(
+            loaded.backends().blobs,
+            BlobBackend::S3 {
+                bucket: bucket.to_owned(),
+                prefix: prefix.to_owned()
+            },
+            "{url}"
+        );
+    }
+}
+
+#[test]
+fn an_s3_blob_url_without_a_valid_bucket_is_refused_naming_the_flag() {
+    for (url, reason) in [
+        ("s3://", "needs a bucket name"),
+        ("s3:///prefix", "needs a bucket name"),
+        ("s3://ab/p", "3 to 63 characters"),
+        (&format!("s3://{}/p", "b".repeat(64)), "3 to 63 characters"),
+        ("s3://Fluxa-Payloads/p", "lower-case letters"),
+        ("s3://fluxa_payloads/p", "lower-case letters"),
+        ("s3://-fluxa/p", "begin and end"),
+        ("s3://fluxa-/p", "begin and end"),
+        ("s3://flu..xa/p", "adjacent periods"),
+        ("s3://192.168.1.1/p", "IP address"),
+        ("s3://xn--fluxa/p", "reserves"),
+        ("s3://fluxa-s3alias/p", "reserves"),
+        ("s3://fluxa/a//b", "no empty"),
+        ("s3://fluxa/a/../b", "no empty"),
+        ("s3://fluxa/a b", "letters, digits"),
+        ("s3://fluxa/p?x=1", "no query"),
+    ] {
+        let error = error_of(load_env(&[("FLUXA_BLOB_URL", url)]));
+        assert!(error.contains("--blob-url"), "{url}: {error}");
+        assert!(error.contains(reason), "{url}: {error}");
+    }
+}
+
+#[test]
+fn an_s3_blob_url_holding_credentials_is_refused_without_quoting_them() {
+    let url = "s3://AKIAEXAMPLE:wJalrXUtnFEMI@fluxa-payloads/p";
+    let error = error_of(load_env(&[("FLUXA_BLOB_URL", url)]));
+    assert!(error.contains("holds no credentials"), "{error}");
+    assert!(!error.contains("wJalrXUtnFEMI"), "{error}");
+    assert!(!error.contains("AKIAEXAMPLE"), "{error}");
 }
 
 #[test]
@@ -295,7 +348,7 @@ fn any_other_blob_url_is_refused_clearly() {
     ] {
         let error = error_of(load_env(&[("FLUXA_BLOB_URL", url)]));
         assert!(
-            error.contains("must be file:///absolute/path"),
+            error.contains("must be s3://bucket/prefix or file:///absolute/path"),
             "{url}: {error}"
         );
     }

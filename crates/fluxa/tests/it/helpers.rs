@@ -1,8 +1,9 @@
 //! `TestApp`: spawns `fluxa serve` on port 0, captures its JSON logs, and offers typed request
 //! helpers plus the few backend-level hooks black-box tests need (peeking at the queue,
-//! injecting a fault into the store).
+//! injecting a fault into the store, reading and tampering with the blob store's payloads
+//! whichever backend holds them).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -16,13 +17,16 @@ use tokio::process::{Child, Command};
 pub const PATIENCE: Duration = Duration::from_secs(20);
 
 /// The backends a test run targets. One switch for the whole suite: env `FLUXA_TEST_BACKEND`
-/// (`embedded`, the default, or `postgres`).
+/// (`embedded`, the default, `postgres` or `postgres-s3`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Backend {
     /// SQLite store and queue, local-folder blobs.
     Embedded,
     /// PostgreSQL store and queue (a fresh database per test), local-folder blobs.
     Postgres,
+    /// PostgreSQL store and queue, blobs in S3 at `AWS_ENDPOINT_URL` (a moto server started by
+    /// `scripts/moto.sh`), a fresh bucket per test.
+    PostgresS3,
 }
 
 impl Backend {
@@ -30,9 +34,39 @@ impl Backend {
         match std::env::var("FLUXA_TEST_BACKEND").as_deref() {
             Ok("embedded") | Ok("sqlite") | Ok("") | Err(_) => Self::Embedded,
             Ok("postgres") => Self::Postgres,
+            Ok("postgres-s3") => Self::PostgresS3,
             Ok(other) => panic!("unknown FLUXA_TEST_BACKEND {other:?}"),
         }
     }
+}
+
+/// The key prefix servers of an S3 test keep their blobs under.
+const S3_PREFIX: &str = "fluxa";
+
+/// Creates an empty bucket with a unique name at the S3 emulator `AWS_ENDPOINT_URL` names.
+/// object_store cannot create buckets, and moto checks no signatures, so a plain
+/// `PUT /<bucket>` does. Servers and the test process reach the bucket with the `AWS_*`
+/// settings the suite runs with (`scripts/moto.sh` prints them).
+async fn create_test_bucket() -> String {
+    let endpoint = std::env::var("AWS_ENDPOINT_URL")
+        .ok()
+        .filter(|url| !url.is_empty())
+        .expect(
+            "FLUXA_TEST_BACKEND=postgres-s3 needs an S3 emulator: run \
+             `eval \"$(scripts/moto.sh start)\"` first (./test does)",
+        );
+    let bucket = format!("fluxa-test-{}", uuid::Uuid::new_v4().simple());
+    let response = reqwest::Client::new()
+        .put(format!("{}/{bucket}", endpoint.trim_end_matches('/')))
+        .send()
+        .await
+        .expect("the S3 emulator at AWS_ENDPOINT_URL is not reachable");
+    assert!(
+        response.status().is_success(),
+        "creating bucket {bucket}: {}",
+        response.status()
+    );
+    bucket
 }
 
 /// The PostgreSQL server tests create their databases on (`FLUXA_TEST_PG_URL`, default the
@@ -49,11 +83,12 @@ fn pg_url_for(database: &str) -> String {
     format!("{server}/{database}")
 }
 
-/// A data directory (and, for PostgreSQL, a database) shared by the server processes of one
-/// test, dropped with it.
+/// A data directory (and, for PostgreSQL, a database; for S3, a bucket) shared by the server
+/// processes of one test, dropped with it (the bucket goes with the emulator).
 pub struct TestData {
     pub dir: tempfile::TempDir,
     database: Option<String>,
+    bucket: Option<String>,
     /// Opened on first use and kept: each opening holds database connections.
     backends: tokio::sync::OnceCell<fluxa_server::Backends>,
     pg_pool: tokio::sync::OnceCell<sqlx::PgPool>,
@@ -77,6 +112,7 @@ impl TestData {
         Self {
             dir: tempfile::tempdir_in(parent).expect("temp dir"),
             database: None,
+            bucket: None,
             backends: tokio::sync::OnceCell::new(),
             pg_pool: tokio::sync::OnceCell::new(),
         }
@@ -85,7 +121,7 @@ impl TestData {
     async fn with_backend(backend: Backend) -> Self {
         let database = match backend {
             Backend::Embedded => None,
-            Backend::Postgres => {
+            Backend::Postgres | Backend::PostgresS3 => {
                 let name = format!("fluxa_test_{}", uuid::Uuid::new_v4().simple());
                 let admin = sqlx::PgPool::connect(&pg_admin_url()).await.expect(
                     "PostgreSQL for the tests is not reachable; run ./test, which starts it",
@@ -98,9 +134,14 @@ impl TestData {
                 Some(name)
             }
         };
+        let bucket = match backend {
+            Backend::PostgresS3 => Some(create_test_bucket().await),
+            Backend::Embedded | Backend::Postgres => None,
+        };
         Self {
             dir: tempfile::tempdir().expect("temp dir"),
             database,
+            bucket,
             backends: tokio::sync::OnceCell::new(),
             pg_pool: tokio::sync::OnceCell::new(),
         }
@@ -115,6 +156,13 @@ impl TestData {
         self.database.as_deref().map(pg_url_for)
     }
 
+    /// The blob store URL servers of this test use, if not the default folder.
+    pub fn blob_url(&self) -> Option<String> {
+        self.bucket
+            .as_ref()
+            .map(|bucket| format!("s3://{bucket}/{S3_PREFIX}"))
+    }
+
     /// Starts a server on this data with the suite's fast defaults plus `args`.
     pub async fn spawn(&self, args: &[&str]) -> TestApp {
         self.spawn_with_env(args, &[]).await
@@ -122,10 +170,14 @@ impl TestData {
 
     pub async fn spawn_with_env(&self, args: &[&str], envs: &[(&str, &str)]) -> TestApp {
         let database_url = self.database_url();
+        let blob_url = self.blob_url();
         let mut all_envs: Vec<(&str, &str)> = envs.to_vec();
         if let Some(url) = &database_url {
             // The environment, not the command line: that is where a DSN belongs.
             all_envs.push(("FLUXA_DATABASE_URL", url));
+        }
+        if let Some(url) = &blob_url {
+            all_envs.push(("FLUXA_BLOB_URL", url));
         }
         TestApp::start(&[], self.path(), args, &all_envs).await
     }
@@ -135,10 +187,12 @@ impl TestData {
     /// launcher's pid and [`TestApp::terminate`] still reaches it.
     pub async fn spawn_under(&self, launcher: &[&str], args: &[&str]) -> TestApp {
         let database_url = self.database_url();
-        let envs: Vec<(&str, &str)> = database_url
+        let blob_url = self.blob_url();
+        let mut envs: Vec<(&str, &str)> = database_url
             .iter()
             .map(|url| ("FLUXA_DATABASE_URL", url.as_str()))
             .collect();
+        envs.extend(blob_url.iter().map(|url| ("FLUXA_BLOB_URL", url.as_str())));
         TestApp::start(launcher, self.path(), args, &envs).await
     }
 
@@ -146,8 +200,12 @@ impl TestData {
     pub fn command(&self) -> Command {
         let mut command = fluxa_command();
         command.env_remove("FLUXA_DATABASE_URL");
+        command.env_remove("FLUXA_BLOB_URL");
         if let Some(url) = self.database_url() {
             command.env("FLUXA_DATABASE_URL", url);
+        }
+        if let Some(url) = self.blob_url() {
+            command.env("FLUXA_BLOB_URL", url);
         }
         command
     }
@@ -155,6 +213,7 @@ impl TestData {
     fn config(&self) -> fluxa_server::Config {
         let mut config = fluxa_server::Config::with_data_dir(self.path());
         config.database_url = self.database_url().map(secrecy::SecretString::from);
+        config.blob_url = self.blob_url();
         config.visibility_timeout = Duration::from_secs(1);
         config
     }
@@ -268,24 +327,63 @@ impl TestData {
         }
     }
 
-    /// Files currently in the blob store.
-    pub fn blob_files(&self) -> Vec<PathBuf> {
-        fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
-            let Ok(entries) = std::fs::read_dir(dir) else {
-                return;
-            };
-            for entry in entries.flatten() {
-                let path = entry.path();
-                if path.is_dir() {
-                    walk(&path, out);
-                } else {
-                    out.push(path);
-                }
-            }
+    /// The blob store servers of this test use, opened from the test process by the server's
+    /// own opener: the folder `<data dir>/blobs`, or this test's bucket.
+    fn blob_backend(&self) -> fluxa_server::BlobBackend {
+        match &self.bucket {
+            Some(bucket) => fluxa_server::BlobBackend::S3 {
+                bucket: bucket.clone(),
+                prefix: S3_PREFIX.to_owned(),
+            },
+            None => fluxa_server::BlobBackend::Fs {
+                root: self.path().join("blobs"),
+            },
         }
-        let mut files = Vec::new();
-        walk(&self.path().join("blobs"), &mut files);
-        files
+    }
+
+    /// The bucket name a queue message's blob reference carries (`local` for a folder).
+    pub fn blob_bucket(&self) -> String {
+        self.bucket.clone().unwrap_or_else(|| "local".to_owned())
+    }
+
+    /// Keys of the payload blobs currently in the blob store (as a message names them:
+    /// `events/…`, relative to the folder or the bucket's prefix), sorted.
+    pub async fn blob_keys(&self) -> Vec<String> {
+        let blobs = fluxa_server::open_blobs(&self.blob_backend()).expect("open the blob store");
+        let every_blob = chrono::Utc::now() + chrono::Duration::days(1);
+        let mut keys = blobs
+            .payload_keys_older_than(every_blob)
+            .await
+            .expect("list the blob store");
+        keys.sort();
+        keys
+    }
+
+    /// The bytes of the blob at `key`.
+    pub async fn read_blob(&self, key: &str) -> Vec<u8> {
+        let blobs = fluxa_server::open_blobs(&self.blob_backend()).expect("open the blob store");
+        let blob = fluxa_core::BlobRef {
+            bucket: self.blob_bucket(),
+            key: key.to_owned(),
+        };
+        blobs.get(&blob).await.expect("read a blob").to_vec()
+    }
+
+    /// Whether a blob exists at `key`.
+    pub async fn blob_exists(&self, key: &str) -> bool {
+        self.blob_keys().await.iter().any(|k| k == key)
+    }
+
+    /// Writes `bytes` at `key`, replacing any blob there (to corrupt one, or plant an orphan).
+    pub async fn write_blob(&self, key: &str, bytes: Vec<u8>) {
+        let blobs = fluxa_server::open_blobs(&self.blob_backend()).expect("open the blob store");
+        blobs.put(key, bytes.into()).await.expect("write a blob");
+    }
+
+    /// Deletes the blob at `key`.
+    pub async fn remove_blob(&self, key: &str) {
+        let blobs = fluxa_server::open_blobs(&self.blob_backend()).expect("open the blob store");
+        blobs.delete(key).await.expect("delete a blob");
     }
 }
 
@@ -363,6 +461,7 @@ impl TestApp {
             .args(args)
             .env_remove("RUST_LOG")
             .env_remove("FLUXA_DATABASE_URL")
+            .env_remove("FLUXA_BLOB_URL")
             .envs(envs.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

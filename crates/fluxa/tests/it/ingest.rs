@@ -118,7 +118,7 @@ async fn a_262144_byte_payload_stays_inline_and_never_touches_the_blob_store() {
     assert_eq!(message.payload_inline.unwrap().get(), payload);
     assert!(message.payload_blob.is_none());
     assert!(
-        data.blob_files().is_empty(),
+        data.blob_keys().await.is_empty(),
         "an inline payload must not be written to the blob store"
     );
 }
@@ -151,11 +151,22 @@ async fn a_262145_byte_payload_goes_to_the_blob_store_and_its_message_carries_on
     );
     let FluxaTask::EventV1(message) = FluxaTask::decode(&pending[0].body).unwrap();
     assert!(message.payload_inline.is_none());
+    // The reference is the bucket and the key, nothing else.
+    let members: Value = serde_json::from_slice(&pending[0].body).unwrap();
+    let mut names: Vec<&String> = members["payload_blob"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .collect();
+    names.sort();
+    assert_eq!(names, ["bucket", "key"]);
     let blob = message.payload_blob.expect("blob reference");
-    assert!(blob.key.starts_with("events/edge-blob/"));
-    let files = data.blob_files();
-    assert_eq!(files.len(), 1);
-    assert_eq!(std::fs::read(&files[0]).unwrap(), payload.as_bytes());
+    assert_eq!(blob.bucket, data.blob_bucket());
+    // Keys spread over hashed prefixes: events/<2 hex of SHA-256(event id)>/<event id>/….
+    let folder = format!("events/{}/edge-blob/", &sha256_hex(b"edge-blob")[..2]);
+    assert!(blob.key.starts_with(&folder), "{}", blob.key);
+    assert_eq!(data.blob_keys().await, std::slice::from_ref(&blob.key));
+    assert_eq!(data.read_blob(&blob.key).await, payload.as_bytes());
 
     // A worker on the same data then stores it like any other event.
     let worker = data.spawn(&["--role", "worker"]).await;
@@ -166,7 +177,7 @@ async fn a_262145_byte_payload_goes_to_the_blob_store_and_its_message_carries_on
     assert_eq!(stored["payload_mode"], "S3");
     // Once stored, the payload lives in the store and its transport blob is gone.
     let deadline = std::time::Instant::now() + crate::helpers::PATIENCE;
-    while !data.blob_files().is_empty() {
+    while !data.blob_keys().await.is_empty() {
         assert!(
             std::time::Instant::now() < deadline,
             "the processed event's blob was kept"

@@ -134,11 +134,11 @@ async fn a_blob_corrupted_before_processing_goes_to_the_dlq_as_hash_mismatch() {
             .status(),
         202
     );
-    let files = data.blob_files();
-    assert_eq!(files.len(), 1);
-    let mut bytes = std::fs::read(&files[0]).unwrap();
+    let keys = data.blob_keys().await;
+    assert_eq!(keys.len(), 1);
+    let mut bytes = data.read_blob(&keys[0]).await;
     bytes[1000] = b'Z';
-    std::fs::write(&files[0], bytes).unwrap();
+    data.write_blob(&keys[0], bytes).await;
 
     let _worker = data.spawn(&["--role", "worker"]).await;
     let entry = api.wait_for_dead_letter("corrupt-blob").await;
@@ -160,8 +160,8 @@ async fn a_message_whose_blob_is_gone_is_dead_lettered_as_blob_missing() {
             .status(),
         202
     );
-    for file in data.blob_files() {
-        std::fs::remove_file(file).unwrap();
+    for key in data.blob_keys().await {
+        data.remove_blob(&key).await;
     }
     let _worker = data.spawn(&["--role", "worker"]).await;
     let entry = api.wait_for_dead_letter("lost-blob").await;

@@ -35,6 +35,7 @@ pub fn record(trial: Trial<'_>) {
         "backend": match Backend::from_env() {
             Backend::Embedded => "embedded",
             Backend::Postgres => "postgres",
+            Backend::PostgresS3 => "postgres-s3",
         },
         "scenario": trial.scenario,
         "tried": trial.tried,
