@@ -38,6 +38,26 @@ struct RdsSecret {
     dbname: Option<String>,
 }
 
+/// [`database_url`] through one client and one fetch per secret for the whole process: a
+/// Lambda container, or a server whose store and queue both open the database, asks Secrets
+/// Manager once (a rotated password is picked up by the next container or restart).
+pub async fn cached_database_url(
+    secret_id: &str,
+    base: Option<&SecretString>,
+) -> Result<SecretString, SecretError> {
+    static FETCHED: tokio::sync::Mutex<Vec<(String, SecretString)>> =
+        tokio::sync::Mutex::const_new(Vec::new());
+    // Held across the fetch, so two openers at start make one request between them.
+    let mut fetched = FETCHED.lock().await;
+    if let Some((_, url)) = fetched.iter().find(|(id, _)| id == secret_id) {
+        return Ok(url.clone());
+    }
+    let client = aws_sdk_secretsmanager::Client::new(&crate::sdk_config().await);
+    let url = database_url(&client, secret_id, base).await?;
+    fetched.push((secret_id.to_owned(), url.clone()));
+    Ok(url)
+}
+
 /// Fetches `secret_id` and turns it into a `postgres://` URL, with `base` (a
 /// `FLUXA_DATABASE_URL` without a password, if one is set) supplying whatever the secret lacks.
 pub async fn database_url(
@@ -52,9 +72,7 @@ pub async fn database_url(
         .await
         .map_err(|e| SecretError::Fetch {
             secret_id: secret_id.to_owned(),
-            // The service's error code and message (not found, access denied): never the
-            // secret, which an error response does not carry.
-            reason: aws_sdk_secretsmanager::error::DisplayErrorContext(&e).to_string(),
+            reason: fetch_reason(&e),
         })?;
     let text = output.secret_string().ok_or_else(|| SecretError::NotText {
         secret_id: secret_id.to_owned(),
@@ -62,6 +80,22 @@ pub async fn database_url(
     let url = url_from_secret(secret_id, text, base)?;
     tracing::info!(secret_id, "database credentials read from Secrets Manager");
     Ok(url)
+}
+
+/// The service's error code and message (not found, access denied), or why no answer came
+/// (no endpoint, no credentials, a timeout). Never the secret, which an error response does not
+/// carry; and not the raw response the SDK's full error would print.
+fn fetch_reason<E, R>(error: &aws_sdk_secretsmanager::error::SdkError<E, R>) -> String
+where
+    E: aws_sdk_secretsmanager::error::ProvideErrorMetadata + std::error::Error + 'static,
+    R: std::fmt::Debug,
+{
+    use aws_sdk_secretsmanager::error::{DisplayErrorContext, ProvideErrorMetadata};
+    match (error.code(), error.message()) {
+        (Some(code), Some(message)) => format!("{code}: {message}"),
+        (Some(code), None) => code.to_owned(),
+        _ => DisplayErrorContext(error).to_string(),
+    }
 }
 
 /// The URL a secret's text describes; `base` fills in what the secret lacks.

@@ -67,6 +67,10 @@ pub struct Config {
     /// A `postgres://` URL puts the store (and the queue) on PostgreSQL; `None` keeps them
     /// embedded in SQLite.
     pub database_url: Option<SecretString>,
+    /// A Secrets Manager secret id or ARN holding the database credentials (the JSON RDS
+    /// writes, or a `postgres://` URL), fetched once when the backends open; `database_url`,
+    /// if also set, supplies what the secret lacks (RDS's managed secret has no host).
+    pub database_secret_id: Option<String>,
     /// An SQS queue URL (not supported yet: validation refuses it).
     pub queue_url: Option<String>,
     /// Where large payloads live: `s3://bucket/prefix` or `file:///path`; `None` means
@@ -131,6 +135,7 @@ impl Default for Config {
             bind: SocketAddr::from(([127, 0, 0, 1], 8080)),
             data_dir: PathBuf::from("./fluxa-data"),
             database_url: None,
+            database_secret_id: None,
             queue_url: None,
             blob_url: None,
             role: Role::All,
@@ -233,6 +238,19 @@ pub const SETTINGS: &[Setting] = &[
             "PostgreSQL URL (postgres://user:password@host:port/db) for the store and the \
              queue, shared by any number of replicas. Unset: embedded SQLite under --data-dir. \
              Prefer the environment variable, which keeps the password off the command line.",
+        )
+    },
+    Setting {
+        locates_backends: true,
+        ..setting(
+            "database_secret_id",
+            "database-secret-id",
+            "FLUXA_DATABASE_SECRET_ID",
+            "ID",
+            "A Secrets Manager secret (id or ARN) holding the PostgreSQL credentials: the JSON \
+             RDS writes (username, password, host, port, dbname) or a postgres:// URL. Read \
+             once at start with the standard AWS_* settings; never logged. With \
+             --database-url too, the URL supplies what the secret lacks.",
         )
     },
     Setting {
@@ -588,7 +606,8 @@ impl Config {
         }
 
         // The worker default depends on the backend, which is known only after every layer.
-        if !workers_given && config.database_url.is_some() {
+        if !workers_given && (config.database_url.is_some() || config.database_secret_id.is_some())
+        {
             config.workers = DEFAULT_WORKERS_POSTGRES;
         }
         config.validate()
@@ -622,6 +641,13 @@ impl Config {
             }
             "data_dir" => self.data_dir = PathBuf::from(text),
             "database_url" => self.database_url = Some(SecretString::from(text)),
+            "database_secret_id" => {
+                let id = text.trim();
+                if id.is_empty() {
+                    return Err("must name a secret (an id or an ARN)".to_owned());
+                }
+                self.database_secret_id = Some(id.to_owned());
+            }
             "queue_url" => self.queue_url = Some(text.to_owned()),
             "blob_url" => self.blob_url = Some(text.to_owned()),
             "role" => {
@@ -812,16 +838,23 @@ impl Config {
 
     /// Which store, queue and blob backends this configuration names.
     pub fn backends(&self) -> anyhow::Result<BackendChoice> {
-        let store = match &self.database_url {
-            Some(url) => {
-                anyhow::ensure!(
-                    fluxa_postgres::is_postgres_url(url),
-                    "--database-url / FLUXA_DATABASE_URL must be a postgres:// or \
-                     postgresql:// URL"
-                );
-                StoreBackend::Postgres { url: url.clone() }
-            }
-            None => StoreBackend::Sqlite {
+        if let Some(url) = &self.database_url {
+            anyhow::ensure!(
+                fluxa_postgres::is_postgres_url(url),
+                "--database-url / FLUXA_DATABASE_URL must be a postgres:// or postgresql:// URL"
+            );
+        }
+        let store = match (&self.database_secret_id, &self.database_url) {
+            (Some(secret_id), base) => StoreBackend::Postgres {
+                url: PgLocation::Secret {
+                    secret_id: secret_id.clone(),
+                    base: base.clone(),
+                },
+            },
+            (None, Some(url)) => StoreBackend::Postgres {
+                url: PgLocation::Url(url.clone()),
+            },
+            (None, None) => StoreBackend::Sqlite {
                 data_dir: self.data_dir.clone(),
             },
         };
@@ -900,14 +933,60 @@ fn read_file(path: &Path) -> anyhow::Result<Vec<(&'static str, usize, String)>> 
 #[derive(Clone, Debug)]
 pub enum StoreBackend {
     Sqlite { data_dir: PathBuf },
-    Postgres { url: SecretString },
+    Postgres { url: PgLocation },
 }
 
 /// Where the queue lives (SQS comes later).
 #[derive(Clone, Debug)]
 pub enum QueueBackend {
     Sqlite { data_dir: PathBuf },
-    Postgres { url: SecretString },
+    Postgres { url: PgLocation },
+}
+
+/// How to reach PostgreSQL: a URL as configured, or a Secrets Manager secret that holds the
+/// credentials (contract section 9).
+#[derive(Clone, Debug)]
+pub enum PgLocation {
+    Url(SecretString),
+    /// Fetched when the backends open, once per process (`fluxa_aws::secrets` caches it);
+    /// `base` (`--database-url`, if set) supplies what the secret lacks.
+    Secret {
+        secret_id: String,
+        base: Option<SecretString>,
+    },
+}
+
+impl PgLocation {
+    /// The URL to connect with, fetching the secret the first time.
+    pub async fn url(&self) -> anyhow::Result<SecretString> {
+        match self {
+            Self::Url(url) => Ok(url.clone()),
+            Self::Secret { secret_id, base } => {
+                let url = fluxa_aws::secrets::cached_database_url(secret_id, base.as_ref()).await?;
+                anyhow::ensure!(
+                    fluxa_postgres::is_postgres_url(&url),
+                    "the secret {secret_id} does not name a PostgreSQL database"
+                );
+                Ok(url)
+            }
+        }
+    }
+
+    /// Names the database for logs, never with a password (nor a secret's content).
+    pub fn describe(&self) -> String {
+        match self {
+            Self::Url(url) => fluxa_postgres::describe_url(url),
+            Self::Secret { secret_id, .. } => format!("credentials in secret {secret_id}"),
+        }
+    }
+
+    fn same_as(&self, other: &Self) -> bool {
+        match (self, other) {
+            (Self::Url(a), Self::Url(b)) => a.expose_secret() == b.expose_secret(),
+            (Self::Secret { secret_id: a, .. }, Self::Secret { secret_id: b, .. }) => a == b,
+            _ => false,
+        }
+    }
 }
 
 /// Where large payloads live.
@@ -1035,9 +1114,7 @@ impl StoreBackend {
     pub(crate) fn shares_with(&self, queue: &QueueBackend) -> bool {
         match (self, queue) {
             (Self::Sqlite { data_dir: a }, QueueBackend::Sqlite { data_dir: b }) => a == b,
-            (Self::Postgres { url: a }, QueueBackend::Postgres { url: b }) => {
-                a.expose_secret() == b.expose_secret()
-            }
+            (Self::Postgres { url: a }, QueueBackend::Postgres { url: b }) => a.same_as(b),
             _ => false,
         }
     }

@@ -20,8 +20,8 @@ mod config;
 pub mod http;
 
 pub use config::{
-    setting_named, BackendChoice, BlobBackend, Config, FlagKind, QueueBackend, Role, Setting,
-    Sources, StoreBackend, ValidatedConfig, CONFIG_FILE_ENV, DEFAULT_BATCH_SIZE,
+    setting_named, BackendChoice, BlobBackend, Config, FlagKind, PgLocation, QueueBackend, Role,
+    Setting, Sources, StoreBackend, ValidatedConfig, CONFIG_FILE_ENV, DEFAULT_BATCH_SIZE,
     DEFAULT_WORKERS_EMBEDDED, DEFAULT_WORKERS_POSTGRES, SETTINGS,
 };
 
@@ -174,7 +174,8 @@ async fn open_store_and_queue(
             let pool_size = u32::try_from(config.workers)
                 .unwrap_or(u32::MAX)
                 .saturating_add(8);
-            let pg = fluxa_postgres::open(url, pool_size, queue_config)
+            let url = url.url().await?;
+            let pg = fluxa_postgres::open(&url, pool_size, queue_config)
                 .await
                 .context("failed to open the PostgreSQL store and queue")?;
             Ok((
@@ -202,9 +203,12 @@ pub fn app_state(validated: &ValidatedConfig, backends: &Backends) -> AppState {
 
 /// Names the store/queue backend for logs: never the URL itself (it may hold a password).
 pub fn backend_name(config: &Config) -> String {
-    match &config.database_url {
-        None => "sqlite".to_owned(),
-        Some(url) => format!("postgres ({})", fluxa_postgres::describe_url(url)),
+    match config.backends() {
+        Ok(BackendChoice {
+            store: StoreBackend::Postgres { url },
+            ..
+        }) => format!("postgres ({})", url.describe()),
+        _ => "sqlite".to_owned(),
     }
 }
 

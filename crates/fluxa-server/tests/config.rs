@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use fluxa_server::{
-    BlobBackend, Config, QueueBackend, Sources, StoreBackend, ValidatedConfig,
+    BlobBackend, Config, PgLocation, QueueBackend, Sources, StoreBackend, ValidatedConfig,
     DEFAULT_WORKERS_EMBEDDED, DEFAULT_WORKERS_POSTGRES, SETTINGS,
 };
 
@@ -116,6 +116,39 @@ fn a_lambda_loads_from_the_environment_alone() {
         loaded.backends().queue,
         QueueBackend::Postgres { .. }
     ));
+}
+
+#[test]
+fn a_database_secret_selects_postgres_with_the_url_completing_it() {
+    let loaded = load_env(&[
+        (
+            "FLUXA_DATABASE_SECRET_ID",
+            "arn:aws:secretsmanager:eu-west-1:1:secret:db",
+        ),
+        ("FLUXA_DATABASE_URL", "postgres://rds.internal:5432/fluxa"),
+    ])
+    .unwrap();
+    let StoreBackend::Postgres {
+        url: PgLocation::Secret { secret_id, base },
+    } = &loaded.backends().store
+    else {
+        panic!("expected the secret: {:?}", loaded.backends().store);
+    };
+    assert_eq!(secret_id, "arn:aws:secretsmanager:eu-west-1:1:secret:db");
+    assert!(base.is_some());
+    assert!(matches!(
+        loaded.backends().queue,
+        QueueBackend::Postgres {
+            url: PgLocation::Secret { .. }
+        }
+    ));
+    // PostgreSQL's worker default, as with a URL.
+    assert_eq!(
+        loaded.config().workers,
+        fluxa_server::DEFAULT_WORKERS_POSTGRES
+    );
+    let refused = error_of(load_env(&[("FLUXA_DATABASE_SECRET_ID", " ")]));
+    assert!(refused.contains("FLUXA_DATABASE_SECRET_ID"), "{refused}");
 }
 
 #[test]

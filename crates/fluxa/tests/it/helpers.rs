@@ -69,6 +69,34 @@ async fn create_test_bucket() -> String {
     bucket
 }
 
+/// Creates a Secrets Manager secret holding `value` at the emulator `AWS_ENDPOINT_URL` names,
+/// through its JSON API (moto checks no signatures); returns its name.
+pub async fn create_test_secret(value: &str) -> String {
+    let endpoint = std::env::var("AWS_ENDPOINT_URL").expect("a moto server (./test starts one)");
+    let name = format!("fluxa-test/db-{}", uuid::Uuid::new_v4().simple());
+    let response = reqwest::Client::new()
+        .post(endpoint.trim_end_matches('/'))
+        .header("X-Amz-Target", "secretsmanager.CreateSecret")
+        // moto picks the service (and region) from the credential scope; the signature
+        // itself is never checked.
+        .header(
+            "Authorization",
+            "AWS4-HMAC-SHA256 Credential=test/20261130/us-east-1/secretsmanager/aws4_request, \
+             SignedHeaders=host, Signature=0",
+        )
+        .header("Content-Type", "application/x-amz-json-1.1")
+        .body(serde_json::json!({"Name": name, "SecretString": value}).to_string())
+        .send()
+        .await
+        .expect("the emulator at AWS_ENDPOINT_URL is not reachable");
+    assert!(
+        response.status().is_success(),
+        "creating secret {name}: {}",
+        response.status()
+    );
+    name
+}
+
 /// The PostgreSQL server tests create their databases on (`FLUXA_TEST_PG_URL`, default the
 /// local server with trust authentication); `./test` makes sure it is running.
 pub fn pg_admin_url() -> String {
@@ -180,6 +208,16 @@ impl TestData {
             all_envs.push(("FLUXA_BLOB_URL", url));
         }
         TestApp::start(&[], self.path(), args, &all_envs).await
+    }
+
+    /// Starts a server as [`TestData::spawn`] does, but with the database credentials in the
+    /// Secrets Manager secret `secret_id` (`FLUXA_DATABASE_SECRET_ID`) instead of
+    /// `FLUXA_DATABASE_URL`.
+    pub async fn spawn_with_secret(&self, secret_id: &str, args: &[&str]) -> TestApp {
+        let blob_url = self.blob_url();
+        let mut envs = vec![("FLUXA_DATABASE_SECRET_ID", secret_id)];
+        envs.extend(blob_url.iter().map(|url| ("FLUXA_BLOB_URL", url.as_str())));
+        TestApp::start(&[], self.path(), args, &envs).await
     }
 
     /// Starts a server as [`TestData::spawn`] does, but through `launcher`, a command that sets
@@ -461,6 +499,7 @@ impl TestApp {
             .args(args)
             .env_remove("RUST_LOG")
             .env_remove("FLUXA_DATABASE_URL")
+            .env_remove("FLUXA_DATABASE_SECRET_ID")
             .env_remove("FLUXA_BLOB_URL")
             .envs(envs.iter().copied())
             .stdin(Stdio::null())

@@ -7,6 +7,7 @@
 mod helpers;
 mod reliability;
 
+mod aws;
 mod cluster;
 mod dlq;
 mod faults;
