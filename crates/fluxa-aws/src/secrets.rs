@@ -72,7 +72,7 @@ pub async fn database_url(
         .await
         .map_err(|e| SecretError::Fetch {
             secret_id: secret_id.to_owned(),
-            reason: fetch_reason(&e),
+            reason: crate::error_detail(&e),
         })?;
     let text = output.secret_string().ok_or_else(|| SecretError::NotText {
         secret_id: secret_id.to_owned(),
@@ -80,22 +80,6 @@ pub async fn database_url(
     let url = url_from_secret(secret_id, text, base)?;
     tracing::info!(secret_id, "database credentials read from Secrets Manager");
     Ok(url)
-}
-
-/// The service's error code and message (not found, access denied), or why no answer came
-/// (no endpoint, no credentials, a timeout). Never the secret, which an error response does not
-/// carry; and not the raw response the SDK's full error would print.
-fn fetch_reason<E, R>(error: &aws_sdk_secretsmanager::error::SdkError<E, R>) -> String
-where
-    E: aws_sdk_secretsmanager::error::ProvideErrorMetadata + std::error::Error + 'static,
-    R: std::fmt::Debug,
-{
-    use aws_sdk_secretsmanager::error::{DisplayErrorContext, ProvideErrorMetadata};
-    match (error.code(), error.message()) {
-        (Some(code), Some(message)) => format!("{code}: {message}"),
-        (Some(code), None) => code.to_owned(),
-        _ => DisplayErrorContext(error).to_string(),
-    }
 }
 
 /// The URL a secret's text describes; `base` fills in what the secret lacks.
