@@ -246,6 +246,11 @@ pub(crate) fn assert_keyset_plan(plan: &str, case: &str, index: &str, key: &str,
     }
 }
 
+/// A row limit as SQL takes it (a signed 64-bit integer).
+pub(crate) fn sql_limit(limit: usize) -> i64 {
+    i64::try_from(limit).unwrap_or(i64::MAX)
+}
+
 #[cfg(test)]
 mod tests {
     use std::borrow::Cow;

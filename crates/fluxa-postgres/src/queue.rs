@@ -12,6 +12,7 @@
 //! changes (redrive, prune) lock what they take with `SKIP LOCKED`, so concurrent runs share
 //! the work instead of moving an entry twice.
 
+use crate::sql_limit;
 use fluxa_core::time::ceil_to_micros;
 use std::sync::Arc;
 use std::time::Duration;
@@ -669,10 +670,6 @@ fn page(dead_letters: Vec<DeadLetter>, limit: usize) -> DeadLetterPage {
         _ => None,
     };
     DeadLetterPage { dead_letters, next }
-}
-
-fn sql_limit(limit: usize) -> i64 {
-    i64::try_from(limit).unwrap_or(i64::MAX)
 }
 
 /// A count read from the database, where it is never negative.

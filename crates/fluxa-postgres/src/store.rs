@@ -13,6 +13,7 @@
 //! The pruners delete in bounded batches whose rows are picked `FOR UPDATE SKIP LOCKED`, so
 //! replicas pruning at once share the work instead of queueing behind each other's locks.
 
+use crate::sql_limit;
 use fluxa_core::time::ceil_to_micros;
 use std::collections::HashSet;
 
@@ -615,11 +616,6 @@ const PRUNE_UNPROCESSED_IDEMPOTENCY_SQL: &str = r#"
           AND NOT EXISTS (SELECT 1 FROM events e WHERE e.event_id = k.event_id)
         ORDER BY k.updated_at LIMIT $2
         FOR UPDATE OF k SKIP LOCKED)"#;
-
-/// `limit` as PostgreSQL takes it.
-fn sql_limit(limit: usize) -> i64 {
-    i64::try_from(limit).unwrap_or(i64::MAX)
-}
 
 /// The query API's side of the database: read-only sessions only.
 #[derive(Clone, Debug)]

@@ -234,3 +234,8 @@ pub(crate) fn now_millis() -> i64 {
 pub(crate) fn millis(duration: Duration) -> i64 {
     i64::try_from(duration.as_millis()).unwrap_or(i64::MAX)
 }
+
+/// A row limit as SQL takes it (a signed 64-bit integer).
+pub(crate) fn sql_limit(limit: usize) -> i64 {
+    i64::try_from(limit).unwrap_or(i64::MAX)
+}

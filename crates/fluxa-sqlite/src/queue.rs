@@ -17,6 +17,7 @@
 //! of dead letters per error code in `queue_message_count` and `dead_letter_counts`, and DLQ
 //! listings page by key over indexes in `(dead_lettered_at, message_id)` order.
 
+use crate::sql_limit;
 use fluxa_core::time::ceil_to_unix_millis;
 use std::time::Duration;
 
@@ -702,10 +703,6 @@ fn page(dead_letters: Vec<DeadLetter>, limit: usize) -> DeadLetterPage {
         _ => None,
     };
     DeadLetterPage { dead_letters, next }
-}
-
-fn sql_limit(limit: usize) -> i64 {
-    i64::try_from(limit).unwrap_or(i64::MAX)
 }
 
 /// A count read from the database, where it is never negative.

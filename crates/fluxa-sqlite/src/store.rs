@@ -8,6 +8,7 @@
 //! The admin writes (evict, erase, prune) take the same path, so each is atomic against every
 //! claim and store of this process, and a prune batch holds the lock only for one bounded batch.
 
+use crate::sql_limit;
 use fluxa_core::time::ceil_to_unix_millis;
 use std::collections::HashSet;
 
@@ -304,11 +305,6 @@ const PRUNE_UNPROCESSED_IDEMPOTENCY_SQL: &str = r#"
                    AND k.lease_expires_at > ?2)
           AND NOT EXISTS (SELECT 1 FROM events e WHERE e.event_id = k.event_id)
         ORDER BY k.updated_at LIMIT ?3)"#;
-
-/// `limit` as SQLite takes it.
-fn sql_limit(limit: usize) -> i64 {
-    i64::try_from(limit).unwrap_or(i64::MAX)
-}
 
 /// Most rows one multi-row statement carries: far below SQLite's limit on bound parameters
 /// (32766) at 11 parameters a row.

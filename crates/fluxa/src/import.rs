@@ -39,9 +39,15 @@ const MAX_BATCH_BYTES: usize = 8 * 1024 * 1024;
 /// Attempts per batch while the server answers 503 (an outage or a load limit).
 const ATTEMPTS: u32 = 8;
 
-/// Lines of input, numbered from 1, that one request carries.
+/// Lines of input that one request carries: their numbers (from 1), and the request body
+/// built as they are read.
 struct Batch {
-    lines: Vec<(u64, String)>,
+    /// The input line number of each event in `body`, in order.
+    lines: Vec<u64>,
+    /// `{"events":[line,line,…` without its closing `]}`: the lines are JSON already, so they
+    /// are spliced in as they are, never re-serialized (the payload bytes must stay exactly as
+    /// written), and the body is built once, without keeping the lines a second time.
+    body: String,
     /// Lines refused before sending (not JSON); they are reported with the batch.
     refused: Vec<Rejected>,
     bytes: u64,
@@ -188,14 +194,14 @@ fn read_batches(
             continue;
         }
         let full = batch.lines.len() >= batch_size
-            || batch.body_len() + line.len() + 1 > MAX_BATCH_BYTES && !batch.lines.is_empty();
+            || batch.body.len() + line.len() + 3 > MAX_BATCH_BYTES && !batch.lines.is_empty();
         if full {
             let ready = std::mem::replace(&mut batch, Batch::empty());
             if tx.blocking_send(Ok(ready)).is_err() {
                 return;
             }
         }
-        batch.lines.push((line_no, line.to_owned()));
+        batch.push(line_no, line);
     }
     if !batch.lines.is_empty() || !batch.refused.is_empty() || batch.bytes > 0 {
         let _ = tx.blocking_send(Ok(batch));
@@ -206,30 +212,23 @@ impl Batch {
     fn empty() -> Self {
         Self {
             lines: Vec::new(),
+            body: String::from("{\"events\":["),
             refused: Vec::new(),
             bytes: 0,
         }
     }
 
-    fn body_len(&self) -> usize {
-        self.lines
-            .iter()
-            .map(|(_, line)| line.len() + 1)
-            .sum::<usize>()
-            + 12
+    fn push(&mut self, line_no: u64, line: &str) {
+        if !self.lines.is_empty() {
+            self.body.push(',');
+        }
+        self.body.push_str(line);
+        self.lines.push(line_no);
     }
 
-    /// `{"events":[line,line,…]}`: the lines are JSON already, so they are spliced in as
-    /// they are, never re-serialized (the payload bytes must stay exactly as written).
-    fn body(&self) -> Bytes {
-        let mut body = String::with_capacity(self.body_len());
-        body.push_str("{\"events\":[");
-        for (i, (_, line)) in self.lines.iter().enumerate() {
-            if i > 0 {
-                body.push(',');
-            }
-            body.push_str(line);
-        }
+    /// The request body, closed.
+    fn take_body(&mut self) -> Bytes {
+        let mut body = std::mem::take(&mut self.body);
         body.push_str("]}");
         Bytes::from(body)
     }
@@ -237,7 +236,7 @@ impl Batch {
 
 /// Sends one batch, retrying while the server answers 503, and maps each result back to
 /// its line.
-async fn send_batch(client: &Client, batch: Batch) -> anyhow::Result<Outcome> {
+async fn send_batch(client: &Client, mut batch: Batch) -> anyhow::Result<Outcome> {
     let mut outcome = Outcome {
         accepted: 0,
         rejected: batch.refused.clone(),
@@ -246,7 +245,7 @@ async fn send_batch(client: &Client, batch: Batch) -> anyhow::Result<Outcome> {
     if batch.lines.is_empty() {
         return Ok(outcome);
     }
-    let body = batch.body();
+    let body = batch.take_body();
     let mut attempt = 0;
     let reply = loop {
         attempt += 1;
@@ -262,7 +261,7 @@ async fn send_batch(client: &Client, batch: Batch) -> anyhow::Result<Outcome> {
         }
         tokio::time::sleep(Duration::from_millis(250 << attempt.min(5))).await;
     };
-    let first_line = batch.lines[0].0;
+    let first_line = batch.lines[0];
     let reply = match success(reply) {
         Ok(reply) => reply,
         // The request as a whole was refused (one line too large, say): every line in it
@@ -270,7 +269,7 @@ async fn send_batch(client: &Client, batch: Batch) -> anyhow::Result<Outcome> {
         Err(failure) if failure.status.is_client_error() => {
             outcome
                 .rejected
-                .extend(batch.lines.iter().map(|(line, _)| Rejected {
+                .extend(batch.lines.iter().map(|line| Rejected {
                     line: *line,
                     code: failure.code.clone(),
                     message: failure.message.clone(),
@@ -288,7 +287,7 @@ async fn send_batch(client: &Client, batch: Batch) -> anyhow::Result<Outcome> {
         .as_array()
         .context("the batch answer has no results")?;
     for result in results {
-        let Some((line, _)) = result["index"]
+        let Some(line) = result["index"]
             .as_u64()
             .and_then(|index| batch.lines.get(index as usize))
         else {
