@@ -288,12 +288,12 @@ async fn list(
             }
         });
     let page = state
-        .dead_letters
+        .dead_letters()?
         .list_dead_letters(&filter, after.as_ref(), limit)
         .await
         .map_err(|e| ApiError::from_queue(&e))?;
     let depth = state
-        .dead_letters
+        .dead_letters()?
         .depth()
         .await
         .map_err(|e| ApiError::from_queue(&e))?;
@@ -329,7 +329,7 @@ async fn show(
 ) -> Result<Response, ApiError> {
     let id = path_id(id, DeadLetterId::parse, "id", "dead letter")?;
     let entry = state
-        .dead_letters
+        .dead_letters()?
         .get_dead_letter(id.as_str())
         .await
         .map_err(|e| ApiError::from_queue(&e))?
@@ -440,7 +440,7 @@ async fn redrive(
         RedriveSelector::Id(id) => {
             let matched = u64::from(
                 state
-                    .dead_letters
+                    .dead_letters()?
                     .get_dead_letter(id)
                     .await
                     .map_err(queue_error)?
@@ -450,7 +450,7 @@ async fn redrive(
                 0
             } else {
                 state
-                    .dead_letters
+                    .dead_letters()?
                     .redrive(&selector, 1)
                     .await
                     .map_err(queue_error)?
@@ -464,14 +464,14 @@ async fn redrive(
             let now = Utc::now();
             filter.until = Some(filter.until.map_or(now, |until| until.min(now)));
             let matched = state
-                .dead_letters
+                .dead_letters()?
                 .count_dead_letters(&filter)
                 .await
                 .map_err(queue_error)?;
             let redriven = match (dry_run || matched == 0, limit) {
                 (true, _) => 0,
                 (false, None) => fluxa_queue::redrive_in_batches(
-                    &*state.dead_letters,
+                    state.dead_letters()?,
                     &filter,
                     fluxa_queue::REDRIVE_BATCH,
                     |_| {},
@@ -480,7 +480,7 @@ async fn redrive(
                 .map_err(queue_error)?,
                 // At most one batch's worth per call: a client loops with its own cutoff.
                 (false, Some(limit)) => state
-                    .dead_letters
+                    .dead_letters()?
                     .redrive(&RedriveSelector::Filter(filter.clone()), limit as usize)
                     .await
                     .map_err(queue_error)?,
@@ -572,7 +572,7 @@ async fn get_idempotency(
 ) -> Result<Response, ApiError> {
     let event_id = parse_event_id(event_id)?;
     let record = state
-        .store_admin
+        .store_admin()?
         .idempotency_record(&event_id)
         .await
         .map_err(|e| ApiError::from_store(&e))?
@@ -603,7 +603,7 @@ async fn evict_idempotency(
 ) -> Result<Response, ApiError> {
     let event_id = parse_event_id(event_id)?;
     let eviction = state
-        .store_admin
+        .store_admin()?
         .evict(&event_id)
         .await
         .map_err(|e| ApiError::from_store(&e))?;
@@ -652,19 +652,19 @@ async fn erase_event(
 ) -> Result<Response, ApiError> {
     let event_id = parse_event_id(event_id)?;
     let purge = state
-        .dead_letters
+        .dead_letters()?
         .purge_event(event_id.as_str())
         .await
         .map_err(|e| ApiError::from_queue(&e))?;
     // A message still queued would store the event after this erasure without a tombstone.
     let in_queue = purge.dead_letters > 0 || purge.queued > 0;
     let erasure = state
-        .store_admin
-        .erase(&event_id, in_queue)
+        .store_admin()?
+        .erase(&event_id, in_queue || purge.queue_unsearchable)
         .await
         .map_err(|e| ApiError::from_store(&e))?;
     let blobs = state
-        .blobs
+        .blobs()?
         .delete_event_blobs(&event_id)
         .await
         .map_err(|e| {

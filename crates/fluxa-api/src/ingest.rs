@@ -58,7 +58,7 @@ async fn prepare(
         PayloadMode::S3 => {
             let key = fluxa_blob::BlobStore::new_key(&event.event_id);
             let bytes = body.slice_ref(event.payload.get().as_bytes());
-            let blob = state.blobs.put(&key, bytes).await.map_err(|e| {
+            let blob = state.blobs()?.put(&key, bytes).await.map_err(|e| {
                 tracing::warn!(error.cause_chain = ?e, error.message = %e, "blob write failed");
                 ApiError::unavailable("blob store")
             })?;
@@ -95,7 +95,16 @@ async fn enqueue(state: &AppState, prepared: &mut [&mut Prepared]) -> Enqueued {
         .iter_mut()
         .filter_map(|p| p.message.take())
         .collect();
-    let (sent, error): (Vec<bool>, _) = match state.queue.send(messages).await {
+    let queue = match state.queue() {
+        Ok(queue) => queue,
+        Err(e) => {
+            return Enqueued {
+                sent: vec![false; prepared.len()],
+                error: Some(e),
+            }
+        }
+    };
+    let (sent, error): (Vec<bool>, _) = match queue.send(messages).await {
         Ok(_) => (vec![true; prepared.len()], None),
         // An outage is a 503 to retry; a refusal (which validated input cannot cause) is
         // our bug, a 500 that retrying would not cure. Either is logged once, here.
@@ -132,8 +141,9 @@ impl Enqueued {
 }
 
 async fn delete_blobs(state: &AppState, keys: impl Iterator<Item = &str>) {
+    let Ok(blobs) = state.blobs() else { return };
     for key in keys {
-        if let Err(e) = state.blobs.delete(key).await {
+        if let Err(e) = blobs.delete(key).await {
             tracing::warn!(blob_key = key, error.message = %e, "could not delete an orphaned blob");
         }
     }

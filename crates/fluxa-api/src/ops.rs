@@ -43,18 +43,42 @@ async fn healthz() -> Response {
     ),
 )]
 async fn readyz(State(state): State<AppState>) -> Response {
-    let (store, queue, blobs) =
-        tokio::join!(state.reader.ping(), state.queue.ping(), state.blobs.check());
-    let down: Vec<&str> = [
-        ("store", store.is_ok()),
-        ("queue", queue.is_ok()),
-        ("blob store", blobs.is_ok()),
-    ]
-    .into_iter()
-    .filter_map(|(name, ok)| (!ok).then_some(name))
-    .collect();
+    // Only the parts this host has: a host without a queue is not unready for lacking one.
+    let (store, queue, blobs) = tokio::join!(
+        async {
+            match &state.reader {
+                Some(reader) => Some(reader.ping().await.is_ok()),
+                None => None,
+            }
+        },
+        async {
+            match &state.queue {
+                Some(queue) => Some(queue.ping().await.is_ok()),
+                None => None,
+            }
+        },
+        async {
+            match &state.blobs {
+                Some(blobs) => Some(blobs.check().await.is_ok()),
+                None => None,
+            }
+        },
+    );
+    let parts = [
+        ("store", "store", store),
+        ("queue", "queue", queue),
+        ("blob store", "blob_store", blobs),
+    ];
+    let down: Vec<&str> = parts
+        .iter()
+        .filter_map(|(name, _, ok)| (*ok == Some(false)).then_some(*name))
+        .collect();
     if down.is_empty() {
-        let checks = json!({"store": "ok", "queue": "ok", "blob_store": "ok"});
+        let checks: serde_json::Map<String, serde_json::Value> = parts
+            .iter()
+            .filter(|(_, _, ok)| ok.is_some())
+            .map(|(_, key, _)| ((*key).to_owned(), json!("ok")))
+            .collect();
         Json(json!({"status": "ready", "checks": checks})).into_response()
     } else {
         // The contract's error body (with Retry-After), naming what is down.
@@ -81,8 +105,13 @@ async fn readyz(State(state): State<AppState>) -> Response {
 async fn metrics_text(State(state): State<AppState>) -> Response {
     // Depths are read at scrape time so they are never stale; the backends keep them in
     // counters, so a scrape costs the same however deep the queue is.
-    match state.dead_letters.depth().await {
-        Ok(depth) => {
+    let depth = match &state.dead_letters {
+        Some(dead_letters) => Some(dead_letters.depth().await),
+        None => None,
+    };
+    match depth {
+        None => {}
+        Some(Ok(depth)) => {
             metrics::gauge!("fluxa_queue_depth").set(depth.pending as f64);
             metrics::gauge!("fluxa_queue_in_flight").set(depth.in_flight as f64);
             metrics::gauge!("fluxa_dlq_depth").set(depth.dead_letters as f64);
@@ -102,7 +131,9 @@ async fn metrics_text(State(state): State<AppState>) -> Response {
                     .set(count as f64);
             }
         }
-        Err(e) => tracing::warn!(error.message = %e, "could not read queue depth for metrics"),
+        Some(Err(e)) => {
+            tracing::warn!(error.message = %e, "could not read queue depth for metrics")
+        }
     }
     (
         [(

@@ -83,7 +83,7 @@ async fn get_event(
 ) -> Result<Response, ApiError> {
     let event_id = parse_id(event_id)?;
     let event = state
-        .reader
+        .reader()?
         .event(&event_id)
         .await
         .map_err(|e| ApiError::from_store(&e))?
@@ -263,7 +263,7 @@ async fn list_events(
         })
         .transpose()?;
     let page = state
-        .reader
+        .reader()?
         .list_events(&filter, after.as_ref(), limit, include_payload)
         .await
         .map_err(|e| ApiError::from_store(&e))?;
@@ -313,7 +313,7 @@ async fn get_status(
 ) -> Result<Response, ApiError> {
     let event_id = parse_id(event_id)?;
     let status = state
-        .reader
+        .reader()?
         .status(&event_id)
         .await
         .map_err(|e| ApiError::from_store(&e))?

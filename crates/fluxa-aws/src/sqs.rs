@@ -44,9 +44,10 @@ use aws_sdk_sqs::{
 };
 use bytes::Bytes;
 use chrono::{DateTime, SecondsFormat, Utc};
-use fluxa_core::FailureInfo;
+use fluxa_core::{ErrorCode, FailureClass, FailureInfo};
 use fluxa_queue::{
-    Consumer, Delivery, Error, MessageAttributes, NewMessage, Producer, Received, Result, SendError,
+    Consumer, DeadLetter, Delivery, Error, MessageAttributes, NewMessage, Producer, Received,
+    Result, SendError,
 };
 
 /// The smallest `MaximumMessageSize` Fluxa accepts: an inline payload may be 256 KiB plus its
@@ -114,10 +115,162 @@ pub struct SqsQueue {
     client: Client,
     queue_url: String,
     dead_letter_queue_url: String,
+    /// The DLQ's ARN, from the `RedrivePolicy` (a Lambda event's records name their queue by
+    /// ARN).
+    dead_letter_arn: String,
     /// The `maxReceiveCount` of the queue's `RedrivePolicy`.
     max_receives: u32,
+    /// The visibility timeout each receive asks for; `None` leaves the queue's own.
+    visibility_timeout: Option<Duration>,
     /// Tests only: (message index, DelaySeconds) to put on one entry of each send.
     entry_delay: Option<(usize, i32)>,
+}
+
+/// A received SQS message as Fluxa reads it, whichever API delivered it: `ReceiveMessage`, or
+/// a Lambda event source mapping's `SqsEvent` record (the processor function builds these from
+/// its records, so both hosts read a message alike).
+#[derive(Clone, Debug, Default)]
+pub struct ReceivedMessage {
+    pub message_id: String,
+    pub receipt: String,
+    pub body: String,
+    /// `ApproximateReceiveCount`.
+    pub receive_count: Option<String>,
+    /// `SentTimestamp`, in milliseconds since the epoch.
+    pub sent_timestamp: Option<String>,
+    /// The String message attributes, by name.
+    pub attributes: std::collections::HashMap<String, String>,
+}
+
+impl ReceivedMessage {
+    fn of(message: &Message) -> Result<Self> {
+        let malformed = |what: &str| {
+            Error::unavailable(SqsError {
+                operation: "ReceiveMessage",
+                detail: format!("a received message has no {what}"),
+            })
+        };
+        let system = |name: MessageSystemAttributeName| {
+            message
+                .attributes()
+                .and_then(|a| a.get(&name))
+                .map(String::to_owned)
+        };
+        Ok(Self {
+            message_id: message
+                .message_id()
+                .ok_or_else(|| malformed("message id"))?
+                .to_owned(),
+            receipt: message
+                .receipt_handle()
+                .ok_or_else(|| malformed("receipt handle"))?
+                .to_owned(),
+            body: message.body().unwrap_or_default().to_owned(),
+            receive_count: system(MessageSystemAttributeName::ApproximateReceiveCount),
+            sent_timestamp: system(MessageSystemAttributeName::SentTimestamp),
+            attributes: message
+                .message_attributes()
+                .map(|attributes| {
+                    attributes
+                        .iter()
+                        .filter_map(|(name, value)| {
+                            Some((name.clone(), value.string_value()?.to_owned()))
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
+        })
+    }
+
+    fn attribute(&self, name: &str) -> Option<String> {
+        self.attributes.get(name).filter(|v| !v.is_empty()).cloned()
+    }
+
+    fn ids(&self) -> MessageAttributes {
+        MessageAttributes {
+            event_id: self.attribute("event_id"),
+            correlation_id: self.attribute("correlation_id"),
+            blob_key: self.attribute("blob_key"),
+            event_type: self.attribute("event_type"),
+        }
+    }
+
+    fn receive_count(&self) -> u32 {
+        self.receive_count
+            .as_deref()
+            .and_then(|count| count.parse::<u32>().ok())
+            .unwrap_or(1)
+    }
+
+    fn sent_at(&self) -> Option<DateTime<Utc>> {
+        self.sent_timestamp
+            .as_deref()
+            .and_then(|millis| millis.parse::<i64>().ok())
+            .and_then(DateTime::<Utc>::from_timestamp_millis)
+    }
+
+    /// This message, received from the dead-letter queue, as the dead letter it records.
+    ///
+    /// A message Fluxa dead-lettered carries its reason as attributes (`error_class`
+    /// `permanent`). One without them was moved by the queue's `RedrivePolicy` after
+    /// `max_receives` receives: its last receiver gave up or died, so it is
+    /// `retries_exhausted`. SQS keeps no earlier failure times, so those fall back to
+    /// `now`, the time the drain read it.
+    pub fn dead_letter(&self, max_receives: u32, now: DateTime<Utc>) -> DeadLetter {
+        let time = |name: &str| {
+            self.attribute(name)
+                .and_then(|text| DateTime::parse_from_rfc3339(&text).ok())
+                .map(|at| at.with_timezone(&Utc))
+        };
+        let permanent = self.attribute("error_class").as_deref() == Some("permanent");
+        let (error_class, error, receive_count) = if permanent {
+            (
+                FailureClass::Permanent,
+                FailureInfo {
+                    code: self
+                        .attribute("error_code")
+                        .unwrap_or_else(|| ErrorCode::Internal.as_str().to_owned()),
+                    message: self.attribute("error_message").unwrap_or_default(),
+                },
+                self.attribute("receive_count")
+                    .and_then(|count| count.parse().ok())
+                    .unwrap_or(1),
+            )
+        } else {
+            (
+                FailureClass::RetriesExhausted,
+                FailureInfo::new(
+                    ErrorCode::RetriesExhausted,
+                    format!(
+                        "the SQS queue moved the message to its dead-letter queue after \
+                         {max_receives} receives"
+                    ),
+                ),
+                max_receives,
+            )
+        };
+        let dead_lettered_at = time("dead_lettered_at").unwrap_or(now);
+        DeadLetter {
+            id: self.message_id.clone(),
+            attributes: self.ids(),
+            error_class,
+            error,
+            receive_count,
+            enqueued_at: self.sent_at().unwrap_or(now).min(dead_lettered_at),
+            first_failure_at: time("first_failure_at").unwrap_or(dead_lettered_at),
+            last_failure_at: dead_lettered_at,
+            dead_lettered_at,
+            body: self.body.clone().into_bytes(),
+        }
+    }
+}
+
+/// A dead letter read from the SQS dead-letter queue, with the receipt that deletes it there
+/// once it is recorded.
+#[derive(Clone, Debug)]
+pub struct DrainedDeadLetter {
+    pub dead_letter: DeadLetter,
+    pub receipt: String,
 }
 
 impl SqsQueue {
@@ -126,6 +279,18 @@ impl SqsQueue {
     /// exists (its URL is found by name and owner account from the policy's ARN) and also takes
     /// 1 MiB messages.
     pub async fn open(client: Client, queue_url: String) -> Result<Self, OpenError> {
+        Self::open_as(client, queue_url, true).await
+    }
+
+    /// [`SqsQueue::open`] for a host that only sends to the main queue (the ingest and admin
+    /// functions, whose roles may read the main queue's attributes and nothing of the DLQ): the
+    /// same checks of the main queue, and no look at the DLQ. Only [`Producer`] and
+    /// [`SqsQueue::approximate_counts`] work on what it returns.
+    pub async fn open_sender(client: Client, queue_url: String) -> Result<Self, OpenError> {
+        Self::open_as(client, queue_url, false).await
+    }
+
+    async fn open_as(client: Client, queue_url: String, consumer: bool) -> Result<Self, OpenError> {
         let attributes = client
             .get_queue_attributes()
             .queue_url(&queue_url)
@@ -155,6 +320,17 @@ impl SqsQueue {
                 policy: policy.to_owned(),
                 detail: detail.to_owned(),
             })?;
+        if !consumer {
+            return Ok(Self {
+                client,
+                queue_url,
+                dead_letter_queue_url: String::new(),
+                dead_letter_arn: redrive.dead_letter_arn,
+                max_receives: redrive.max_receives,
+                visibility_timeout: None,
+                entry_delay: None,
+            });
+        }
         let dead_letter_error = |reason: String| OpenError::DeadLetterQueue {
             queue_url: queue_url.clone(),
             dead_letter_arn: redrive.dead_letter_arn.clone(),
@@ -198,14 +374,28 @@ impl SqsQueue {
             client,
             queue_url,
             dead_letter_queue_url,
+            dead_letter_arn: redrive.dead_letter_arn,
             max_receives: redrive.max_receives,
+            visibility_timeout: None,
             entry_delay: None,
         })
+    }
+
+    /// [`SqsQueue::open`] with a client built from the standard AWS settings
+    /// ([`crate::sdk_config`]).
+    pub async fn connect(queue_url: String) -> Result<Self, OpenError> {
+        let client = Client::new(&crate::sdk_config().await);
+        Self::open(client, queue_url).await
     }
 
     /// The main queue's URL (`FLUXA_QUEUE_URL`).
     pub fn queue_url(&self) -> &str {
         &self.queue_url
+    }
+
+    /// The ARN of the queue's dead-letter queue, from its `RedrivePolicy`.
+    pub fn dead_letter_arn(&self) -> &str {
+        &self.dead_letter_arn
     }
 
     /// The URL of the queue's dead-letter queue, from its `RedrivePolicy`.
@@ -217,6 +407,128 @@ impl SqsQueue {
     /// (`maxReceiveCount`).
     pub fn max_receives(&self) -> u32 {
         self.max_receives
+    }
+
+    /// Has every receive hide its messages for `timeout` (whole seconds, at most 12 hours)
+    /// rather than for the queue's own visibility timeout: `fluxa serve` passes its
+    /// `visibility_timeout` setting, so it means the same on every queue backend.
+    pub fn with_visibility_timeout(mut self, timeout: Duration) -> Self {
+        self.visibility_timeout = Some(timeout);
+        self
+    }
+
+    /// Counts of the main queue, from its approximate attributes: waiting (visible or
+    /// delayed) and in flight.
+    pub async fn approximate_counts(&self) -> Result<(u64, u64)> {
+        let output = self
+            .client
+            .get_queue_attributes()
+            .queue_url(&self.queue_url)
+            .attribute_names(QueueAttributeName::ApproximateNumberOfMessages)
+            .attribute_names(QueueAttributeName::ApproximateNumberOfMessagesDelayed)
+            .attribute_names(QueueAttributeName::ApproximateNumberOfMessagesNotVisible)
+            .send()
+            .await
+            .map_err(|e| sdk_error("GetQueueAttributes", &e))?;
+        let count = |name: QueueAttributeName| {
+            output
+                .attributes()
+                .and_then(|a| a.get(&name))
+                .and_then(|n| n.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        Ok((
+            count(QueueAttributeName::ApproximateNumberOfMessages)
+                + count(QueueAttributeName::ApproximateNumberOfMessagesDelayed),
+            count(QueueAttributeName::ApproximateNumberOfMessagesNotVisible),
+        ))
+    }
+
+    /// Receives up to 10 messages from the dead-letter queue, long-polling up to `wait`, as
+    /// dead letters (the drain that records them in the store).
+    pub async fn receive_dead_letters(&self, wait: Duration) -> Result<Vec<DrainedDeadLetter>> {
+        let output = self
+            .client
+            .receive_message()
+            .queue_url(&self.dead_letter_queue_url)
+            .max_number_of_messages(MAX_BATCH_ENTRIES as i32)
+            .wait_time_seconds(wait_seconds(wait))
+            .message_system_attribute_names(MessageSystemAttributeName::ApproximateReceiveCount)
+            .message_system_attribute_names(MessageSystemAttributeName::SentTimestamp)
+            .message_attribute_names("All")
+            .send()
+            .await
+            .map_err(|e| sdk_error("ReceiveMessage (from the dead-letter queue)", &e))?;
+        let now = Utc::now();
+        output
+            .messages()
+            .iter()
+            .map(|message| {
+                let message = ReceivedMessage::of(message)?;
+                Ok(DrainedDeadLetter {
+                    dead_letter: message.dead_letter(self.max_receives, now),
+                    receipt: message.receipt,
+                })
+            })
+            .collect()
+    }
+
+    /// Deletes drained messages from the dead-letter queue, in calls of 10.
+    pub async fn delete_dead_letters(&self, receipts: &[&str]) -> Result<()> {
+        self.delete_receipts(&self.dead_letter_queue_url, receipts)
+            .await
+    }
+
+    /// A message received from this queue (by `ReceiveMessage` or a Lambda event) as a
+    /// delivery.
+    pub fn delivery_of(&self, message: ReceivedMessage) -> Delivery {
+        let receive_count = message.receive_count();
+        Delivery {
+            attributes: message.ids(),
+            enqueued_at: message.sent_at().unwrap_or_else(Utc::now),
+            message_id: message.message_id,
+            receipt: message.receipt,
+            body: Bytes::from(message.body),
+            receive_count,
+            receives_left: self.max_receives.saturating_sub(receive_count),
+        }
+    }
+
+    /// `DeleteMessageBatch` on `queue_url` in calls of 10; every call is made, and the first
+    /// failed entry (or call) is the error.
+    async fn delete_receipts(&self, queue_url: &str, receipts: &[&str]) -> Result<()> {
+        let mut first_failure = None;
+        for chunk in receipts.chunks(MAX_BATCH_ENTRIES) {
+            let entries = chunk
+                .iter()
+                .enumerate()
+                .map(|(entry_idx, receipt)| {
+                    DeleteMessageBatchRequestEntry::builder()
+                        .id(entry_idx.to_string())
+                        .receipt_handle(*receipt)
+                        .build()
+                        .map_err(Error::rejected)
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let failure = match self
+                .client
+                .delete_message_batch()
+                .queue_url(queue_url)
+                .set_entries(Some(entries))
+                .send()
+                .await
+            {
+                Ok(output) => output
+                    .failed()
+                    .first()
+                    .map(|entry| entry_error("DeleteMessageBatch", entry)),
+                Err(e) => Some(sdk_error("DeleteMessageBatch", &e)),
+            };
+            if let Some(failure) = failure {
+                first_failure.get_or_insert(failure);
+            }
+        }
+        first_failure.map_or(Ok(()), Err)
     }
 
     /// Tests only: every send puts `DelaySeconds = delay_seconds` on its message number
@@ -270,56 +582,6 @@ impl SqsQueue {
             }));
         }
         failure
-    }
-
-    /// A received message as a delivery.
-    fn delivery(&self, message: &Message) -> Result<Delivery> {
-        let malformed = |what: &str| {
-            Error::unavailable(SqsError {
-                operation: "ReceiveMessage",
-                detail: format!("a received message has no {what}"),
-            })
-        };
-        let message_id = message
-            .message_id()
-            .ok_or_else(|| malformed("message id"))?;
-        let receipt = message
-            .receipt_handle()
-            .ok_or_else(|| malformed("receipt handle"))?;
-        let system = |name: MessageSystemAttributeName| {
-            message
-                .attributes()
-                .and_then(|a| a.get(&name))
-                .map(String::as_str)
-        };
-        let receive_count = system(MessageSystemAttributeName::ApproximateReceiveCount)
-            .and_then(|count| count.parse::<u32>().ok())
-            .unwrap_or(1);
-        let enqueued_at = system(MessageSystemAttributeName::SentTimestamp)
-            .and_then(|millis| millis.parse::<i64>().ok())
-            .and_then(DateTime::<Utc>::from_timestamp_millis)
-            .unwrap_or_else(Utc::now);
-        let attribute = |name: &str| {
-            message
-                .message_attributes()
-                .and_then(|a| a.get(name))
-                .and_then(|value| value.string_value())
-                .map(str::to_owned)
-        };
-        Ok(Delivery {
-            message_id: message_id.to_owned(),
-            receipt: receipt.to_owned(),
-            body: Bytes::from(message.body().unwrap_or_default().to_owned()),
-            attributes: MessageAttributes {
-                event_id: attribute("event_id"),
-                correlation_id: attribute("correlation_id"),
-                blob_key: attribute("blob_key"),
-                event_type: attribute("event_type"),
-            },
-            receive_count,
-            receives_left: self.max_receives.saturating_sub(receive_count),
-            enqueued_at,
-        })
     }
 }
 
@@ -417,6 +679,7 @@ impl Consumer for SqsQueue {
                 .queue_url(&self.queue_url)
                 .max_number_of_messages(wanted as i32)
                 .wait_time_seconds(wait_seconds)
+                .set_visibility_timeout(self.visibility_timeout.map(visibility_seconds))
                 .message_system_attribute_names(MessageSystemAttributeName::ApproximateReceiveCount)
                 .message_system_attribute_names(MessageSystemAttributeName::SentTimestamp)
                 .message_attribute_names("All")
@@ -438,7 +701,9 @@ impl Consumer for SqsQueue {
             };
             let messages = output.messages();
             for message in messages {
-                received.deliveries.push(self.delivery(message)?);
+                received
+                    .deliveries
+                    .push(self.delivery_of(ReceivedMessage::of(message)?));
             }
             if messages.len() < wanted {
                 break;
@@ -451,38 +716,8 @@ impl Consumer for SqsQueue {
     /// `DeleteMessageBatch` in calls of 10; every call is made, and the first failed entry (or
     /// call) is the error.
     async fn delete_many(&self, deliveries: &[&Delivery]) -> Result<()> {
-        let mut first_failure = None;
-        for chunk in deliveries.chunks(MAX_BATCH_ENTRIES) {
-            let entries = chunk
-                .iter()
-                .enumerate()
-                .map(|(entry_idx, delivery)| {
-                    DeleteMessageBatchRequestEntry::builder()
-                        .id(entry_idx.to_string())
-                        .receipt_handle(&delivery.receipt)
-                        .build()
-                        .map_err(Error::rejected)
-                })
-                .collect::<Result<Vec<_>>>()?;
-            let failure = match self
-                .client
-                .delete_message_batch()
-                .queue_url(&self.queue_url)
-                .set_entries(Some(entries))
-                .send()
-                .await
-            {
-                Ok(output) => output
-                    .failed()
-                    .first()
-                    .map(|entry| entry_error("DeleteMessageBatch", entry)),
-                Err(e) => Some(sdk_error("DeleteMessageBatch", &e)),
-            };
-            if let Some(failure) = failure {
-                first_failure.get_or_insert(failure);
-            }
-        }
-        first_failure.map_or(Ok(()), Err)
+        let receipts: Vec<&str> = deliveries.iter().map(|d| d.receipt.as_str()).collect();
+        self.delete_receipts(&self.queue_url, &receipts).await
     }
 
     /// Changes the message's visibility to `delay` (rounded up to whole seconds, at most 12

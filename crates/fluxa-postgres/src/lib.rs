@@ -11,6 +11,7 @@
 //!   once migrate exactly once.
 //! - The DSN is a `SecretString`; messages name only host, port and database, never the password.
 
+mod dead_letters;
 mod queue;
 mod store;
 
@@ -21,6 +22,7 @@ use secrecy::{ExposeSecret, SecretString};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{Connection, Executor, PgPool};
 
+pub use dead_letters::{DeadLetterCounts, DeadLetterTable, PurgedDeadLetters};
 pub use queue::PgQueue;
 pub use store::{PgReader, PgStore};
 
@@ -87,7 +89,25 @@ pub fn is_postgres_url(url: &SecretString) -> bool {
 }
 
 /// Read-only connections for the query API; lookups are single index reads.
-const READER_POOL_SIZE: u32 = 4;
+pub const READER_POOL_SIZE: u32 = 4;
+
+/// The most connections each pool of one process may hold.
+#[derive(Clone, Copy, Debug)]
+pub struct PoolSizes {
+    /// The store's writes (and the queue's, when it lives here).
+    pub writer: u32,
+    /// The query API's read-only sessions, opened on first use.
+    pub reader: u32,
+}
+
+/// The store without the queue: for a deployment whose queue is elsewhere (SQS), where the
+/// database keeps the events, the idempotency records and the recorded dead letters.
+#[derive(Debug)]
+pub struct StoreBackends {
+    pub store: PgStore,
+    pub reader: PgReader,
+    pub dead_letters: DeadLetterTable,
+}
 
 /// Connects (the pools re-open connections by themselves after an outage), migrates, and
 /// returns the backends. `pool_size` bounds the writing connections; with the readers and the
@@ -97,12 +117,31 @@ pub async fn open(
     pool_size: u32,
     queue_config: QueueConfig,
 ) -> Result<Backends, Error> {
-    let options = PgConnectOptions::from_str(url.expose_secret())
-        .map_err(|_| Error::InvalidUrl)?
-        .application_name("fluxa");
+    let sizes = PoolSizes {
+        writer: pool_size.max(2),
+        reader: READER_POOL_SIZE,
+    };
+    let opened = open_store(url, sizes).await?;
+    let queue = PgQueue::new(opened.store.pool.clone(), queue_config)
+        .await
+        .map_err(|source| Error::Connect {
+            target: describe_url(url),
+            source,
+        })?;
+    Ok(Backends {
+        store: opened.store,
+        reader: opened.reader,
+        queue,
+    })
+}
+
+/// Connects and migrates the store alone (no queue, no `LISTEN` connection): at most
+/// `sizes.writer + sizes.reader` connections.
+pub async fn open_store(url: &SecretString, sizes: PoolSizes) -> Result<StoreBackends, Error> {
+    let options = connect_options(url)?;
     let target = describe_url(url);
     create_database_if_missing(url, &target).await?;
-    let writer = pool_options(pool_size.max(2))
+    let writer = pool_options(sizes.writer.max(1))
         .after_connect(|connection, _| {
             Box::pin(async move {
                 connection
@@ -111,13 +150,30 @@ pub async fn open(
                 Ok(())
             })
         })
-        .connect_with(options.clone())
+        .connect_with(options)
         .await
         .map_err(|source| Error::Connect {
             target: target.clone(),
             source,
         })?;
-    let reader = pool_options(READER_POOL_SIZE)
+    MIGRATIONS
+        .run(&writer)
+        .await
+        .map_err(|source| Error::Migrate {
+            target: target.clone(),
+            source,
+        })?;
+    Ok(StoreBackends {
+        store: PgStore::new(writer.clone()),
+        reader: open_reader(url, sizes.reader)?,
+        dead_letters: DeadLetterTable::new(writer),
+    })
+}
+
+/// The query API's read-only connections alone, opened on first use: no migration and no
+/// write, so a role that may only read (the query Lambda's) can use it.
+pub fn open_reader(url: &SecretString, size: u32) -> Result<PgReader, Error> {
+    let reader = pool_options(size.max(1))
         .after_connect(|connection, _| {
             Box::pin(async move {
                 connection
@@ -132,25 +188,14 @@ pub async fn open(
                 Ok(())
             })
         })
-        .connect_lazy_with(options);
-    MIGRATIONS
-        .run(&writer)
-        .await
-        .map_err(|source| Error::Migrate {
-            target: target.clone(),
-            source,
-        })?;
-    let queue = PgQueue::new(writer.clone(), queue_config)
-        .await
-        .map_err(|source| Error::Connect {
-            target: target.clone(),
-            source,
-        })?;
-    Ok(Backends {
-        store: PgStore::new(writer),
-        reader: PgReader::new(reader),
-        queue,
-    })
+        .connect_lazy_with(connect_options(url)?);
+    Ok(PgReader::new(reader))
+}
+
+fn connect_options(url: &SecretString) -> Result<PgConnectOptions, Error> {
+    Ok(PgConnectOptions::from_str(url.expose_secret())
+        .map_err(|_| Error::InvalidUrl)?
+        .application_name("fluxa"))
 }
 
 /// Creates the database on first start, so pointing Fluxa at a fresh server is one command.

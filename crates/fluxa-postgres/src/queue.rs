@@ -13,13 +13,12 @@
 //! the work instead of moving an entry twice.
 
 use crate::sql_limit;
-use fluxa_core::time::ceil_to_micros;
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use fluxa_core::{ErrorCode, FailureClass, FailureInfo};
+use fluxa_core::{ErrorCode, FailureInfo};
 use fluxa_queue::{
     BlobReferences, Consumer, DeadLetter, DeadLetterAdmin, DeadLetterFilter, DeadLetterPage,
     DeadLetterPosition, Delivery, Error, EventPurge, ExhaustedNotice, MessageAttributes,
@@ -27,9 +26,10 @@ use fluxa_queue::{
     SendError,
 };
 use sqlx::postgres::{PgListener, PgRow};
-use sqlx::{PgPool, Postgres, QueryBuilder, Row};
+use sqlx::{PgPool, QueryBuilder, Row};
 use tokio::sync::Notify;
 
+use crate::dead_letters::{count, push_conditions, DeadLetterTable, Selection};
 use crate::{is_refusal, seconds, QueueConfig};
 
 /// How often an idle receiver looks again for messages whose retry delay or visibility timeout
@@ -41,7 +41,7 @@ pub(crate) const ENQUEUED_CHANNEL: &str = "fluxa_enqueued";
 
 /// A statement the database refused (see [`is_refusal`]) is `Rejected`; anything else (no
 /// connection, a timed-out pool, a shutdown, a full disk) means the queue is `Unavailable`.
-fn queue_error(error: sqlx::Error) -> Error {
+pub(crate) fn queue_error(error: sqlx::Error) -> Error {
     if is_refusal(&error) {
         Error::rejected(error)
     } else {
@@ -91,6 +91,11 @@ impl PgQueue {
             announce,
             _tasks: Arc::new([AbortOnDrop(relay), AbortOnDrop(announcer)]),
         })
+    }
+
+    /// The dead letters, as a table of their own.
+    fn table(&self) -> DeadLetterTable {
+        DeadLetterTable::new(self.pool.clone())
     }
 
     /// New messages are waiting: wake one receiver of this replica at once, and have the
@@ -243,7 +248,7 @@ async fn relay_notifications(pool: PgPool, mut listener: PgListener, receivers: 
     }
 }
 
-fn attributes(row: &PgRow) -> MessageAttributes {
+pub(crate) fn attributes(row: &PgRow) -> MessageAttributes {
     MessageAttributes {
         event_id: row.get("event_id"),
         correlation_id: row.get("correlation_id"),
@@ -434,46 +439,15 @@ impl DeadLetterAdmin for PgQueue {
         after: Option<&DeadLetterPosition>,
         limit: usize,
     ) -> Result<DeadLetterPage> {
-        let rows = list_query("", filter, after, limit)
-            .build()
-            .fetch_all(&self.pool)
-            .await
-            .map_err(queue_error)?;
-        let dead_letters: Vec<DeadLetter> = rows.iter().map(dead_letter).collect();
-        Ok(page(dead_letters, limit))
+        self.table().list(filter, after, limit).await
     }
 
     async fn count_dead_letters(&self, filter: &DeadLetterFilter) -> Result<u64> {
-        // The counters answer the common questions (everything, one error code) at once; other
-        // filters count over their index.
-        let code_only = DeadLetterFilter {
-            error_code: filter.error_code.clone(),
-            ..DeadLetterFilter::default()
-        };
-        let n: i64 = if *filter == code_only {
-            sqlx::query_scalar(
-                "SELECT COALESCE(SUM(n), 0)::bigint FROM dead_letter_counts \
-                 WHERE $1::text IS NULL OR error_code = $1",
-            )
-            .bind(filter.error_code.as_deref())
-            .fetch_one(&self.pool)
-            .await
-        } else {
-            let mut query = QueryBuilder::new("SELECT COUNT(*) FROM dead_letters");
-            push_conditions(&mut query, &Selection::Filter(filter.clone()), None);
-            query.build_query_scalar().fetch_one(&self.pool).await
-        }
-        .map_err(queue_error)?;
-        Ok(count(n))
+        self.table().count(filter).await
     }
 
     async fn get_dead_letter(&self, id: &str) -> Result<Option<DeadLetter>> {
-        let row = sqlx::query("SELECT * FROM dead_letters WHERE message_id = $1")
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(queue_error)?;
-        Ok(row.as_ref().map(dead_letter))
+        self.table().get(id).await
     }
 
     async fn redrive(&self, selector: &RedriveSelector, limit: usize) -> Result<u64> {
@@ -537,26 +511,12 @@ impl DeadLetterAdmin for PgQueue {
             dead_letters: count(row.get("dead_letters")),
             blob_keys: row.get("blob_keys"),
             queued: count(row.get("queued")),
+            queue_unsearchable: false,
         })
     }
 
     async fn prune_dead_letters(&self, before: DateTime<Utc>, limit: usize) -> Result<u64> {
-        if limit == 0 {
-            return Ok(0);
-        }
-        let pruned = sqlx::query(
-            r#"WITH chosen AS (
-                 SELECT seq FROM dead_letters WHERE dead_lettered_at < $1
-                 ORDER BY dead_lettered_at, message_id LIMIT $2
-                 FOR UPDATE SKIP LOCKED)
-               DELETE FROM dead_letters d USING chosen WHERE d.seq = chosen.seq"#,
-        )
-        .bind(ceil_to_micros(before))
-        .bind(sql_limit(limit))
-        .execute(&self.pool)
-        .await
-        .map_err(queue_error)?;
-        Ok(pruned.rows_affected())
+        self.table().prune(before, limit).await
     }
 }
 
@@ -575,108 +535,6 @@ const DEPTH_SQL: &str = r#"WITH codes AS (
      ARRAY(SELECT error_code FROM codes ORDER BY error_code) AS codes,
      ARRAY(SELECT n FROM codes ORDER BY error_code) AS code_counts"#;
 
-/// A page of the DLQ: `SELECT *` of up to `limit` entries matching `filter` after `after`, in
-/// `(dead_lettered_at, message_id)` order, preceded by `prefix` (tests explain the plan).
-fn list_query(
-    prefix: &str,
-    filter: &DeadLetterFilter,
-    after: Option<&DeadLetterPosition>,
-    limit: usize,
-) -> QueryBuilder<'static, Postgres> {
-    let mut query = QueryBuilder::new(format!("{prefix}SELECT * FROM dead_letters"));
-    push_conditions(&mut query, &Selection::Filter(filter.clone()), after);
-    query
-        .push(" ORDER BY dead_lettered_at, message_id LIMIT ")
-        .push_bind(sql_limit(limit));
-    query
-}
-
-/// Which dead letters a statement works on.
-enum Selection {
-    Filter(DeadLetterFilter),
-    Id(String),
-}
-
-/// Appends ` WHERE` and the conditions for `selection` (and, with `after`, for the rows
-/// strictly after it in `(dead_lettered_at, message_id)` order). Only the filters given become
-/// conditions, so each combination gets a plan that uses the index that fits.
-fn push_conditions(
-    query: &mut QueryBuilder<'_, Postgres>,
-    selection: &Selection,
-    after: Option<&DeadLetterPosition>,
-) {
-    query.push(" WHERE TRUE");
-    let filter = match selection {
-        Selection::Id(id) => {
-            query.push(" AND message_id = ").push_bind(id.clone());
-            return;
-        }
-        Selection::Filter(filter) => filter,
-    };
-    let equalities = [
-        ("event_id", filter.event_id.clone()),
-        ("error_code", filter.error_code.clone()),
-        (
-            "error_class",
-            filter.error_class.map(|c| c.as_str().to_owned()),
-        ),
-        ("event_type", filter.event_type.clone()),
-    ];
-    for (column, value) in equalities {
-        if let Some(value) = value {
-            query.push(format!(" AND {column} = ")).push_bind(value);
-        }
-    }
-    // A cursor at or after `since` already implies it; leaving it out lets the index search
-    // start at the cursor instead of at `since` (which would step over every earlier page).
-    let since = filter
-        .since
-        .filter(|since| after.is_none_or(|after| after.dead_lettered_at < *since));
-    if let Some(since) = since {
-        query
-            .push(" AND dead_lettered_at >= ")
-            .push_bind(ceil_to_micros(since));
-    }
-    if let Some(until) = filter.until {
-        query
-            .push(" AND dead_lettered_at < ")
-            .push_bind(ceil_to_micros(until));
-    }
-    if let Some(after) = after {
-        // A position between two microseconds (not one this backend handed out) goes on from
-        // the next microsecond: every id sorts after the empty string.
-        let at = ceil_to_micros(after.dead_lettered_at);
-        let id = if at == after.dead_lettered_at {
-            after.id.clone()
-        } else {
-            String::new()
-        };
-        query
-            .push(" AND (dead_lettered_at, message_id) > (")
-            .push_bind(at)
-            .push(", ")
-            .push_bind(id)
-            .push(")");
-    }
-}
-
-/// A page of up to `limit` dead letters; it says where the next starts only when it is full.
-fn page(dead_letters: Vec<DeadLetter>, limit: usize) -> DeadLetterPage {
-    let next = match dead_letters.last() {
-        Some(last) if dead_letters.len() >= limit => Some(DeadLetterPosition {
-            dead_lettered_at: last.dead_lettered_at,
-            id: last.id.clone(),
-        }),
-        _ => None,
-    };
-    DeadLetterPage { dead_letters, next }
-}
-
-/// A count read from the database, where it is never negative.
-fn count(n: i64) -> u64 {
-    u64::try_from(n).unwrap_or(0)
-}
-
 #[async_trait]
 impl BlobReferences for PgQueue {
     async fn references_blob(&self, key: &str) -> Result<bool> {
@@ -692,29 +550,13 @@ impl BlobReferences for PgQueue {
     }
 }
 
-fn dead_letter(row: &PgRow) -> DeadLetter {
-    DeadLetter {
-        id: row.get("message_id"),
-        attributes: attributes(row),
-        error_class: FailureClass::parse(&row.get::<String, _>("error_class"))
-            .unwrap_or(FailureClass::Permanent),
-        error: FailureInfo {
-            code: row.get("error_code"),
-            message: row.get("error_message"),
-        },
-        receive_count: u32::try_from(row.get::<i32, _>("receive_count")).unwrap_or(0),
-        enqueued_at: row.get("enqueued_at"),
-        first_failure_at: row.get("first_failure_at"),
-        last_failure_at: row.get("last_failure_at"),
-        dead_lettered_at: row.get("dead_lettered_at"),
-        body: row.get("body"),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use chrono::TimeZone;
     use secrecy::SecretString;
+
+    use fluxa_core::FailureClass;
+    use sqlx::Postgres;
 
     use super::*;
 
@@ -917,7 +759,7 @@ mod tests {
             for after in [None, Some(&cursor)] {
                 let plan = plan_of(
                     &queue.pool,
-                    list_query("EXPLAIN ", filter, after, 50).build(),
+                    crate::dead_letters::list_query("EXPLAIN ", filter, after, 50).build(),
                 )
                 .await;
                 let case = format!("{filter:?}, cursor: {}", after.is_some());

@@ -43,7 +43,7 @@ fn store_error(error: sqlx::Error) -> Error {
 /// The processor's side of the database.
 #[derive(Clone, Debug)]
 pub struct PgStore {
-    pool: PgPool,
+    pub(crate) pool: PgPool,
 }
 
 impl PgStore {

@@ -879,6 +879,7 @@ pub async fn purging_an_event_deletes_its_dead_letters_and_counts_its_queued_mes
                 "events/e-1/other.json".to_owned()
             ],
             queued: 1,
+            queue_unsearchable: false,
         },
         "a purge deletes the event's dead letters, names their blobs once each and counts its queued messages"
     );
@@ -899,7 +900,8 @@ pub async fn purging_an_event_deletes_its_dead_letters_and_counts_its_queued_mes
         EventPurge {
             dead_letters: 0,
             blob_keys: vec![],
-            queued: 1
+            queued: 1,
+            queue_unsearchable: false,
         },
         "a repeated purge finds nothing more in the DLQ"
     );

@@ -197,6 +197,9 @@ pub struct EventPurge {
     /// Messages of the event still waiting in the queue (left there: their delivery finds
     /// the event erased).
     pub queued: u64,
+    /// The queue cannot be searched by event id (SQS): some of the event's messages may be
+    /// waiting there unseen, so an erasure must leave a tombstone either way.
+    pub queue_unsearchable: bool,
 }
 
 /// Message counts, for `/metrics` and operators; read without scanning the queue or the DLQ.

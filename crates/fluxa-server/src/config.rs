@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use fluxa_api::{ApiToken, Limits};
-use secrecy::{ExposeSecret, SecretString};
+use secrecy::SecretString;
 
 /// Which parts of Fluxa a process runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -71,7 +71,7 @@ pub struct Config {
     /// writes, or a `postgres://` URL), fetched once when the backends open; `database_url`,
     /// if also set, supplies what the secret lacks (RDS's managed secret has no host).
     pub database_secret_id: Option<String>,
-    /// An SQS queue URL (not supported yet: validation refuses it).
+    /// An SQS queue URL (the queue then lives in SQS, its dead letters in the store).
     pub queue_url: Option<String>,
     /// Where large payloads live: `s3://bucket/prefix` or `file:///path`; `None` means
     /// `<data_dir>/blobs`.
@@ -260,8 +260,10 @@ pub const SETTINGS: &[Setting] = &[
             "queue-url",
             "FLUXA_QUEUE_URL",
             "URL",
-            "An SQS queue URL for the queue (not supported yet). Unset: the queue lives with \
-             the store.",
+            "An SQS queue URL for the queue (it must have a RedrivePolicy and take 1 MiB \
+             messages; the AWS_* settings reach it). Needs the store on PostgreSQL, where the \
+             dead letters drained from its DLQ are recorded. Unset: the queue lives with the \
+             store.",
         )
     },
     Setting {
@@ -566,6 +568,12 @@ impl Config {
     /// then validates once. Errors name the source and the key but never quote a value, which
     /// may be a password or a token.
     pub fn load(sources: Sources) -> anyhow::Result<ValidatedConfig> {
+        Self::layered(sources)?.validate()
+    }
+
+    /// [`Config::load`] without the validation: for a host that checks the settings it uses
+    /// itself ([`Config::check_settings`]) and picks its own backends (a Lambda function).
+    pub fn layered(sources: Sources) -> anyhow::Result<Self> {
         let mut config = Self::default();
         let mut workers_given = false;
 
@@ -610,7 +618,7 @@ impl Config {
         {
             config.workers = DEFAULT_WORKERS_POSTGRES;
         }
-        config.validate()
+        Ok(config)
     }
 
     /// Sets one setting from its text form. The error is a reason that quotes no value.
@@ -744,6 +752,29 @@ impl Config {
 
     /// Refuses configurations that would run but misbehave, and derives the backends.
     pub fn validate(self) -> anyhow::Result<ValidatedConfig> {
+        let tokens = self.check_settings()?;
+        let backends = self.backends()?;
+        if tokens.is_empty()
+            && self.role.runs_api()
+            && !self.bind.ip().is_loopback()
+            && !self.insecure_no_auth
+        {
+            anyhow::bail!(
+                "refusing to serve on {} without API tokens: set FLUXA_API_TOKENS, bind to a \
+                 loopback address, or pass --insecure-no-auth",
+                self.bind
+            );
+        }
+        Ok(ValidatedConfig {
+            config: self,
+            tokens,
+            backends,
+        })
+    }
+
+    /// The checks of every setting's range and of how settings fit together, whichever
+    /// backends are used; returns the parsed API tokens.
+    pub fn check_settings(&self) -> anyhow::Result<Vec<ApiToken>> {
         anyhow::ensure!(
             self.workers >= 1 || !self.role.runs_workers(),
             "--workers must be at least 1"
@@ -813,27 +844,10 @@ impl Config {
             "--max-blob-memory must be at least --max-payload-bytes ({} bytes)",
             self.limits.max_payload_bytes
         );
-        let backends = self.backends()?;
-        let tokens = match &self.api_tokens {
-            Some(spec) => ApiToken::parse_list(spec)?,
-            None => Vec::new(),
-        };
-        if tokens.is_empty()
-            && self.role.runs_api()
-            && !self.bind.ip().is_loopback()
-            && !self.insecure_no_auth
-        {
-            anyhow::bail!(
-                "refusing to serve on {} without API tokens: set FLUXA_API_TOKENS, bind to a \
-                 loopback address, or pass --insecure-no-auth",
-                self.bind
-            );
+        match &self.api_tokens {
+            Some(spec) => Ok(ApiToken::parse_list(spec)?),
+            None => Ok(Vec::new()),
         }
-        Ok(ValidatedConfig {
-            config: self,
-            tokens,
-            backends,
-        })
     }
 
     /// Which store, queue and blob backends this configuration names.
@@ -858,17 +872,24 @@ impl Config {
                 data_dir: self.data_dir.clone(),
             },
         };
-        if self.queue_url.is_some() {
-            anyhow::bail!(
-                "--queue-url / FLUXA_QUEUE_URL: SQS queues are not supported yet; unset it to \
-                 keep the queue with the store"
-            );
-        }
-        let queue = match &store {
-            StoreBackend::Sqlite { data_dir } => QueueBackend::Sqlite {
+        let queue = match (&store, &self.queue_url) {
+            (StoreBackend::Postgres { .. }, Some(url)) => {
+                anyhow::ensure!(
+                    url.starts_with("https://") || url.starts_with("http://"),
+                    "--queue-url / FLUXA_QUEUE_URL must be an SQS queue URL \
+                     (https://sqs.<region>.amazonaws.com/<account>/<queue>)"
+                );
+                QueueBackend::Sqs { url: url.clone() }
+            }
+            (StoreBackend::Sqlite { .. }, Some(_)) => anyhow::bail!(
+                "--queue-url / FLUXA_QUEUE_URL (SQS) needs the store on PostgreSQL \
+                 (--database-url or --database-secret-id): dead letters from SQS are recorded \
+                 there"
+            ),
+            (StoreBackend::Sqlite { data_dir }, None) => QueueBackend::Sqlite {
                 data_dir: data_dir.clone(),
             },
-            StoreBackend::Postgres { url } => QueueBackend::Postgres { url: url.clone() },
+            (StoreBackend::Postgres { url }, None) => QueueBackend::Postgres { url: url.clone() },
         };
         let blobs = match &self.blob_url {
             None => BlobBackend::Fs {
@@ -936,11 +957,20 @@ pub enum StoreBackend {
     Postgres { url: PgLocation },
 }
 
-/// Where the queue lives (SQS comes later).
+/// Where the queue lives.
 #[derive(Clone, Debug)]
 pub enum QueueBackend {
-    Sqlite { data_dir: PathBuf },
-    Postgres { url: PgLocation },
+    Sqlite {
+        data_dir: PathBuf,
+    },
+    Postgres {
+        url: PgLocation,
+    },
+    /// An SQS standard queue with a `RedrivePolicy`; its dead letters are recorded in the
+    /// store, which is then always PostgreSQL.
+    Sqs {
+        url: String,
+    },
 }
 
 /// How to reach PostgreSQL: a URL as configured, or a Secrets Manager secret that holds the
@@ -977,14 +1007,6 @@ impl PgLocation {
         match self {
             Self::Url(url) => fluxa_postgres::describe_url(url),
             Self::Secret { secret_id, .. } => format!("credentials in secret {secret_id}"),
-        }
-    }
-
-    fn same_as(&self, other: &Self) -> bool {
-        match (self, other) {
-            (Self::Url(a), Self::Url(b)) => a.expose_secret() == b.expose_secret(),
-            (Self::Secret { secret_id: a, .. }, Self::Secret { secret_id: b, .. }) => a == b,
-            _ => false,
         }
     }
 }
@@ -1107,17 +1129,6 @@ pub struct BackendChoice {
     pub store: StoreBackend,
     pub queue: QueueBackend,
     pub blobs: BlobBackend,
-}
-
-impl StoreBackend {
-    /// Whether `queue` lives in the same database, so one opened connection set serves both.
-    pub(crate) fn shares_with(&self, queue: &QueueBackend) -> bool {
-        match (self, queue) {
-            (Self::Sqlite { data_dir: a }, QueueBackend::Sqlite { data_dir: b }) => a == b,
-            (Self::Postgres { url: a }, QueueBackend::Postgres { url: b }) => a.same_as(b),
-            _ => false,
-        }
-    }
 }
 
 /// A configuration that passed [`Config::validate`]: what [`crate::run`] takes, so it never

@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 mod config;
 pub mod http;
+pub mod sqs;
 
 pub use config::{
     setting_named, BackendChoice, BlobBackend, Config, FlagKind, PgLocation, QueueBackend, Role,
@@ -32,6 +33,15 @@ pub struct Backends {
     pub store_admin: Arc<dyn StoreAdmin>,
     pub queue: QueueHandles,
     pub blobs: BlobStore,
+    /// With an SQS queue: what moves its DLQ into the store (run beside the workers).
+    pub dead_letter_drain: Option<DeadLetterDrain>,
+}
+
+/// The SQS dead-letter queue and the store table its messages are recorded in.
+#[derive(Clone, Debug)]
+pub struct DeadLetterDrain {
+    pub queue: fluxa_aws::sqs::SqsQueue,
+    pub table: fluxa_postgres::DeadLetterTable,
 }
 
 /// One queue backend, seen through each of its capabilities.
@@ -92,25 +102,57 @@ pub async fn open_validated(validated: &ValidatedConfig) -> anyhow::Result<Backe
     open_chosen(validated.config(), validated.backends()).await
 }
 
-/// Opens `choice`, sharing one connection set when the store and the queue are in the same
-/// database (`fluxa_sqlite::open` and `fluxa_postgres::open` open both at once, and two
-/// writers on one SQLite file would only contend).
+/// Opens `choice`. The store and a database queue share one connection set
+/// (`fluxa_sqlite::open` and `fluxa_postgres::open` open both at once, and two writers on one
+/// SQLite file would only contend); an SQS queue comes with the PostgreSQL store alone.
 async fn open_chosen(config: &Config, choice: &BackendChoice) -> anyhow::Result<Backends> {
-    let (store, queue) = if choice.store.shares_with(&choice.queue) {
-        open_store_and_queue(config, &choice.store).await?
-    } else {
-        (
-            open_store(config, &choice.store).await?,
-            open_queue(config, &choice.queue).await?,
-        )
-    };
     let blobs = open_blobs(&choice.blobs)?;
+    if let QueueBackend::Sqs { url } = &choice.queue {
+        let StoreBackend::Postgres { url: location } = &choice.store else {
+            anyhow::bail!("an SQS queue needs the store on PostgreSQL");
+        };
+        let database_url = location.url().await?;
+        let store = fluxa_postgres::open_store(
+            &database_url,
+            fluxa_postgres::PoolSizes {
+                writer: writer_pool_size(config),
+                reader: fluxa_postgres::READER_POOL_SIZE,
+            },
+        )
+        .await
+        .context("failed to open the PostgreSQL store")?;
+        let queue = fluxa_aws::sqs::SqsQueue::connect(url.clone())
+            .await
+            .context("failed to open the SQS queue")?
+            .with_visibility_timeout(config.visibility_timeout);
+        let dead_letters = sqs::SqsDeadLetters::new(queue.clone(), store.dead_letters.clone());
+        let queue_arc = Arc::new(queue.clone());
+        let handles = StoreHandles::of(store.store, store.reader);
+        return Ok(Backends {
+            store: handles.store,
+            reader: handles.reader,
+            store_admin: handles.admin,
+            queue: QueueHandles {
+                producer: queue_arc.clone(),
+                consumer: queue_arc,
+                dead_letters: Arc::new(dead_letters),
+                blob_references: Arc::new(sqs::LifecycleRuleCollectsBlobs),
+            },
+            blobs,
+            dead_letter_drain: Some(DeadLetterDrain {
+                queue,
+                table: store.dead_letters,
+            }),
+        });
+    }
+    let (store, queue) = open_store_and_queue(config, &choice.store).await?;
     Ok(Backends {
         store: store.store,
         reader: store.reader,
         store_admin: store.admin,
         queue,
         blobs,
+        dead_letter_drain: None,
     })
 }
 
@@ -119,16 +161,11 @@ pub async fn open_store(config: &Config, backend: &StoreBackend) -> anyhow::Resu
     Ok(open_store_and_queue(config, backend).await?.0)
 }
 
-/// Opens (and migrates) the queue `backend` names.
-pub async fn open_queue(config: &Config, backend: &QueueBackend) -> anyhow::Result<QueueHandles> {
-    // Today every queue backend is also a store backend, opened as a pair; SQS will not be.
-    let as_store = match backend {
-        QueueBackend::Sqlite { data_dir } => StoreBackend::Sqlite {
-            data_dir: data_dir.clone(),
-        },
-        QueueBackend::Postgres { url } => StoreBackend::Postgres { url: url.clone() },
-    };
-    Ok(open_store_and_queue(config, &as_store).await?.1)
+/// Every worker may hold a connection, plus room for API requests.
+fn writer_pool_size(config: &Config) -> u32 {
+    u32::try_from(config.workers)
+        .unwrap_or(u32::MAX)
+        .saturating_add(8)
 }
 
 /// Opens the blob store `backend` names: a local folder (created if missing), or an S3 client
@@ -170,12 +207,8 @@ async fn open_store_and_queue(
                 visibility_timeout: config.visibility_timeout,
                 max_receives: config.max_receives,
             };
-            // Every worker may hold a connection, plus room for API requests.
-            let pool_size = u32::try_from(config.workers)
-                .unwrap_or(u32::MAX)
-                .saturating_add(8);
             let url = url.url().await?;
-            let pg = fluxa_postgres::open(&url, pool_size, queue_config)
+            let pg = fluxa_postgres::open(&url, writer_pool_size(config), queue_config)
                 .await
                 .context("failed to open the PostgreSQL store and queue")?;
             Ok((
@@ -190,11 +223,11 @@ async fn open_store_and_queue(
 /// works on the backends directly (it then runs the same handlers in-process).
 pub fn app_state(validated: &ValidatedConfig, backends: &Backends) -> AppState {
     AppState {
-        queue: Arc::clone(&backends.queue.producer),
-        dead_letters: Arc::clone(&backends.queue.dead_letters),
-        blobs: backends.blobs.clone(),
-        reader: Arc::clone(&backends.reader),
-        store_admin: Arc::clone(&backends.store_admin),
+        queue: Some(Arc::clone(&backends.queue.producer)),
+        dead_letters: Some(Arc::clone(&backends.queue.dead_letters)),
+        blobs: Some(backends.blobs.clone()),
+        reader: Some(Arc::clone(&backends.reader)),
+        store_admin: Some(Arc::clone(&backends.store_admin)),
         limits: validated.config().limits,
         tokens: Arc::new(validated.tokens().to_vec()),
         metrics: fluxa_telemetry::metrics_handle(),
@@ -204,6 +237,11 @@ pub fn app_state(validated: &ValidatedConfig, backends: &Backends) -> AppState {
 /// Names the store/queue backend for logs: never the URL itself (it may hold a password).
 pub fn backend_name(config: &Config) -> String {
     match config.backends() {
+        Ok(BackendChoice {
+            store: StoreBackend::Postgres { url },
+            queue: QueueBackend::Sqs { url: queue_url },
+            ..
+        }) => format!("postgres ({}), queue sqs ({queue_url})", url.describe()),
         Ok(BackendChoice {
             store: StoreBackend::Postgres { url },
             ..
@@ -280,6 +318,20 @@ pub async fn run(
             retention(config),
             shutdown.clone(),
         );
+        let drain = backends.dead_letter_drain.clone().map(|drain| {
+            sqs::run_dead_letter_drain(
+                drain.queue,
+                drain.table,
+                Arc::clone(&backends.store),
+                Arc::clone(&backends.store_admin),
+                shutdown.clone(),
+            )
+        });
+        let drain = async move {
+            if let Some(drain) = drain {
+                drain.await;
+            }
+        };
         let workers = fluxa_processor::run_workers(
             processor,
             Arc::clone(&backends.queue.consumer),
@@ -288,7 +340,7 @@ pub async fn run(
             shutdown.clone(),
         );
         async move {
-            tokio::join!(workers, sweeper, pruner);
+            tokio::join!(workers, sweeper, pruner, drain);
         }
     });
 

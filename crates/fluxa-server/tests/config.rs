@@ -388,14 +388,34 @@ fn any_other_blob_url_is_refused_clearly() {
 }
 
 #[test]
-fn a_queue_url_is_refused_as_not_supported_yet() {
+fn a_queue_url_needs_the_store_on_postgresql_and_must_be_a_url() {
     let error = error_of(load_env(&[(
         "FLUXA_QUEUE_URL",
         "https://sqs.eu-west-1.amazonaws.com/1/fluxa",
     )]));
+    assert!(error.contains("needs the store on PostgreSQL"), "{error}");
+
+    let error = error_of(load_env(&[
+        ("FLUXA_QUEUE_URL", "fluxa-queue"),
+        ("FLUXA_DATABASE_URL", "postgres://127.0.0.1/fluxa"),
+    ]));
+    assert!(error.contains("must be an SQS queue URL"), "{error}");
+
+    let loaded = load_env(&[
+        (
+            "FLUXA_QUEUE_URL",
+            "https://sqs.eu-west-1.amazonaws.com/1/fluxa",
+        ),
+        ("FLUXA_DATABASE_URL", "postgres://127.0.0.1/fluxa"),
+    ])
+    .unwrap();
     assert!(
-        error.contains("SQS queues are not supported yet"),
-        "{error}"
+        matches!(
+            &loaded.backends().queue,
+            fluxa_server::QueueBackend::Sqs { url } if url.ends_with("/1/fluxa")
+        ),
+        "{:?}",
+        loaded.backends()
     );
 }
 

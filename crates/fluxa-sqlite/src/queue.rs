@@ -566,6 +566,7 @@ impl DeadLetterAdmin for SqliteQueue {
             dead_letters: u64::try_from(blob_keys.len()).unwrap_or(u64::MAX),
             blob_keys: distinct_blob_keys(blob_keys),
             queued: count(queued),
+            queue_unsearchable: false,
         })
     }
 

@@ -1,5 +1,5 @@
 //! The AWS pieces a self-hosted server can use (contract section 9), on the suite's
-//! `postgres-s3` run, where a moto server stands in for AWS: the database credentials from
+//! `postgres-s3` and `sqs-s3` runs, where a moto server stands in for AWS: the database credentials from
 //! Secrets Manager. On the other backends there is no emulator, and these tests say so and
 //! pass without checking anything.
 
@@ -8,10 +8,10 @@ use serde_json::json;
 use crate::helpers::{create_test_secret, event, Backend, TestData};
 
 fn needs_moto() -> bool {
-    if Backend::from_env() == Backend::PostgresS3 {
+    if Backend::is_s3() {
         return true;
     }
-    eprintln!("skipped: needs the postgres-s3 run (a moto server), which ./test makes");
+    eprintln!("skipped: needs the postgres-s3 or sqs-s3 run (a moto server), which ./test makes");
     false
 }
 

@@ -82,7 +82,7 @@ async fn two_replicas_process_a_burst_with_duplicates_exactly_once_even_when_one
                 None,
             )
             .await;
-        let queue_empty = data.dead_letters().await.peek(1).await.unwrap().is_empty();
+        let queue_empty = data.queue_is_empty().await;
         if n_rows == n_events as i64 && n_unsettled == 0 && queue_empty {
             break;
         }

@@ -17,7 +17,7 @@ use tokio::process::{Child, Command};
 pub const PATIENCE: Duration = Duration::from_secs(20);
 
 /// The backends a test run targets. One switch for the whole suite: env `FLUXA_TEST_BACKEND`
-/// (`embedded`, the default, `postgres` or `postgres-s3`).
+/// (`embedded`, the default, `postgres`, `postgres-s3` or `sqs-s3`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Backend {
     /// SQLite store and queue, local-folder blobs.
@@ -27,14 +27,23 @@ pub enum Backend {
     /// PostgreSQL store and queue, blobs in S3 at `AWS_ENDPOINT_URL` (a moto server started by
     /// `scripts/moto.sh`), a fresh bucket per test.
     PostgresS3,
+    /// PostgreSQL store, the queue on SQS and blobs in S3, both at `AWS_ENDPOINT_URL` (moto):
+    /// a fresh queue with its DLQ (maxReceiveCount 3) and a fresh bucket per test.
+    SqsS3,
 }
 
 impl Backend {
+    /// Whether blobs live in S3.
+    pub fn is_s3() -> bool {
+        matches!(Self::from_env(), Self::PostgresS3 | Self::SqsS3)
+    }
+
     pub fn from_env() -> Self {
         match std::env::var("FLUXA_TEST_BACKEND").as_deref() {
             Ok("embedded") | Ok("sqlite") | Ok("") | Err(_) => Self::Embedded,
             Ok("postgres") => Self::Postgres,
             Ok("postgres-s3") => Self::PostgresS3,
+            Ok("sqs-s3") => Self::SqsS3,
             Ok(other) => panic!("unknown FLUXA_TEST_BACKEND {other:?}"),
         }
     }
@@ -67,6 +76,48 @@ async fn create_test_bucket() -> String {
         response.status()
     );
     bucket
+}
+
+async fn sqs_client() -> aws_sdk_sqs::Client {
+    aws_sdk_sqs::Client::new(&fluxa_aws::sdk_config().await)
+}
+
+/// Creates an SQS queue and its dead-letter queue (maxReceiveCount 3, 1 MiB messages) at the
+/// emulator `AWS_ENDPOINT_URL` names; returns the main queue's URL.
+pub async fn create_test_queue() -> String {
+    use aws_sdk_sqs::types::QueueAttributeName;
+    let client = sqs_client().await;
+    let name = format!("fluxa-test-{}", uuid::Uuid::new_v4().simple());
+    let dlq = client
+        .create_queue()
+        .queue_name(format!("{name}-dlq"))
+        .attributes(QueueAttributeName::MaximumMessageSize, "1048576")
+        .send()
+        .await
+        .expect("create the test DLQ (is moto running? ./test starts it)");
+    let dlq_arn = client
+        .get_queue_attributes()
+        .queue_url(dlq.queue_url().expect("a DLQ URL"))
+        .attribute_names(QueueAttributeName::QueueArn)
+        .send()
+        .await
+        .expect("read the DLQ's ARN")
+        .attributes()
+        .and_then(|a| a.get(&QueueAttributeName::QueueArn).cloned())
+        .expect("an ARN");
+    let queue = client
+        .create_queue()
+        .queue_name(&name)
+        .attributes(QueueAttributeName::MaximumMessageSize, "1048576")
+        .attributes(QueueAttributeName::VisibilityTimeout, "30")
+        .attributes(
+            QueueAttributeName::RedrivePolicy,
+            serde_json::json!({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": 3}).to_string(),
+        )
+        .send()
+        .await
+        .expect("create the test queue");
+    queue.queue_url().expect("a queue URL").to_owned()
 }
 
 /// Creates a Secrets Manager secret holding `value` at the emulator `AWS_ENDPOINT_URL` names,
@@ -117,6 +168,10 @@ pub struct TestData {
     pub dir: tempfile::TempDir,
     database: Option<String>,
     bucket: Option<String>,
+    queue_url: Option<String>,
+    /// A Secrets Manager secret holding the database's credentials, which servers then read
+    /// instead of a URL (the `sqs-s3` run: the whole AWS setup).
+    database_secret: Option<String>,
     /// Opened on first use and kept: each opening holds database connections.
     backends: tokio::sync::OnceCell<fluxa_server::Backends>,
     pg_pool: tokio::sync::OnceCell<sqlx::PgPool>,
@@ -141,6 +196,8 @@ impl TestData {
             dir: tempfile::tempdir_in(parent).expect("temp dir"),
             database: None,
             bucket: None,
+            queue_url: None,
+            database_secret: None,
             backends: tokio::sync::OnceCell::new(),
             pg_pool: tokio::sync::OnceCell::new(),
         }
@@ -149,7 +206,7 @@ impl TestData {
     async fn with_backend(backend: Backend) -> Self {
         let database = match backend {
             Backend::Embedded => None,
-            Backend::Postgres | Backend::PostgresS3 => {
+            Backend::Postgres | Backend::PostgresS3 | Backend::SqsS3 => {
                 let name = format!("fluxa_test_{}", uuid::Uuid::new_v4().simple());
                 let admin = sqlx::PgPool::connect(&pg_admin_url()).await.expect(
                     "PostgreSQL for the tests is not reachable; run ./test, which starts it",
@@ -163,13 +220,35 @@ impl TestData {
             }
         };
         let bucket = match backend {
-            Backend::PostgresS3 => Some(create_test_bucket().await),
+            Backend::PostgresS3 | Backend::SqsS3 => Some(create_test_bucket().await),
             Backend::Embedded | Backend::Postgres => None,
+        };
+        let queue_url = match backend {
+            Backend::SqsS3 => Some(create_test_queue().await),
+            Backend::Embedded | Backend::Postgres | Backend::PostgresS3 => None,
+        };
+        let database_secret = match (backend, &database) {
+            (Backend::SqsS3, Some(database)) => {
+                let url = url::Url::parse(&pg_url_for(database)).expect("a database URL");
+                // The suite's PostgreSQL trusts local connections: the password is a stand-in.
+                let secret = serde_json::json!({
+                    "username": url.username(),
+                    "password": "test-password-from-secrets-manager",
+                    "engine": "postgres",
+                    "host": url.host_str().unwrap_or("127.0.0.1"),
+                    "port": url.port().unwrap_or(5432),
+                    "dbname": database,
+                });
+                Some(create_test_secret(&secret.to_string()).await)
+            }
+            _ => None,
         };
         Self {
             dir: tempfile::tempdir().expect("temp dir"),
             database,
             bucket,
+            queue_url,
+            database_secret,
             backends: tokio::sync::OnceCell::new(),
             pg_pool: tokio::sync::OnceCell::new(),
         }
@@ -191,22 +270,43 @@ impl TestData {
             .map(|bucket| format!("s3://{bucket}/{S3_PREFIX}"))
     }
 
+    /// The SQS queue URL servers of this test use, if the queue is SQS.
+    pub fn queue_url(&self) -> Option<String> {
+        self.queue_url.clone()
+    }
+
+    /// The backend settings of this test's servers beside the database URL: the database
+    /// secret's, the blob store's and the queue's.
+    fn location_envs(&self) -> Vec<(&'static str, String)> {
+        let mut envs = Vec::new();
+        if let Some(secret) = &self.database_secret {
+            envs.push(("FLUXA_DATABASE_SECRET_ID", secret.clone()));
+        }
+        if let Some(url) = self.blob_url() {
+            envs.push(("FLUXA_BLOB_URL", url));
+        }
+        if let Some(url) = self.queue_url() {
+            envs.push(("FLUXA_QUEUE_URL", url));
+        }
+        envs
+    }
+
     /// Starts a server on this data with the suite's fast defaults plus `args`.
     pub async fn spawn(&self, args: &[&str]) -> TestApp {
         self.spawn_with_env(args, &[]).await
     }
 
     pub async fn spawn_with_env(&self, args: &[&str], envs: &[(&str, &str)]) -> TestApp {
-        let database_url = self.database_url();
-        let blob_url = self.blob_url();
+        let database_url = self
+            .database_url()
+            .filter(|_| self.database_secret.is_none());
+        let locations = self.location_envs();
         let mut all_envs: Vec<(&str, &str)> = envs.to_vec();
         if let Some(url) = &database_url {
             // The environment, not the command line: that is where a DSN belongs.
             all_envs.push(("FLUXA_DATABASE_URL", url));
         }
-        if let Some(url) = &blob_url {
-            all_envs.push(("FLUXA_BLOB_URL", url));
-        }
+        all_envs.extend(locations.iter().map(|(name, url)| (*name, url.as_str())));
         TestApp::start(&[], self.path(), args, &all_envs).await
     }
 
@@ -214,9 +314,14 @@ impl TestData {
     /// Secrets Manager secret `secret_id` (`FLUXA_DATABASE_SECRET_ID`) instead of
     /// `FLUXA_DATABASE_URL`.
     pub async fn spawn_with_secret(&self, secret_id: &str, args: &[&str]) -> TestApp {
-        let blob_url = self.blob_url();
+        let locations = self.location_envs();
         let mut envs = vec![("FLUXA_DATABASE_SECRET_ID", secret_id)];
-        envs.extend(blob_url.iter().map(|url| ("FLUXA_BLOB_URL", url.as_str())));
+        envs.extend(
+            locations
+                .iter()
+                .filter(|(name, _)| *name != "FLUXA_DATABASE_SECRET_ID")
+                .map(|(name, url)| (*name, url.as_str())),
+        );
         TestApp::start(&[], self.path(), args, &envs).await
     }
 
@@ -224,13 +329,15 @@ impl TestData {
     /// something up and then execs `fluxa` (`prlimit --nofile=256:256`), so the server keeps the
     /// launcher's pid and [`TestApp::terminate`] still reaches it.
     pub async fn spawn_under(&self, launcher: &[&str], args: &[&str]) -> TestApp {
-        let database_url = self.database_url();
-        let blob_url = self.blob_url();
+        let database_url = self
+            .database_url()
+            .filter(|_| self.database_secret.is_none());
+        let locations = self.location_envs();
         let mut envs: Vec<(&str, &str)> = database_url
             .iter()
             .map(|url| ("FLUXA_DATABASE_URL", url.as_str()))
             .collect();
-        envs.extend(blob_url.iter().map(|url| ("FLUXA_BLOB_URL", url.as_str())));
+        envs.extend(locations.iter().map(|(name, url)| (*name, url.as_str())));
         TestApp::start(launcher, self.path(), args, &envs).await
     }
 
@@ -239,12 +346,15 @@ impl TestData {
         let mut command = fluxa_command();
         command.env_remove("FLUXA_DATABASE_URL");
         command.env_remove("FLUXA_BLOB_URL");
-        if let Some(url) = self.database_url() {
+        command.env_remove("FLUXA_QUEUE_URL");
+        command.env_remove("FLUXA_DATABASE_SECRET_ID");
+        if let Some(url) = self
+            .database_url()
+            .filter(|_| self.database_secret.is_none())
+        {
             command.env("FLUXA_DATABASE_URL", url);
         }
-        if let Some(url) = self.blob_url() {
-            command.env("FLUXA_BLOB_URL", url);
-        }
+        command.envs(self.location_envs());
         command
     }
 
@@ -252,6 +362,7 @@ impl TestData {
         let mut config = fluxa_server::Config::with_data_dir(self.path());
         config.database_url = self.database_url().map(secrecy::SecretString::from);
         config.blob_url = self.blob_url();
+        config.queue_url = self.queue_url();
         config.visibility_timeout = Duration::from_secs(1);
         config
     }
@@ -291,6 +402,113 @@ impl TestData {
     /// The queue's operator side, opened from the test process.
     pub async fn dead_letters(&self) -> Arc<dyn DeadLetterAdmin> {
         Arc::clone(&self.backends().await.queue.dead_letters)
+    }
+
+    /// Up to `limit` messages waiting in the queue, left there. SQS cannot peek: there they
+    /// are received with a visibility timeout of 0, which counts towards each message's
+    /// receive limit, so tests look once or twice, before any worker receives.
+    pub async fn pending(&self, limit: usize) -> Vec<fluxa_queue::PendingMessage> {
+        if self.queue_url.is_none() {
+            return self.dead_letters().await.peek(limit).await.unwrap();
+        }
+        self.sqs_peek(limit)
+            .await
+            .into_iter()
+            .map(
+                |(message_id, body, attributes)| fluxa_queue::PendingMessage {
+                    message_id,
+                    body,
+                    attributes: fluxa_queue::MessageAttributes {
+                        event_id: attributes.get("event_id").cloned(),
+                        correlation_id: attributes.get("correlation_id").cloned(),
+                        blob_key: attributes.get("blob_key").cloned(),
+                        event_type: attributes.get("event_type").cloned(),
+                    },
+                    receive_count: 0,
+                    enqueued_at: chrono::Utc::now(),
+                },
+            )
+            .collect()
+    }
+
+    /// Whether the queue holds no message, waiting or in flight.
+    pub async fn queue_is_empty(&self) -> bool {
+        let Some(queue_url) = &self.queue_url else {
+            return self.dead_letters().await.peek(1).await.unwrap().is_empty();
+        };
+        use aws_sdk_sqs::types::QueueAttributeName as Name;
+        let output = sqs_client()
+            .await
+            .get_queue_attributes()
+            .queue_url(queue_url)
+            .attribute_names(Name::ApproximateNumberOfMessages)
+            .attribute_names(Name::ApproximateNumberOfMessagesNotVisible)
+            .attribute_names(Name::ApproximateNumberOfMessagesDelayed)
+            .send()
+            .await
+            .expect("read the test queue's counts");
+        output
+            .attributes()
+            .map(|a| a.values().all(|n| n == "0"))
+            .unwrap_or(true)
+    }
+
+    /// Sets one attribute of the test's SQS queue (a fault a test injects).
+    pub async fn sqs_set_queue_attribute(&self, name: &str, value: &str) {
+        let queue_url = self.queue_url.as_ref().expect("an SQS test");
+        sqs_client()
+            .await
+            .set_queue_attributes()
+            .queue_url(queue_url)
+            .attributes(aws_sdk_sqs::types::QueueAttributeName::from(name), value)
+            .send()
+            .await
+            .expect("set a queue attribute");
+    }
+
+    /// The SQS queue's waiting messages as (message id, body, String attributes), received
+    /// with a visibility timeout of 0.
+    pub async fn sqs_peek(
+        &self,
+        limit: usize,
+    ) -> Vec<(String, Vec<u8>, std::collections::HashMap<String, String>)> {
+        let queue_url = self.queue_url.as_ref().expect("an SQS test");
+        let client = sqs_client().await;
+        let mut seen = std::collections::HashMap::new();
+        // One receive only: each counts towards the messages' limit of 3.
+        {
+            let output = client
+                .receive_message()
+                .queue_url(queue_url)
+                .max_number_of_messages(limit.min(10) as i32)
+                .visibility_timeout(0)
+                .wait_time_seconds(1)
+                .message_attribute_names("All")
+                .send()
+                .await
+                .expect("receive from the test queue");
+            for message in output.messages() {
+                let attributes = message
+                    .message_attributes()
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(|(k, v)| Some((k.clone(), v.string_value()?.to_owned())))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                seen.insert(
+                    message.message_id().unwrap_or_default().to_owned(),
+                    (
+                        message.body().unwrap_or_default().as_bytes().to_vec(),
+                        attributes,
+                    ),
+                );
+            }
+        }
+        seen.into_iter()
+            .take(limit)
+            .map(|(id, (body, attributes))| (id, body, attributes))
+            .collect()
     }
 
     /// The store's processor side, opened from the test process.
@@ -501,6 +719,7 @@ impl TestApp {
             .env_remove("FLUXA_DATABASE_URL")
             .env_remove("FLUXA_DATABASE_SECRET_ID")
             .env_remove("FLUXA_BLOB_URL")
+            .env_remove("FLUXA_QUEUE_URL")
             .envs(envs.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

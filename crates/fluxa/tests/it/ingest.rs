@@ -112,7 +112,7 @@ async fn a_262144_byte_payload_stays_inline_and_never_touches_the_blob_store() {
     assert_eq!(accepted["payload_size"], 262_144);
     assert_eq!(accepted["payload_mode"], "INLINE");
 
-    let pending = data.dead_letters().await.peek(10).await.unwrap();
+    let pending = data.pending(10).await;
     assert_eq!(pending.len(), 1);
     let FluxaTask::EventV1(message) = FluxaTask::decode(&pending[0].body).unwrap();
     assert_eq!(message.payload_inline.unwrap().get(), payload);
@@ -137,7 +137,7 @@ async fn a_262145_byte_payload_goes_to_the_blob_store_and_its_message_carries_on
     assert_eq!(accepted["payload_mode"], "S3");
     assert_eq!(accepted["payload_size"], 262_145);
 
-    let pending = data.dead_letters().await.peek(10).await.unwrap();
+    let pending = data.pending(10).await;
     assert_eq!(pending.len(), 1);
     assert!(
         pending[0].body.len() < 4096,
@@ -167,6 +167,14 @@ async fn a_262145_byte_payload_goes_to_the_blob_store_and_its_message_carries_on
     assert!(blob.key.starts_with(&folder), "{}", blob.key);
     assert_eq!(data.blob_keys().await, std::slice::from_ref(&blob.key));
     assert_eq!(data.read_blob(&blob.key).await, payload.as_bytes());
+    if data.queue_url().is_some() {
+        // On SQS the message's attributes say where the payload is, beside its ids.
+        let (_, _, attributes) = data.sqs_peek(1).await.pop().expect("the message");
+        assert_eq!(attributes["payload_mode"], "S3");
+        assert_eq!(attributes["schema"], "event.v1");
+        assert_eq!(attributes["event_id"], "edge-blob");
+        assert_eq!(attributes["blob_key"], blob.key);
+    }
 
     // A worker on the same data then stores it like any other event.
     let worker = data.spawn(&["--role", "worker"]).await;
@@ -303,8 +311,18 @@ async fn a_queue_that_refuses_a_message_is_a_500_not_a_503_and_ingest_resumes_on
     );
     // A refusal, as a constraint the database enforces: retrying would not cure it, so it must
     // not be answered as an outage (503 invites exactly that retry).
+    // On SQS: a queue whose messages may be at most 1 KiB refuses a larger one.
+    let sqs = data.queue_url().is_some();
     let embedded = data.database_url().is_none();
-    if embedded {
+    let refused_payload = if sqs {
+        json!("r".repeat(2048))
+    } else {
+        json!(1)
+    };
+    if sqs {
+        data.sqs_set_queue_attribute("MaximumMessageSize", "1024")
+            .await;
+    } else if embedded {
         data.queue_sql(
             "CREATE TRIGGER refuse BEFORE INSERT ON queue_messages \
              BEGIN SELECT RAISE(ABORT, 'refused by the test'); END",
@@ -314,11 +332,16 @@ async fn a_queue_that_refuses_a_message_is_a_500_not_a_503_and_ingest_resumes_on
         data.queue_sql("ALTER TABLE queue_messages ADD CONSTRAINT refuse CHECK (false) NOT VALID")
             .await;
     }
-    let response = app.post_event(&event("refused", json!(1))).await;
+    let response = app
+        .post_event(&event("refused", refused_payload.clone()))
+        .await;
     assert_eq!(response.status(), 500);
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["error"]["code"], "internal", "{body}");
-    let batch = json!({"events": [event("refused-1", json!(1)), event("refused-2", json!(2))]});
+    let batch = json!({"events": [
+        event("refused-1", refused_payload.clone()),
+        event("refused-2", refused_payload),
+    ]});
     let response = app
         .client
         .post(app.url("/v1/events/batch"))
@@ -328,7 +351,10 @@ async fn a_queue_that_refuses_a_message_is_a_500_not_a_503_and_ingest_resumes_on
         .unwrap();
     assert_eq!(response.status(), 500);
 
-    if embedded {
+    if sqs {
+        data.sqs_set_queue_attribute("MaximumMessageSize", "1048576")
+            .await;
+    } else if embedded {
         data.queue_sql("DROP TRIGGER refuse").await;
     } else {
         data.queue_sql("ALTER TABLE queue_messages DROP CONSTRAINT refuse")
@@ -833,5 +859,5 @@ async fn whole_batch_problems_answer_like_a_single_ingest_and_accept_nothing() {
         let body: Value = response.json().await.unwrap();
         assert_eq!(body["error"]["code"], code, "case: {name}");
     }
-    assert!(data.dead_letters().await.peek(10).await.unwrap().is_empty());
+    assert!(data.queue_is_empty().await);
 }

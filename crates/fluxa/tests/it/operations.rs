@@ -190,6 +190,12 @@ async fn invalid_options_are_refused_with_a_message_and_a_nonzero_exit() {
 #[tokio::test]
 async fn orphaned_payload_blobs_are_swept_but_a_dead_lettered_messages_blob_is_kept() {
     let data = TestData::new().await;
+    if data.queue_url().is_some() {
+        // SQS cannot say whether a waiting message points at a blob: with it the sweeper
+        // deletes nothing and the bucket's lifecycle rule collects orphans (docs/DEPLOY-AWS.md).
+        eprintln!("skipped: no blob sweeping with an SQS queue");
+        return;
+    }
     let app = data
         .spawn(&["--blob-sweep-interval", "200ms", "--blob-grace", "1s"])
         .await;

@@ -36,6 +36,7 @@ pub fn record(trial: Trial<'_>) {
             Backend::Embedded => "embedded",
             Backend::Postgres => "postgres",
             Backend::PostgresS3 => "postgres-s3",
+            Backend::SqsS3 => "sqs-s3",
         },
         "scenario": trial.scenario,
         "tried": trial.tried,

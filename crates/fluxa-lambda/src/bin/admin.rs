@@ -1,0 +1,6 @@
+//! The admin Lambda function: `fluxa_lambda::run_http` with the admin routes.
+
+#[tokio::main]
+async fn main() -> Result<(), lambda_http::Error> {
+    fluxa_lambda::run_http(fluxa_lambda::Role::Admin).await
+}

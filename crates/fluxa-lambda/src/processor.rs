@@ -1,0 +1,226 @@
+//! The processor function: an `SqsEvent` in, an `SqsBatchResponse` out.
+//!
+//! Records from the main queue are processed as one batch by `Processor::process_batch`, the
+//! same function `fluxa serve`'s workers call, and each outcome is carried out as the contract
+//! says:
+//! - processed, duplicate or erased: success (the event source mapping deletes the message),
+//!   and its payload blob is deleted;
+//! - transient: its visibility becomes its back-off, and it is reported as a batch item
+//!   failure, so it comes back (and after `maxReceiveCount` receives SQS moves it to the DLQ);
+//! - permanent: sent to the DLQ with its reason and deleted; reported as a failure only when
+//!   that send failed, so it comes back rather than being lost.
+//!
+//! Records from the DLQ (a second event source mapping, `processor_drains_dlq`) are recorded in
+//! the store's DLQ, where `fluxa dlq …` and the admin API see them, and a `retries_exhausted`
+//! event's record is marked `failed` ([`fluxa_server::sqs::record_dead_letters`]). If the
+//! store cannot take them they are all failures, and stay in the SQS DLQ.
+
+use std::sync::Arc;
+
+use aws_lambda_events::event::sqs::{BatchItemFailure, SqsBatchResponse, SqsEvent, SqsMessage};
+use chrono::Utc;
+use fluxa_aws::sqs::{ReceivedMessage, SqsQueue};
+use fluxa_postgres::DeadLetterTable;
+use fluxa_processor::{Disposition, Processor, ProcessorConfig};
+use fluxa_queue::{Consumer, Delivery};
+use fluxa_store::{Store, StoreAdmin};
+
+use crate::{LambdaConfig, CONNECTIONS_PER_CONTAINER};
+
+/// Everything an invocation uses, opened once per container.
+#[derive(Clone)]
+pub struct ProcessorFunction {
+    processor: Processor,
+    queue: SqsQueue,
+    table: DeadLetterTable,
+    store: Arc<dyn Store>,
+    admin: Arc<dyn StoreAdmin>,
+}
+
+impl std::fmt::Debug for ProcessorFunction {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProcessorFunction")
+            .field("queue", &self.queue.queue_url())
+            .finish()
+    }
+}
+
+impl ProcessorFunction {
+    /// Opens the store (migrating it: the processor is the function that writes), the queue
+    /// and its DLQ, and the bucket.
+    pub async fn open(config: &LambdaConfig) -> anyhow::Result<Self> {
+        let url = config.database_url().await?;
+        let store = fluxa_postgres::open_store(
+            &url,
+            fluxa_postgres::PoolSizes {
+                writer: CONNECTIONS_PER_CONTAINER,
+                reader: 1,
+            },
+        )
+        .await?;
+        let client = aws_sdk_sqs::Client::new(&fluxa_aws::sdk_config().await);
+        let queue = SqsQueue::open(client, config.queue_url()?).await?;
+        let c = &config.config;
+        let store_arc = Arc::new(store.store);
+        let processor = Processor::new(
+            store_arc.clone(),
+            config.blobs()?,
+            ProcessorConfig {
+                lease: c.lease,
+                backoff_base: c.retry_backoff,
+                backoff_max: c.retry_backoff_max,
+                max_blob_memory: c.max_blob_memory,
+            },
+        );
+        Ok(Self {
+            processor,
+            queue,
+            table: store.dead_letters,
+            store: store_arc.clone(),
+            admin: store_arc,
+        })
+    }
+
+    /// Handles one event: the records of the main queue and of its DLQ, told apart by their
+    /// `eventSourceARN`. Never fails as a whole: every problem is some records' failure.
+    pub async fn handle(&self, event: SqsEvent) -> SqsBatchResponse {
+        let (dead, main): (Vec<SqsMessage>, Vec<SqsMessage>) = event
+            .records
+            .into_iter()
+            .partition(|record| record.event_source_arn.as_deref() == Some(self.dead_letter_arn()));
+        let mut failures = self.process(main).await;
+        failures.extend(self.record_dead_letters(dead).await);
+        let mut response = SqsBatchResponse::default();
+        response.batch_item_failures = failures
+            .into_iter()
+            .map(|message_id| {
+                let mut failure = BatchItemFailure::default();
+                failure.item_identifier = message_id;
+                failure
+            })
+            .collect();
+        response
+    }
+
+    fn dead_letter_arn(&self) -> &str {
+        self.queue.dead_letter_arn()
+    }
+
+    /// Processes the main queue's records; returns the ids of those that must come back.
+    async fn process(&self, records: Vec<SqsMessage>) -> Vec<String> {
+        if records.is_empty() {
+            return Vec::new();
+        }
+        let deliveries: Vec<Delivery> = records
+            .into_iter()
+            .map(|record| self.queue.delivery_of(received(record)))
+            .collect();
+        metrics::counter!("fluxa_lambda_records_total", "source" => "queue")
+            .increment(deliveries.len() as u64);
+        let outcomes = self.processor.process_batch(&deliveries).await;
+        let mut failures = Vec::new();
+        let mut done: Vec<&Delivery> = Vec::new();
+        for (delivery, outcome) in deliveries.iter().zip(&outcomes) {
+            match outcome.disposition() {
+                Disposition::Delete => done.push(delivery),
+                Disposition::RetryAfter { delay, error } => {
+                    // Best effort: without it the message comes back after the queue's own
+                    // visibility timeout instead of its back-off.
+                    if let Err(e) = self.queue.retry_later(delivery, delay, &error).await {
+                        tracing::warn!(
+                            message_id = %delivery.message_id,
+                            error.message = %e,
+                            "could not set a message's back-off"
+                        );
+                    }
+                    failures.push(delivery.message_id.clone());
+                }
+                Disposition::DeadLetter(error) => {
+                    if let Err(e) = self.queue.dead_letter(delivery, &error).await {
+                        tracing::error!(
+                            message_id = %delivery.message_id,
+                            event_id = delivery.attributes.event_id.as_deref(),
+                            correlation_id = delivery.attributes.correlation_id.as_deref(),
+                            error.message = %e,
+                            "could not dead-letter a message; it will be delivered again"
+                        );
+                        failures.push(delivery.message_id.clone());
+                    }
+                }
+            }
+        }
+        self.processor.discard_payloads(&done).await;
+        failures
+    }
+
+    /// Records the DLQ's records in the store; returns the ids of those that must come back.
+    async fn record_dead_letters(&self, records: Vec<SqsMessage>) -> Vec<String> {
+        if records.is_empty() {
+            return Vec::new();
+        }
+        metrics::counter!("fluxa_lambda_records_total", "source" => "dead_letter_queue")
+            .increment(records.len() as u64);
+        let now = Utc::now();
+        let max_receives = self.queue.max_receives();
+        let dead_letters: Vec<fluxa_queue::DeadLetter> = records
+            .into_iter()
+            .map(|record| received(record).dead_letter(max_receives, now))
+            .collect();
+        let ids: Vec<String> = dead_letters.iter().map(|d| d.id.clone()).collect();
+        match fluxa_server::sqs::record_dead_letters(
+            &self.table,
+            &*self.store,
+            &*self.admin,
+            dead_letters,
+        )
+        .await
+        {
+            Ok(_) => Vec::new(),
+            Err(e) => {
+                tracing::error!(
+                    error.cause_chain = ?e,
+                    error.message = %e,
+                    n_records = ids.len(),
+                    "could not record dead letters; they stay in the SQS dead-letter queue"
+                );
+                ids
+            }
+        }
+    }
+}
+
+/// A Lambda SQS record as the message Fluxa reads.
+fn received(record: SqsMessage) -> ReceivedMessage {
+    ReceivedMessage {
+        message_id: record.message_id.unwrap_or_default(),
+        receipt: record.receipt_handle.unwrap_or_default(),
+        body: record.body.unwrap_or_default(),
+        receive_count: record.attributes.get("ApproximateReceiveCount").cloned(),
+        sent_timestamp: record.attributes.get("SentTimestamp").cloned(),
+        attributes: record
+            .message_attributes
+            .into_iter()
+            .filter_map(|(name, value)| Some((name, value.string_value?)))
+            .collect(),
+    }
+}
+
+/// The whole `main` of the processor function.
+pub async fn run() -> Result<(), lambda_runtime::Error> {
+    crate::init_logging();
+    let metrics = crate::init_metrics()?;
+    let config = LambdaConfig::from_env()?;
+    let function = ProcessorFunction::open(&config).await?;
+    tracing::info!(
+        queue_url = function.queue.queue_url(),
+        "fluxa processor ready"
+    );
+    metrics_cloudwatch_embedded::lambda::handler::run(
+        metrics,
+        |event: lambda_runtime::LambdaEvent<SqsEvent>| {
+            let function = function.clone();
+            async move { Ok::<_, lambda_runtime::Error>(function.handle(event.payload).await) }
+        },
+    )
+    .await
+}
