@@ -178,9 +178,9 @@ variable "processor_max_concurrency" {
 }
 
 variable "processor_drains_dlq" {
-  description = "Allow the processor to receive and delete DLQ messages (for a DLQ drain into the store, when the fluxa-lambda crate has one)."
+  description = "Drain the DLQ into the store: an event source mapping from the DLQ to the processor, which records each dead letter where `fluxa dlq` and the admin API see it (docs/DEPLOY-AWS.md). Off: dead letters stay only in the SQS DLQ."
   type        = bool
-  default     = false
+  default     = true
 }
 
 variable "extra_environment" {

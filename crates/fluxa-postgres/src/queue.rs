@@ -618,6 +618,13 @@ mod tests {
             max_receives: 3,
         };
         let queue = crate::open(&db.url(), 2, config).await.unwrap().queue;
+        // Filling takes seconds, more on a loaded machine: not bound by the 10 s timeout
+        // every Fluxa statement is.
+        let mut fill = queue.pool.begin().await.unwrap();
+        sqlx::query("SET LOCAL statement_timeout = 0")
+            .execute(&mut *fill)
+            .await
+            .unwrap();
         sqlx::query(
             r#"INSERT INTO queue_messages
                  (message_id, body, event_id, enqueued_at, visible_at, receipt)
@@ -626,7 +633,7 @@ mod tests {
                       CASE WHEN i % 100 = 0 THEN 'r' END
                FROM generate_series(1, 200000) AS i"#,
         )
-        .execute(&queue.pool)
+        .execute(&mut *fill)
         .await
         .unwrap();
         sqlx::query(
@@ -642,9 +649,10 @@ mod tests {
                       timestamptz '2027-01-15 08:00:00Z' + i * interval '1 ms'
                FROM generate_series(1, 200000) AS i"#,
         )
-        .execute(&queue.pool)
+        .execute(&mut *fill)
         .await
         .unwrap();
+        fill.commit().await.unwrap();
         sqlx::query("ANALYZE queue_messages, dead_letters")
             .execute(&queue.pool)
             .await

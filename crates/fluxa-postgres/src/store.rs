@@ -873,6 +873,13 @@ mod tests {
             max_receives: 3,
         };
         let backends = crate::open(&db.url(), 2, config).await.unwrap();
+        // Filling is not bound by the 10 s timeout of Fluxa's own statements (a loaded
+        // machine may need longer).
+        let mut fill = backends.store.pool.begin().await.unwrap();
+        sqlx::query("SET LOCAL statement_timeout = 0")
+            .execute(&mut *fill)
+            .await
+            .unwrap();
         // 20 common types (5% each), sources that follow the type (as they do in practice) or
         // are absent, and one rare type and one rare source (1% each), spread over time.
         sqlx::query(
@@ -887,9 +894,10 @@ mod tests {
                       timestamptz '2027-01-15 08:00:00Z' + i * interval '1 ms', now()
                FROM generate_series(1, 100000) AS i"#,
         )
-        .execute(&backends.store.pool)
+        .execute(&mut *fill)
         .await
         .unwrap();
+        fill.commit().await.unwrap();
         sqlx::query("ANALYZE events")
             .execute(&backends.store.pool)
             .await

@@ -281,6 +281,11 @@ def test_the_database_connections_fit_in_max_connections(config):
     mapping = config.block("aws_lambda_event_source_mapping", "aws_lambda_event_source_mapping.processor")
 
     budget = {"processor": mapping["scaling_config"]["maximum_concurrency"] * per_container}
+    drain = config.maybe_block(
+        "aws_lambda_event_source_mapping", "aws_lambda_event_source_mapping.processor_dlq_drain[0]"
+    )
+    if drain is not None:
+        budget["processor"] += drain["scaling_config"]["maximum_concurrency"] * per_container
     for name in config.function_names():
         environment = config.function(name)["environment"]["variables"]
         if name == "processor" or "FLUXA_DATABASE_SECRET_ID" not in environment:
@@ -559,3 +564,16 @@ def test_terraform_1_0_may_run_it_and_the_aws_provider_is_pinned(config):
     assert roots[0]["required_version"] in (">= 1.0", ">= 1.0.0", "~> 1.0")
     for provider in ("aws", "random"):
         assert roots[0]["required_providers"][provider]["version"].startswith("~>"), provider
+
+
+def test_the_dlq_drain_maps_the_dlq_to_the_processor_with_partial_batches(config):
+    mapping = config.maybe_block(
+        "aws_lambda_event_source_mapping", "aws_lambda_event_source_mapping.processor_dlq_drain[0]"
+    )
+    if mapping is None:
+        return
+    main = config.block("aws_lambda_event_source_mapping", "aws_lambda_event_source_mapping.processor")
+    assert mapping["event_source_arn"] == config.block("aws_sqs_queue", "aws_sqs_queue.dlq")["id"]
+    assert mapping["function_name"] == main["function_name"]
+    assert mapping["function_response_types"] == ["ReportBatchItemFailures"]
+    assert mapping["scaling_config"]["maximum_concurrency"] <= 2

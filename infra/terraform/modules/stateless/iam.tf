@@ -241,8 +241,8 @@ resource "aws_iam_role_policy" "processor" {
   policy = data.aws_iam_policy_document.processor.json
 }
 
-# Only if Fluxa on Lambda records SQS's own dead letters (retries_exhausted) in the store by
-# draining the DLQ: off until the fluxa-lambda crate does so (docs/DEPLOY-AWS.md).
+# The DLQ drain's event source mapping receives and deletes for the processor
+# (`processor_drains_dlq`, on by default; docs/DEPLOY-AWS.md).
 data "aws_iam_policy_document" "processor_dlq_drain" {
   count = var.processor_drains_dlq ? 1 : 0
 

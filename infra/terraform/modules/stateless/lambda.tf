@@ -106,8 +106,11 @@ locals {
     if name != "admin" || var.enable_admin_function
   }
 
+  # The DLQ drain's mapping invokes the processor too, in at most this many containers.
+  dlq_drain_max_concurrency = var.processor_drains_dlq ? 2 : 0
+
   db_connection_budget = {
-    processor = var.processor_max_concurrency * var.db_connections_per_container
+    processor = (var.processor_max_concurrency + local.dlq_drain_max_concurrency) * var.db_connections_per_container
     query     = var.query_reserved_concurrency * var.db_connections_per_container
     admin     = var.enable_admin_function ? var.admin_reserved_concurrency * var.db_connections_per_container : 0
     reserved  = var.db_reserved_connections
@@ -184,5 +187,25 @@ resource "aws_lambda_event_source_mapping" "processor" {
 
   scaling_config {
     maximum_concurrency = var.processor_max_concurrency
+  }
+}
+
+# The DLQ drain (docs/DEPLOY-AWS.md, "Dead letters on AWS"): the same function takes the DLQ's
+# messages and records them in the store, where `fluxa dlq …` and the admin API see them, and
+# marks a retries_exhausted event failed. A record the store cannot take is a batch item
+# failure and stays in the DLQ, which has no redrive policy of its own: it is retried until the
+# store is back or its 14-day retention ends. Two containers at most: a burst of dead letters
+# must not take the processor's connections.
+resource "aws_lambda_event_source_mapping" "processor_dlq_drain" {
+  count = var.processor_drains_dlq ? 1 : 0
+
+  event_source_arn                   = var.dlq_arn
+  function_name                      = aws_lambda_function.function["processor"].arn
+  batch_size                         = 10
+  maximum_batching_window_in_seconds = 5
+  function_response_types            = ["ReportBatchItemFailures"]
+
+  scaling_config {
+    maximum_concurrency = local.dlq_drain_max_concurrency
   }
 }
