@@ -25,13 +25,17 @@ fi
 
 # boto3 comes with moto (in .venv/moto), so no AWS CLI is needed.
 settings=$(.venv/moto/bin/python - "$name" "$pg_server" <<'PY'
-import json, sys
+import json, os, sys
 from urllib.parse import urlparse
 import boto3
 
 name, pg_server = sys.argv[1], sys.argv[2]
 database = name.replace("-", "_")
-sqs, s3, secrets = (boto3.client(s) for s in ("sqs", "s3", "secretsmanager"))
+region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+sqs, s3, secrets = (
+    boto3.client(s, region_name=region, endpoint_url=os.environ["AWS_ENDPOINT_URL"])
+    for s in ("sqs", "s3", "secretsmanager")
+)
 
 dlq_url = sqs.create_queue(QueueName=f"{name}-dlq",
                            Attributes={"MaximumMessageSize": "1048576"})["QueueUrl"]

@@ -1022,6 +1022,27 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_batch_entry_the_service_failed_is_an_outage_and_one_it_refused_is_a_refusal() {
+        let entry = |sender_fault| {
+            aws_sdk_sqs::types::BatchResultErrorEntry::builder()
+                .id("3")
+                .code("InternalError")
+                .sender_fault(sender_fault)
+                .build()
+                .unwrap()
+        };
+        // Ingest answers the item 503 (retry it) for the first and 500 for the second.
+        assert!(matches!(
+            entry_error("SendMessageBatch", &entry(false)),
+            Error::Unavailable(_)
+        ));
+        assert!(matches!(
+            entry_error("SendMessageBatch", &entry(true)),
+            Error::Rejected(_)
+        ));
+    }
+
+    #[test]
     fn a_redrive_policy_gives_the_dead_letter_queue_and_the_receive_limit() {
         let policy = RedrivePolicy::parse(
             r#"{"deadLetterTargetArn":"arn:aws:sqs:eu-west-1:123456789012:fluxa-dlq","maxReceiveCount":3}"#,

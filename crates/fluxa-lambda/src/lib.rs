@@ -101,6 +101,17 @@ impl LambdaConfig {
         self.database()?.url().await
     }
 
+    /// The store, migrated, with [`CONNECTIONS_PER_CONTAINER`] writing connections. Its
+    /// reading pool opens on first use, and the admin and processor functions never use it.
+    async fn open_store(&self) -> anyhow::Result<fluxa_postgres::StoreBackends> {
+        let url = self.database_url().await?;
+        let sizes = fluxa_postgres::PoolSizes {
+            writer: CONNECTIONS_PER_CONTAINER,
+            reader: 1,
+        };
+        Ok(fluxa_postgres::open_store(&url, sizes).await?)
+    }
+
     fn queue_url(&self) -> anyhow::Result<String> {
         self.config
             .queue_url
@@ -160,16 +171,7 @@ pub async fn http_app(role: Role, config: &LambdaConfig) -> anyhow::Result<axum:
             Routes::QUERY
         }
         Role::Admin => {
-            let url = config.database_url().await?;
-            // The admin routes write only (their reading pool is never opened).
-            let store = fluxa_postgres::open_store(
-                &url,
-                fluxa_postgres::PoolSizes {
-                    writer: CONNECTIONS_PER_CONTAINER,
-                    reader: 1,
-                },
-            )
-            .await?;
+            let store = config.open_store().await?;
             let queue = open_sender(config).await?;
             state.dead_letters = Some(Arc::new(fluxa_server::sqs::SqsDeadLetters::new(
                 queue,

@@ -25,7 +25,7 @@ use fluxa_processor::{Disposition, Processor, ProcessorConfig};
 use fluxa_queue::{Consumer, Delivery};
 use fluxa_store::{Store, StoreAdmin};
 
-use crate::{LambdaConfig, CONNECTIONS_PER_CONTAINER};
+use crate::LambdaConfig;
 
 /// Everything an invocation uses, opened once per container.
 #[derive(Clone)]
@@ -49,15 +49,7 @@ impl ProcessorFunction {
     /// Opens the store (migrating it: the processor is the function that writes), the queue
     /// and its DLQ, and the bucket.
     pub async fn open(config: &LambdaConfig) -> anyhow::Result<Self> {
-        let url = config.database_url().await?;
-        let store = fluxa_postgres::open_store(
-            &url,
-            fluxa_postgres::PoolSizes {
-                writer: CONNECTIONS_PER_CONTAINER,
-                reader: 1,
-            },
-        )
-        .await?;
+        let store = config.open_store().await?;
         let client = aws_sdk_sqs::Client::new(&fluxa_aws::sdk_config().await);
         let queue = SqsQueue::open(client, config.queue_url()?).await?;
         let c = &config.config;

@@ -260,6 +260,37 @@ async fn under_an_emulated_event_source_mapping_failures_reach_the_dlq_and_the_a
         .sql("ALTER TABLE events_away RENAME TO events")
         .await;
 
+    // A processor that dies holding the event on every receive (a claimed record, never
+    // settled, and no answer to the mapping): SQS moves the message after its third receive
+    // without a word, and only the drain can tell the store.
+    let (status, _) = call(
+        &ingest,
+        api_request(
+            "POST",
+            "/v1/events",
+            Some(&event("died-1", json!({"n": 4}))),
+        ),
+    )
+    .await;
+    assert_eq!(status, 202);
+    deployment
+        .sql(
+            "INSERT INTO idempotency_keys (event_id, status, attempts, lease_token, \
+             lease_expires_at, created_at, updated_at) VALUES ('died-1', 'processing', 1, \
+             'a-worker-that-died', now() + interval '1 second', now(), now())",
+        )
+        .await;
+    let mut receives = 0;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while receives < 3 {
+        assert!(Instant::now() < deadline, "died-1 was not received 3 times");
+        receives += deployment.receive(&deployment.queue_url).await.len();
+    }
+    drain(&deployment, &processor, 3).await;
+    let (_, body) = call(&query, api_request("GET", "/v1/events/died-1/status", None)).await;
+    assert_eq!(body["status"], "failed", "{body}");
+    assert_eq!(body["last_error"]["code"], "retries_exhausted", "{body}");
+
     for id in ["esm-1", "esm-2"] {
         let (status, body) = call(
             &query,
@@ -360,4 +391,69 @@ fn a_function_refuses_bodies_that_cannot_fit_in_a_lambda_invoke_and_runs_only_wi
 
     let error = fluxa_lambda::LambdaConfig::from_sources(sources(&[])).unwrap_err();
     assert!(error.to_string().contains("FLUXA_API_TOKENS"), "{error}");
+}
+
+#[tokio::test]
+#[ignore = "needs moto and PostgreSQL: ./test runs it"]
+async fn a_batch_whose_sqs_send_fails_for_one_item_fails_that_item_alone_and_deletes_its_blob() {
+    let deployment = Deployment::create().await;
+    let config = deployment.config();
+    let client = aws_sdk_sqs::Client::new(&fluxa_aws::sdk_config().await);
+    // SQS refuses an entry with DelaySeconds over 900, and that entry alone: the second
+    // message of every send fails. SQS calls it the sender's fault, which validated input
+    // cannot cause, so that item is a 500 (an entry the service failed would be a 503).
+    let queue = fluxa_aws::sqs::SqsQueue::open_sender(client, deployment.queue_url.clone())
+        .await
+        .unwrap()
+        .with_entry_delay_for_tests(1, 1000);
+    let blobs = fluxa_blob::BlobStore::s3(&deployment.bucket, "payloads").unwrap();
+    let state = fluxa_api::AppState {
+        queue: Some(std::sync::Arc::new(queue)),
+        dead_letters: None,
+        blobs: Some(blobs.clone()),
+        reader: None,
+        store_admin: None,
+        limits: config.config.limits,
+        tokens: std::sync::Arc::new(config.tokens.clone()),
+        metrics: fluxa_telemetry::metrics_handle(),
+    };
+    let ingest = fluxa_api::app_with(state, fluxa_api::Routes::INGEST).unwrap();
+
+    let big = "z".repeat(300_000);
+    let batch = json!({"events": [
+        {"event_id": "part-0", "event_type": "t", "payload": big},
+        {"event_id": "part-1", "event_type": "t", "payload": big},
+        {"event_id": "part-2", "event_type": "t", "payload": {"small": true}},
+    ]});
+    let (status, body) = call(
+        &ingest,
+        api_request("POST", "/v1/events/batch", Some(&batch.to_string())),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let statuses: Vec<u64> = body["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["status"].as_u64().unwrap())
+        .collect();
+    assert_eq!(statuses, [202, 500, 202], "{body}");
+    assert_eq!(body["results"][1]["error"]["code"], "internal", "{body}");
+
+    let keys = blobs
+        .payload_keys_older_than(chrono::Utc::now() + chrono::Duration::hours(1))
+        .await
+        .unwrap();
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    assert!(
+        keys[0].contains("/part-0/"),
+        "the sent item keeps its blob: {keys:?}"
+    );
+    let sent = deployment.receive(&deployment.queue_url).await;
+    let mut ids: Vec<&str> = sent
+        .iter()
+        .filter_map(|m| m.message_attributes()?.get("event_id")?.string_value())
+        .collect();
+    ids.sort();
+    assert_eq!(ids, ["part-0", "part-2"]);
 }

@@ -305,13 +305,23 @@ pub async fn run(
                 max_blob_memory: config.max_blob_memory,
             },
         );
-        let sweeper = fluxa_processor::run_blob_sweeper(
-            Arc::clone(&backends.queue.blob_references),
-            backends.blobs.clone(),
-            config.blob_sweep_interval,
-            config.blob_grace,
-            shutdown.clone(),
-        );
+        // With an SQS queue nothing can tell an orphan from a waiting message's payload: the
+        // bucket's lifecycle rule collects orphans, and listing the bucket every interval
+        // would only cost requests.
+        let sweeper = backends.dead_letter_drain.is_none().then(|| {
+            fluxa_processor::run_blob_sweeper(
+                Arc::clone(&backends.queue.blob_references),
+                backends.blobs.clone(),
+                config.blob_sweep_interval,
+                config.blob_grace,
+                shutdown.clone(),
+            )
+        });
+        let sweeper = async move {
+            if let Some(sweeper) = sweeper {
+                sweeper.await;
+            }
+        };
         let pruner = fluxa_processor::run_pruner(
             Arc::clone(&backends.store_admin),
             Arc::clone(&backends.queue.dead_letters),
