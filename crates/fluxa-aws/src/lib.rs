@@ -13,9 +13,17 @@ pub mod secrets;
 pub mod sqs;
 
 /// The SDK configuration from the environment (region, credentials, endpoint), loaded the way
-/// every AWS SDK does; build it once per process (or Lambda container) and share it.
+/// every AWS SDK does; build it once per process (or Lambda container) and share it. Its HTTP
+/// client is hyper + rustls with ring's crypto, the TLS stack the rest of Fluxa uses.
 pub async fn sdk_config() -> aws_config::SdkConfig {
+    use aws_smithy_http_client::tls;
+    let http_client = aws_smithy_http_client::Builder::new()
+        .tls_provider(tls::Provider::Rustls(
+            tls::rustls_provider::CryptoMode::Ring,
+        ))
+        .build_https();
     aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .http_client(http_client)
         .load()
         .await
 }

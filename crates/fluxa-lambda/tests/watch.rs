@@ -1,5 +1,5 @@
-//! Every function binary, built and run for real under `cargo lambda watch` (cargo-lambda's
-//! emulator of the Lambda Runtime API), invoked through its Invoke API with the JSON AWS would
+//! Every function binary, run for real under `cargo lambda watch` (cargo-lambda's emulator of
+//! the Lambda Runtime API), invoked through its Invoke API with the JSON AWS would
 //! send: ingest accepts an event, the processor stores it from a real `SqsEvent`, query reads
 //! it back, admin lists the DLQ. Ignored by default: `./test` runs it with cargo-lambda (from
 //! PyPI, in `.venv/cargo-lambda`), moto and PostgreSQL.
@@ -30,17 +30,29 @@ impl Watch {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("watch.log");
         let out = std::fs::File::create(&log).unwrap();
-        let mut command = std::process::Command::new("cargo");
-        // What `cargo test` sets for this test process is no setting for the `cargo run` that
-        // cargo-lambda starts: inherited, it would change build scripts' inputs and rebuild
-        // the workspace (`./test` has built the binaries just before).
-        for (name, _) in std::env::vars() {
-            let cargo_internal = name.starts_with("CARGO")
-                && !matches!(name.as_str(), "CARGO_HOME" | "CARGO_TARGET_DIR");
-            if cargo_internal || name.starts_with("RUST_RECURSION") || name == "OUT_DIR" {
-                command.env_remove(name);
-            }
-        }
+        // cargo-lambda starts a function with `$CARGO run … --bin NAME`. This `cargo` runs the
+        // binary `cargo test` built for this test instead (`CARGO_BIN_EXE_*`): the same code,
+        // without a second build of the workspace with the package's own features.
+        let bin_dir = std::path::Path::new(env!("CARGO_BIN_EXE_ingest"))
+            .parent()
+            .unwrap()
+            .to_owned();
+        let real_cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+        let cargo = dir.path().join("cargo");
+        std::fs::write(
+            &cargo,
+            format!(
+                "#!/bin/sh\nprev=\nfor arg in \"$@\"; do\n  \
+                 if [ \"$prev\" = --bin ]; then exec \"{}/$arg\"; fi\n  prev=$arg\ndone\n\
+                 exec \"{real_cargo}\" \"$@\"\n",
+                bin_dir.display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&cargo, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        let mut command = std::process::Command::new("cargo-lambda");
+        command.env("CARGO", &cargo);
         let child = command
             .args(["lambda", "watch", "--invoke-address", "127.0.0.1"])
             .args(["--invoke-port", &port.to_string()])
@@ -83,8 +95,7 @@ impl Watch {
                 self.port
             ))
             .json(payload)
-            // The first invocation of each function builds it (`cargo run`).
-            .timeout(Duration::from_secs(600))
+            .timeout(Duration::from_secs(120))
             .send()
             .await
             .expect("the emulator answers");
