@@ -44,25 +44,16 @@ async fn healthz() -> Response {
 )]
 async fn readyz(State(state): State<AppState>) -> Response {
     // Only the parts this host has: a host without a queue is not unready for lacking one.
+    use futures::future::OptionFuture;
     let (store, queue, blobs) = tokio::join!(
-        async {
-            match &state.reader {
-                Some(reader) => Some(reader.ping().await.is_ok()),
-                None => None,
-            }
-        },
-        async {
-            match &state.queue {
-                Some(queue) => Some(queue.ping().await.is_ok()),
-                None => None,
-            }
-        },
-        async {
-            match &state.blobs {
-                Some(blobs) => Some(blobs.check().await.is_ok()),
-                None => None,
-            }
-        },
+        OptionFuture::from(state.reader.as_ref().map(|reader| reader.ping())),
+        OptionFuture::from(state.queue.as_ref().map(|queue| queue.ping())),
+        OptionFuture::from(state.blobs.as_ref().map(|blobs| blobs.check())),
+    );
+    let (store, queue, blobs) = (
+        store.map(|r| r.is_ok()),
+        queue.map(|r| r.is_ok()),
+        blobs.map(|r| r.is_ok()),
     );
     let parts = [
         ("store", "store", store),

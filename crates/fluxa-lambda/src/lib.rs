@@ -84,17 +84,10 @@ impl LambdaConfig {
 
     /// Where the database is: the secret (`FLUXA_DATABASE_SECRET_ID`) or the URL.
     fn database(&self) -> anyhow::Result<PgLocation> {
-        match (&self.config.database_secret_id, &self.config.database_url) {
-            (Some(secret_id), base) => Ok(PgLocation::Secret {
-                secret_id: secret_id.clone(),
-                base: base.clone(),
-            }),
-            (None, Some(url)) => Ok(PgLocation::Url(url.clone())),
-            (None, None) => anyhow::bail!(
-                "this function needs the database: set FLUXA_DATABASE_SECRET_ID (or \
-                 FLUXA_DATABASE_URL)"
-            ),
-        }
+        self.config.database_location()?.context(
+            "this function needs the database: set FLUXA_DATABASE_SECRET_ID (or \
+             FLUXA_DATABASE_URL)",
+        )
     }
 
     async fn database_url(&self) -> anyhow::Result<SecretString> {

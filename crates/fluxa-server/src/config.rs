@@ -850,25 +850,30 @@ impl Config {
         }
     }
 
-    /// Which store, queue and blob backends this configuration names.
-    pub fn backends(&self) -> anyhow::Result<BackendChoice> {
+    /// Where PostgreSQL is, if this configuration names it: the secret (completed by the URL,
+    /// if any) or the URL.
+    pub fn database_location(&self) -> anyhow::Result<Option<PgLocation>> {
         if let Some(url) = &self.database_url {
             anyhow::ensure!(
                 fluxa_postgres::is_postgres_url(url),
                 "--database-url / FLUXA_DATABASE_URL must be a postgres:// or postgresql:// URL"
             );
         }
-        let store = match (&self.database_secret_id, &self.database_url) {
-            (Some(secret_id), base) => StoreBackend::Postgres {
-                url: PgLocation::Secret {
-                    secret_id: secret_id.clone(),
-                    base: base.clone(),
-                },
-            },
-            (None, Some(url)) => StoreBackend::Postgres {
-                url: PgLocation::Url(url.clone()),
-            },
-            (None, None) => StoreBackend::Sqlite {
+        Ok(match (&self.database_secret_id, &self.database_url) {
+            (Some(secret_id), base) => Some(PgLocation::Secret {
+                secret_id: secret_id.clone(),
+                base: base.clone(),
+            }),
+            (None, Some(url)) => Some(PgLocation::Url(url.clone())),
+            (None, None) => None,
+        })
+    }
+
+    /// Which store, queue and blob backends this configuration names.
+    pub fn backends(&self) -> anyhow::Result<BackendChoice> {
+        let store = match self.database_location()? {
+            Some(url) => StoreBackend::Postgres { url },
+            None => StoreBackend::Sqlite {
                 data_dir: self.data_dir.clone(),
             },
         };
