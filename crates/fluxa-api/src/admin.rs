@@ -400,8 +400,7 @@ async fn redrive(
     require_json(&headers)?;
     let body = read_body(&headers, body, MAX_REDRIVE_BODY).await?;
     fluxa_core::ingest::check_json_syntax(&body)?;
-    let request: RedriveIn =
-        serde_json::from_slice(&body).map_err(|e| ApiError::validation(format!("body: {e}")))?;
+    let request: RedriveIn = fluxa_core::ingest::read_object(&body, "a redrive request")?;
     // Each value is parsed before the queue sees it, and named when it is refused.
     let selector = match (request.all, request.event_id, request.id, request.filter) {
         (true, None, None, None) => RedriveSelector::Filter(DeadLetterFilter::default()),

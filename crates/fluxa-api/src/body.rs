@@ -30,22 +30,41 @@ use tokio::time::{Instant, Sleep};
 use crate::error::ApiError;
 use crate::Limits;
 
-/// Checks `Content-Type: application/json` (parameters such as charset allowed).
+/// Checks `Content-Type: application/json`. Parameters are allowed, but a `charset` must be
+/// UTF-8: JSON exchanged between systems is UTF-8 (RFC 8259 §8.1), and the body is read as
+/// such, so a body declared in another charset would be misread rather than refused.
 pub fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
-    let is_json = headers
+    let content_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .map(|v| v.split(';').next().unwrap_or("").trim())
-        .is_some_and(|mime| mime.eq_ignore_ascii_case("application/json"));
-    if is_json {
-        Ok(())
-    } else {
-        Err(ApiError::new(
+        .unwrap_or("");
+    let mut parts = content_type.split(';');
+    let is_json = parts
+        .next()
+        .is_some_and(|mime| mime.trim().eq_ignore_ascii_case("application/json"));
+    if !is_json {
+        return Err(ApiError::new(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "unsupported_media_type",
             "Content-Type must be application/json",
-        ))
+        ));
     }
+    for parameter in parts {
+        let (name, value) = parameter.split_once('=').unwrap_or((parameter, ""));
+        let value = value.trim();
+        let value = value
+            .strip_prefix('"')
+            .and_then(|v| v.strip_suffix('"'))
+            .unwrap_or(value);
+        if name.trim().eq_ignore_ascii_case("charset") && !value.eq_ignore_ascii_case("utf-8") {
+            return Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                "JSON must be UTF-8: Content-Type may declare charset=utf-8 or no charset",
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Past the limit we keep reading (and discarding) up to this much more, so the client gets a
@@ -397,6 +416,53 @@ impl Drop for GuardedBody {
     fn drop(&mut self) {
         if self.linger && !self.progress.finished.load(Ordering::Relaxed) {
             discard_rest(std::mem::take(&mut self.inner));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn judged(content_type: &str) -> Result<(), ApiError> {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_str(content_type).unwrap(),
+        );
+        require_json(&headers)
+    }
+
+    #[test]
+    fn json_in_utf8_or_with_no_charset_is_accepted_with_any_other_parameters() {
+        for content_type in [
+            "application/json",
+            "Application/JSON",
+            "application/json; charset=utf-8",
+            "application/json;charset=UTF-8",
+            "application/json; charset=\"utf-8\"",
+            "application/json; profile=x; charset=Utf-8",
+        ] {
+            assert!(judged(content_type).is_ok(), "{content_type}");
+        }
+    }
+
+    #[test]
+    fn json_declared_in_another_charset_is_an_unsupported_media_type() {
+        for content_type in [
+            "application/json; charset=latin1",
+            "application/json; charset=\"ISO-8859-1\"",
+            "application/json; charset=utf-16",
+            "application/json; charset=utf8",
+            "application/json; charset=",
+            "text/plain; charset=utf-8",
+        ] {
+            let error = judged(content_type).expect_err(content_type);
+            assert_eq!(
+                error.status,
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "{content_type}"
+            );
         }
     }
 }

@@ -33,7 +33,6 @@ use fluxa_queue::{DeadLetterAdmin, Producer};
 use fluxa_store::{EventReader, StoreAdmin};
 use metrics_exporter_prometheus::PrometheusHandle;
 
-pub use admin::{dead_letter_json, DeadLetterOut};
 pub use auth::{ApiToken, Scope, TokenParseError};
 pub use error::ApiError;
 

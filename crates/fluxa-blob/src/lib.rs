@@ -10,12 +10,25 @@
 //!
 //! # Key layout
 //!
-//! `events/<2 hex chars of SHA-256(event_id)>/<event_id>/<uuid>.json`, relative to the store's
-//! root (the folder, or the bucket's prefix). S3 scales request rates per key prefix, so the
-//! hash spreads events over 256 prefixes; the event id folder lets an erasure list one event's
+//! `events/<2 hex chars of SHA-256(event_id)>/<event_id>/<uuid>.json` under the store's root
+//! (the folder, or the bucket's prefix). S3 scales request rates per key prefix, so the hash
+//! spreads events over 256 prefixes; the event id folder lets an erasure list one event's
 //! uploads; the uuid makes every upload's key unique. Stores written before the hashed layout
 //! hold `events/<event_id>/<uuid>.json`: erasure looks there too, and the sweeper lists all of
 //! `events/`, so both layouts are served.
+//!
+//! # Keys as a message names them
+//! A [`BlobRef`] names the object's whole key in its bucket, prefix included
+//! (`s3://bucket/fluxa` stores at `fluxa/events/…`, and the message says `fluxa/events/…`), so
+//! anyone reading a message (an operator, another consumer) finds the object where it says
+//! (seed invariant 5). Messages written before that carried the key without the prefix
+//! (`events/…`). Every method that takes a key takes either form: a key that starts with
+//! `<prefix>/events/` is whole, any other is read below the prefix ([`BlobStore::store_path`]).
+//! The two cannot be confused, because a key without the prefix starts with `events/` followed
+//! by a 2-hex shard or an event id, never by the prefix and `events/` again (the pre-hash layout
+//! `events/<event_id>/`, which could, predates S3 and so never had a prefix). The sweeper asks
+//! the queue about both forms of a key ([`BlobStore::unprefixed_key`]), so a blob an older
+//! message still points at is kept.
 
 use std::path::{Path as FsPath, PathBuf};
 use std::sync::Arc;
@@ -34,6 +47,7 @@ use sha2::{Digest, Sha256};
 
 /// Where payload blobs live in the bucket.
 const PAYLOAD_PREFIX: &str = "events";
+const PAYLOAD_PREFIX_FOLDER: &str = "events/";
 
 /// The key readiness lists: nothing is ever written there, so the answer is always empty.
 const READINESS_PROBE: &str = "_fluxa/readiness-probe";
@@ -62,12 +76,16 @@ pub enum Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// A bucket of payload blobs. Keys (`new_key`, `BlobRef::key`, the sweeper's listing) are
-/// relative to the store's root: the local folder, or the bucket's prefix.
+/// A bucket of payload blobs. [`BlobStore::new_key`] makes a key below the store's root (the
+/// local folder, or the bucket's prefix); what the store answers ([`BlobRef::key`], the
+/// sweeper's listing) is the object's whole key in the bucket (see the crate's doc).
 #[derive(Clone)]
 pub struct BlobStore {
+    /// The bucket seen from below `prefix`.
     inner: Arc<dyn ObjectStore>,
     bucket: String,
+    /// The bucket's key prefix without slashes at either end, `""` for none.
+    prefix: String,
     /// Set for the local backend, whose writes we fsync ourselves (object_store renames a
     /// temporary file into place but does not sync it).
     local_root: Option<PathBuf>,
@@ -92,6 +110,7 @@ impl BlobStore {
         Ok(Self {
             inner: Arc::new(inner),
             bucket: "local".to_owned(),
+            prefix: String::new(),
             local_root: Some(root),
         })
     }
@@ -143,26 +162,28 @@ impl BlobStore {
             bucket: bucket.to_owned(),
             source,
         })?;
-        let prefix = prefix.trim_matches('/');
-        let inner: Arc<dyn ObjectStore> = if prefix.is_empty() {
-            Arc::new(s3)
-        } else {
-            Arc::new(PrefixStore::new(s3, prefix))
-        };
-        Ok(Self::from_object_store(inner, bucket))
+        Ok(Self::from_object_store(Arc::new(s3), bucket, prefix))
     }
 
-    /// A blob store over any `object_store` backend (S3 and friends) named `bucket`.
-    pub fn from_object_store(inner: Arc<dyn ObjectStore>, bucket: impl Into<String>) -> Self {
+    /// A blob store over any `object_store` backend (S3 and friends) named `bucket`, every key
+    /// under `prefix` (`""` for none).
+    pub fn from_object_store(
+        bucket_store: Arc<dyn ObjectStore>,
+        bucket: impl Into<String>,
+        prefix: &str,
+    ) -> Self {
+        let prefix = prefix.trim_matches('/').to_owned();
+        let inner: Arc<dyn ObjectStore> = if prefix.is_empty() {
+            bucket_store
+        } else {
+            Arc::new(PrefixStore::new(bucket_store, prefix.as_str()))
+        };
         Self {
             inner,
             bucket: bucket.into(),
+            prefix,
             local_root: None,
         }
-    }
-
-    pub fn bucket(&self) -> &str {
-        &self.bucket
     }
 
     /// A key no other upload will ever use, so deleting an orphan can never remove a blob that
@@ -172,33 +193,29 @@ impl BlobStore {
         format!("{}/{}.json", event_folder(event_id), uuid::Uuid::new_v4())
     }
 
-    /// Stores `bytes` under `key` and returns only once they are durable.
+    /// Stores `bytes` under `key` and returns only once they are durable. The reference names
+    /// the object's whole key in the bucket.
     pub async fn put(&self, key: &str, bytes: Bytes) -> Result<BlobRef> {
+        let path = self.store_path(key);
         self.inner
-            .put(&Path::from(key), PutPayload::from_bytes(bytes))
+            .put(&Path::from(path), PutPayload::from_bytes(bytes))
             .await
             .map_err(Error::Unavailable)?;
         if let Some(root) = &self.local_root {
-            sync_local_file(root.clone(), root.join(key))
+            sync_local_file(root.clone(), root.join(path))
                 .await
                 .map_err(Error::Sync)?;
         }
         Ok(BlobRef {
             bucket: self.bucket.clone(),
-            key: key.to_owned(),
+            key: self.bucket_key(path),
         })
     }
 
     /// Reads a whole blob.
     pub async fn get(&self, blob: &BlobRef) -> Result<Bytes> {
-        let result = async {
-            self.inner
-                .get(&Path::from(blob.key.as_str()))
-                .await?
-                .bytes()
-                .await
-        }
-        .await;
+        let path = Path::from(self.store_path(&blob.key));
+        let result = async { self.inner.get(&path).await?.bytes().await }.await;
         result.map_err(|e| match e {
             object_store::Error::NotFound { .. } if !is_missing_bucket(&e) => Error::NotFound {
                 key: blob.key.clone(),
@@ -209,7 +226,7 @@ impl BlobStore {
 
     /// Deletes a blob; deleting a missing blob succeeds.
     pub async fn delete(&self, key: &str) -> Result<()> {
-        match self.inner.delete(&Path::from(key)).await {
+        match self.inner.delete(&Path::from(self.store_path(key))).await {
             Ok(()) => Ok(()),
             Err(e @ object_store::Error::NotFound { .. }) if !is_missing_bucket(&e) => Ok(()),
             Err(e) => Err(Error::Unavailable(e)),
@@ -224,7 +241,7 @@ impl BlobStore {
         while let Some(meta) = listing.next().await {
             let meta = meta.map_err(Error::Unavailable)?;
             if meta.last_modified < cutoff {
-                keys.push(meta.location.to_string());
+                keys.push(self.bucket_key(meta.location.as_ref()));
             }
         }
         Ok(keys)
@@ -252,13 +269,42 @@ impl BlobStore {
                 listing
                     .objects
                     .into_iter()
-                    .map(|meta| meta.location.to_string()),
+                    .map(|meta| self.bucket_key(meta.location.as_ref())),
             );
         }
         for key in &keys {
             self.delete(key).await?;
         }
         Ok(keys.len() as u64)
+    }
+
+    /// The path below the store's root of `key`, which is either the object's whole key in the
+    /// bucket (`<prefix>/events/…`, what messages carry) or, as messages written before keys
+    /// carried the prefix did, the key below the prefix (`events/…`).
+    fn store_path<'k>(&self, key: &'k str) -> &'k str {
+        if self.prefix.is_empty() {
+            return key;
+        }
+        key.strip_prefix(self.prefix.as_str())
+            .and_then(|rest| rest.strip_prefix('/'))
+            .filter(|rest| rest.starts_with(PAYLOAD_PREFIX_FOLDER))
+            .unwrap_or(key)
+    }
+
+    /// The whole key in the bucket of the object at `path` below the store's root.
+    fn bucket_key(&self, path: &str) -> String {
+        if self.prefix.is_empty() {
+            path.to_owned()
+        } else {
+            format!("{}/{path}", self.prefix)
+        }
+    }
+
+    /// The form an older message names the blob at `key` by (the key below the prefix), when
+    /// it differs from `key`: the sweeper keeps a blob either form still points at.
+    pub fn unprefixed_key<'k>(&self, key: &'k str) -> Option<&'k str> {
+        let path = self.store_path(key);
+        (path != key).then_some(path)
     }
 
     /// Readiness: the store answers. It lists a prefix nothing is written to, so an empty
@@ -440,5 +486,74 @@ mod tests {
     fn two_keys_for_the_same_event_never_collide() {
         let id = EventId::parse("e").unwrap();
         assert_ne!(BlobStore::new_key(&id), BlobStore::new_key(&id));
+    }
+
+    /// A bucket seen whole, and the blob store over it below `prefix`.
+    fn prefixed(prefix: &str) -> (Arc<object_store::memory::InMemory>, BlobStore) {
+        let bucket = Arc::new(object_store::memory::InMemory::new());
+        let store = BlobStore::from_object_store(bucket.clone(), "b", prefix);
+        (bucket, store)
+    }
+
+    #[tokio::test]
+    async fn a_blob_in_a_prefixed_bucket_is_named_by_its_whole_key_in_the_bucket() {
+        let (bucket, store) = prefixed("/fluxa/");
+        let event_id = EventId::parse("big-1").unwrap();
+        let blob = store
+            .put(&BlobStore::new_key(&event_id), Bytes::from_static(b"[1]"))
+            .await
+            .unwrap();
+        assert!(blob.key.starts_with("fluxa/events/"), "{}", blob.key);
+        // Anyone with the bucket and the key finds the object, without knowing the prefix.
+        let read = bucket.get(&Path::from(blob.key.as_str())).await.unwrap();
+        assert_eq!(read.bytes().await.unwrap(), Bytes::from_static(b"[1]"));
+        assert_eq!(store.get(&blob).await.unwrap(), Bytes::from_static(b"[1]"));
+        let every_blob = Utc::now() + chrono::Duration::hours(1);
+        assert_eq!(
+            store.payload_keys_older_than(every_blob).await.unwrap(),
+            std::slice::from_ref(&blob.key)
+        );
+        store.delete(&blob.key).await.unwrap();
+        assert!(bucket.head(&Path::from(blob.key.as_str())).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn a_key_without_the_prefix_from_an_older_message_still_reads_and_deletes() {
+        // "events" as the prefix too: whole keys then start with events/events/.
+        for prefix in ["fluxa", "events"] {
+            let (_, store) = prefixed(prefix);
+            let event_id = EventId::parse("old-1").unwrap();
+            let below_prefix = BlobStore::new_key(&event_id);
+            let blob = store
+                .put(&below_prefix, Bytes::from_static(b"2"))
+                .await
+                .unwrap();
+            assert_eq!(blob.key, format!("{prefix}/{below_prefix}"));
+            assert_eq!(store.unprefixed_key(&blob.key), Some(below_prefix.as_str()));
+            assert_eq!(store.unprefixed_key(&below_prefix), None);
+            let older = BlobRef {
+                bucket: "b".into(),
+                key: below_prefix.clone(),
+            };
+            assert_eq!(store.get(&older).await.unwrap(), Bytes::from_static(b"2"));
+            store.delete(&below_prefix).await.unwrap();
+            assert!(matches!(
+                store.get(&blob).await,
+                Err(Error::NotFound { .. })
+            ));
+        }
+    }
+
+    #[tokio::test]
+    async fn erasure_in_a_prefixed_bucket_deletes_the_events_blobs() {
+        let (bucket, store) = prefixed("fluxa");
+        let event_id = EventId::parse("gone").unwrap();
+        store
+            .put(&BlobStore::new_key(&event_id), Bytes::from_static(b"1"))
+            .await
+            .unwrap();
+        assert_eq!(store.delete_event_blobs(&event_id).await.unwrap(), 1);
+        let left: Vec<_> = bucket.list(None).collect().await;
+        assert!(left.is_empty(), "{left:?}");
     }
 }

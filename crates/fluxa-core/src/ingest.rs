@@ -139,17 +139,28 @@ pub fn parse_checked_event(
     body: &[u8],
     limits: PayloadLimits,
 ) -> Result<ValidatedEvent<'_>, IngestError> {
+    let event_in: EventIn<'_> = read_object(body, "the event")?;
+    validate(event_in, limits)
+}
+
+/// Reads a JSON object whose syntax is already known to be fine into `T`. A member of the
+/// wrong type, a missing or an unknown one is a `validation_error` that names it by its path
+/// (`dry_run`, `filter.error_code`), as contract section 6 asks of every body; `what` names the
+/// object in the message when the problem is the object as a whole.
+pub fn read_object<'de, T: Deserialize<'de>>(
+    body: &'de [u8],
+    what: &str,
+) -> Result<T, IngestError> {
     // serde would happily read a struct from a JSON array, so insist on an object first.
     if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
         return Err(IngestError::validation(
             "body",
-            "the event must be a JSON object with the event's members",
+            format!("{what} must be a JSON object with its members"),
         ));
     }
     let mut deserializer = serde_json::Deserializer::from_slice(body);
-    let event_in: EventIn<'_> = serde_path_to_error::deserialize(&mut deserializer)
-        .map_err(|e| data_error(e.path().to_string(), e.into_inner()))?;
-    validate(event_in, limits)
+    serde_path_to_error::deserialize(&mut deserializer)
+        .map_err(|e| data_error(e.path().to_string(), e.into_inner(), what))
 }
 
 /// Most events one batch may carry (contract section 1b).
@@ -171,12 +182,7 @@ pub fn parse_batch(
     limits: PayloadLimits,
 ) -> Result<Vec<Result<ValidatedEvent<'_>, IngestError>>, IngestError> {
     check_json_syntax(body)?;
-    let batch: BatchIn<'_> = serde_json::from_slice(body).map_err(|e| {
-        IngestError::validation(
-            "events",
-            format!("the body must be an object with an \"events\" array ({e})"),
-        )
-    })?;
+    let batch: BatchIn<'_> = read_object(body, "a batch")?;
     if batch.events.is_empty() || batch.events.len() > MAX_BATCH_EVENTS {
         return Err(IngestError::validation(
             "events",
@@ -193,7 +199,7 @@ pub fn parse_batch(
         .collect())
 }
 
-fn data_error(path: String, error: serde_json::Error) -> IngestError {
+fn data_error(path: String, error: serde_json::Error, what: &str) -> IngestError {
     // serde_json appends " at line L column C"; the field name is the useful part.
     let text = error.to_string();
     let text = match text.rfind(" at line ") {
@@ -208,7 +214,7 @@ fn data_error(path: String, error: serde_json::Error) -> IngestError {
             .unwrap_or("body")
             .to_owned();
         let message = if field == "body" {
-            format!("the request body must be a JSON object with the event's members ({text})")
+            format!("{what} must be a JSON object with its members ({text})")
         } else {
             text
         };

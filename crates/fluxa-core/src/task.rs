@@ -28,14 +28,6 @@ impl PayloadMode {
             Self::S3 => "S3",
         }
     }
-
-    pub fn parse(text: &str) -> Option<Self> {
-        match text {
-            "INLINE" => Some(Self::Inline),
-            "S3" => Some(Self::S3),
-            _ => None,
-        }
-    }
 }
 
 /// The location of a payload in the blob store.

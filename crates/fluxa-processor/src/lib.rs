@@ -36,8 +36,8 @@ use fluxa_queue::{Consumer, Delivery, ExhaustedNotice};
 use fluxa_store::{Lease, NewEvent, Store, Write, WriteAction, WriteResult};
 use futures::FutureExt;
 
-pub use pruner::{prune_once, run_pruner, Pruned, Retention};
-pub use sweeper::{run_blob_sweeper, sweep_orphan_blobs};
+pub use pruner::{run_pruner, Pruned, Retention};
+pub use sweeper::run_blob_sweeper;
 pub use worker::run_workers;
 
 /// Blobs fetched at once by one batch: bounds memory (payloads may be 10 MiB each).

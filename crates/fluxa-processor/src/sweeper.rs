@@ -43,10 +43,67 @@ pub async fn sweep_orphan_blobs(
     let cutoff = chrono::Utc::now() - chrono::Duration::from_std(grace)?;
     let mut n_deleted = 0;
     for key in blobs.payload_keys_older_than(cutoff).await? {
-        if !queue.references_blob(&key).await? {
+        // A message written before keys carried the bucket's prefix names the blob without it.
+        let referenced = queue.references_blob(&key).await?
+            || match blobs.unprefixed_key(&key) {
+                Some(older_form) => queue.references_blob(older_form).await?,
+                None => false,
+            };
+        if !referenced {
             blobs.delete(&key).await?;
             n_deleted += 1;
         }
     }
     Ok(n_deleted)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use async_trait::async_trait;
+    use bytes::Bytes;
+    use fluxa_blob::BlobStore;
+    use fluxa_core::EventId;
+    use fluxa_queue::BlobReferences;
+
+    /// A queue whose messages point at exactly these keys.
+    struct Pointing(Vec<String>);
+
+    #[async_trait]
+    impl BlobReferences for Pointing {
+        async fn references_blob(&self, key: &str) -> fluxa_queue::Result<bool> {
+            Ok(self.0.iter().any(|k| k == key))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_blob_an_older_message_names_without_the_prefix_is_kept_and_an_orphan_is_swept() {
+        let bucket = Arc::new(object_store::memory::InMemory::new());
+        let blobs = BlobStore::from_object_store(bucket, "b", "fluxa");
+        let older = BlobStore::new_key(&EventId::parse("older").unwrap());
+        let current = BlobStore::new_key(&EventId::parse("current").unwrap());
+        let orphan = BlobStore::new_key(&EventId::parse("orphan").unwrap());
+        let mut whole_keys = Vec::new();
+        for key in [&older, &current, &orphan] {
+            let blob = blobs.put(key, Bytes::from_static(b"1")).await.unwrap();
+            whole_keys.push(blob.key);
+        }
+        // An upgrade: one message from before keys carried the prefix, one from after.
+        let queue = Pointing(vec![older.clone(), whole_keys[1].clone()]);
+        // Past the zero grace for certain: the sweep takes blobs strictly older than now.
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        let swept = super::sweep_orphan_blobs(&queue, &blobs, std::time::Duration::ZERO)
+            .await
+            .unwrap();
+        assert_eq!(swept, 1);
+        let mut left = blobs
+            .payload_keys_older_than(chrono::Utc::now() + chrono::Duration::hours(1))
+            .await
+            .unwrap();
+        left.sort();
+        let mut expected = whole_keys[..2].to_vec();
+        expected.sort();
+        assert_eq!(left, expected);
+    }
 }

@@ -22,8 +22,8 @@ pub mod sqs;
 
 pub use config::{
     setting_named, BackendChoice, BlobBackend, Config, FlagKind, PgLocation, QueueBackend, Role,
-    Setting, Sources, StoreBackend, ValidatedConfig, CONFIG_FILE_ENV, DEFAULT_BATCH_SIZE,
-    DEFAULT_WORKERS_EMBEDDED, DEFAULT_WORKERS_POSTGRES, SETTINGS,
+    Setting, Sources, StoreBackend, ValidatedConfig, CONFIG_FILE_ENV, DEFAULT_WORKERS_EMBEDDED,
+    DEFAULT_WORKERS_POSTGRES, SETTINGS,
 };
 
 /// The opened backends.

@@ -161,3 +161,113 @@ async fn redrive_requests_must_name_exactly_one_selector() {
     let response = app.get("/v1/admin/dlq?limit=0").await;
     assert_eq!(response.status(), 400);
 }
+
+/// Contract section 6: a `validation_error` names the field, nested ones by their path.
+#[tokio::test]
+async fn a_wrong_typed_member_of_any_body_is_a_validation_error_naming_that_member() {
+    let data = TestData::new().await;
+    let app = data.spawn(&[]).await;
+    let event = json!({"event_id": "typed-1", "event_type": "t", "payload": 1});
+    let with = |base: &Value, path: &str, value: Value| {
+        let mut body = base.clone();
+        let mut member = &mut body;
+        let names: Vec<&str> = path.split('.').collect();
+        for name in &names[..names.len() - 1] {
+            member = &mut member[*name];
+        }
+        member[names[names.len() - 1]] = value;
+        body
+    };
+    let mut cases: Vec<(&str, Value, String)> = Vec::new();
+    // The event's members (payload takes any JSON value, so it has no wrong type).
+    for member in [
+        "event_id",
+        "event_type",
+        "source",
+        "occurred_at",
+        "payload_sha256",
+    ] {
+        cases.push(("/v1/events", with(&event, member, json!(7)), member.into()));
+        let batch = json!({"events": [with(&event, member, json!([]))]});
+        cases.push(("/v1/events/batch", batch, format!("item {member}")));
+    }
+    cases.push((
+        "/v1/events/batch",
+        json!({"events": {"a": 1}}),
+        "events".into(),
+    ));
+    // A redrive's members, each beside a valid selector so that only its type is wrong.
+    let filter = json!({"filter": {"event_type": "t"}});
+    for (member, value) in [
+        ("dry_run", json!("yes")),
+        ("limit", json!("ten")),
+        ("limit", json!(-1)),
+        ("all", json!("true")),
+        ("event_id", json!(5)),
+        ("id", json!(false)),
+        ("filter", json!([])),
+        ("filter.event_id", json!(1)),
+        ("filter.error_code", json!(1)),
+        ("filter.error_class", json!({})),
+        ("filter.event_type", json!(true)),
+        ("filter.since", json!(0)),
+        ("filter.until", json!([])),
+    ] {
+        cases.push((
+            "/v1/admin/dlq/redrive",
+            with(&filter, member, value),
+            member.into(),
+        ));
+    }
+
+    for (path, body, member) in cases {
+        let (status, answer) = app.post_json(path, &body).await;
+        let context = format!("POST {path} {body}: {answer}");
+        let (member, message) = if let Some(item) = member.strip_prefix("item ") {
+            // A batch judges each item on its own: the item's own 400 names the member.
+            assert_eq!(status, 200, "{context}");
+            let result = &answer["results"][0];
+            assert_eq!(result["status"], 400, "{context}");
+            assert_eq!(result["error"]["code"], "validation_error", "{context}");
+            (
+                item.to_owned(),
+                result["error"]["message"].as_str().unwrap().to_owned(),
+            )
+        } else {
+            assert_eq!(status, 400, "{context}");
+            assert_eq!(answer["error"]["code"], "validation_error", "{context}");
+            (
+                member.clone(),
+                answer["error"]["message"].as_str().unwrap().to_owned(),
+            )
+        };
+        assert!(
+            message.starts_with(&format!("{member}:")),
+            "the message must name {member}: {context}"
+        );
+        assert!(!message.contains(" at line "), "{context}");
+    }
+}
+
+#[tokio::test]
+async fn a_redrive_declared_in_a_charset_other_than_utf8_is_refused() {
+    let data = TestData::new().await;
+    let app = data.spawn(&[]).await;
+    let response = app
+        .post_raw(
+            "/v1/admin/dlq/redrive",
+            r#"{"all": true, "dry_run": true}"#,
+            Some("application/json; charset=iso-8859-1"),
+        )
+        .await;
+    assert_eq!(response.status(), 415);
+    let answer: Value = response.json().await.unwrap();
+    assert_eq!(answer["error"]["code"], "unsupported_media_type");
+    let (status, _) = app
+        .post_json(
+            "/v1/admin/dlq/redrive",
+            &json!({"all": true, "dry_run": true}),
+        )
+        .await;
+    assert_eq!(status, 200);
+}

@@ -602,8 +602,38 @@ impl TestData {
         self.bucket.clone().unwrap_or_else(|| "local".to_owned())
     }
 
-    /// Keys of the payload blobs currently in the blob store (as a message names them:
-    /// `events/…`, relative to the folder or the bucket's prefix), sorted.
+    /// Where payload keys start: `events/` in the folder, `<prefix>/events/` in the bucket.
+    pub fn blob_key_start(&self) -> String {
+        match &self.bucket {
+            Some(_) => format!("{S3_PREFIX}/events/"),
+            None => "events/".to_owned(),
+        }
+    }
+
+    /// The bytes of the object at exactly `key` in the bucket (or the folder), read with no
+    /// knowledge of Fluxa's prefix, as an operator or another consumer of a message would.
+    pub async fn read_object(&self, key: &str) -> Vec<u8> {
+        let backend = match self.blob_backend() {
+            fluxa_server::BlobBackend::S3 { bucket, .. } => fluxa_server::BlobBackend::S3 {
+                bucket,
+                prefix: String::new(),
+            },
+            folder => folder,
+        };
+        let blobs = fluxa_server::open_blobs(&backend).expect("open the bucket");
+        let blob = fluxa_core::BlobRef {
+            bucket: self.blob_bucket(),
+            key: key.to_owned(),
+        };
+        blobs
+            .get(&blob)
+            .await
+            .expect("the object a message names")
+            .to_vec()
+    }
+
+    /// Keys of the payload blobs currently in the blob store (as a message names them: whole
+    /// keys in the bucket, prefix included), sorted.
     pub async fn blob_keys(&self) -> Vec<String> {
         let blobs = fluxa_server::open_blobs(&self.blob_backend()).expect("open the blob store");
         let every_blob = chrono::Utc::now() + chrono::Duration::days(1);
@@ -630,10 +660,15 @@ impl TestData {
         self.blob_keys().await.iter().any(|k| k == key)
     }
 
-    /// Writes `bytes` at `key`, replacing any blob there (to corrupt one, or plant an orphan).
-    pub async fn write_blob(&self, key: &str, bytes: Vec<u8>) {
+    /// Writes `bytes` at `key`, replacing any blob there (to corrupt one, or plant an orphan),
+    /// and returns the whole key it was written at.
+    pub async fn write_blob(&self, key: &str, bytes: Vec<u8>) -> String {
         let blobs = fluxa_server::open_blobs(&self.blob_backend()).expect("open the blob store");
-        blobs.put(key, bytes.into()).await.expect("write a blob");
+        blobs
+            .put(key, bytes.into())
+            .await
+            .expect("write a blob")
+            .key
     }
 
     /// Deletes the blob at `key`.

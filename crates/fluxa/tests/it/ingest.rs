@@ -162,11 +162,17 @@ async fn a_262145_byte_payload_goes_to_the_blob_store_and_its_message_carries_on
     assert_eq!(names, ["bucket", "key"]);
     let blob = message.payload_blob.expect("blob reference");
     assert_eq!(blob.bucket, data.blob_bucket());
-    // Keys spread over hashed prefixes: events/<2 hex of SHA-256(event id)>/<event id>/….
-    let folder = format!("events/{}/edge-blob/", &sha256_hex(b"edge-blob")[..2]);
+    // Keys spread over hashed prefixes: events/<2 hex of SHA-256(event id)>/<event id>/…, and
+    // the key is the object's whole key in the bucket, its prefix included.
+    let folder = format!(
+        "{}{}/edge-blob/",
+        data.blob_key_start(),
+        &sha256_hex(b"edge-blob")[..2]
+    );
     assert!(blob.key.starts_with(&folder), "{}", blob.key);
     assert_eq!(data.blob_keys().await, std::slice::from_ref(&blob.key));
     assert_eq!(data.read_blob(&blob.key).await, payload.as_bytes());
+    assert_eq!(data.read_object(&blob.key).await, payload.as_bytes());
     if data.queue_url().is_some() {
         // On SQS the message's attributes say where the payload is, beside its ids.
         let (_, _, attributes) = data.sqs_peek(1).await.pop().expect("the message");
@@ -622,6 +628,13 @@ async fn bad_input_gets_the_right_4xx_and_error_code_and_is_never_stored() {
         ("text/plain", Some("text/plain")),
         ("form encoding", Some("application/x-www-form-urlencoded")),
         ("json lookalike", Some("application/jsonp")),
+        // JSON between systems is UTF-8 (RFC 8259 §8.1): another charset would be misread.
+        ("latin1 charset", Some("application/json; charset=latin1")),
+        (
+            "quoted other charset",
+            Some("application/json;charset=\"ISO-8859-1\""),
+        ),
+        ("utf-16 charset", Some("Application/JSON; charset=utf-16")),
     ] {
         cases.push(BadInput {
             content_type,
@@ -849,6 +862,13 @@ async fn whole_batch_problems_answer_like_a_single_ingest_and_accept_nothing() {
             "wrong content type",
             format!(r#"{{"events":[{one}]}}"#),
             Some("text/plain"),
+            415,
+            "unsupported_media_type",
+        ),
+        (
+            "a charset other than utf-8",
+            format!(r#"{{"events":[{one}]}}"#),
+            Some("application/json; charset=windows-1252"),
             415,
             "unsupported_media_type",
         ),

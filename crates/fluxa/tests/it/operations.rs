@@ -225,11 +225,13 @@ async fn orphaned_payload_blobs_are_swept_but_a_dead_lettered_messages_blob_is_k
     // An ingest that died after writing its blob (in the key layout before hashed prefixes,
     // which the sweeper still serves). It is swept once older than the 1 s grace; the kept
     // blob, written earlier, is older still. (No backdating: S3 cannot.)
-    let orphan = "events/orphan/0000.json";
-    data.write_blob(orphan, b"\"lost\"".to_vec()).await;
+    let orphan = data
+        .write_blob("events/orphan/0000.json", b"\"lost\"".to_vec())
+        .await;
+    assert!(data.blob_exists(&orphan).await);
 
     let deadline = std::time::Instant::now() + crate::helpers::PATIENCE;
-    while data.blob_exists(orphan).await {
+    while data.blob_exists(&orphan).await {
         assert!(
             std::time::Instant::now() < deadline,
             "the orphaned blob was never swept"
