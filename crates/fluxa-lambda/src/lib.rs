@@ -8,7 +8,9 @@
 //!   queue's records go through `Processor::process_batch`, the DLQ's are recorded in the store.
 //!
 //! Configuration comes from the environment only (`FLUXA_*`, as `fluxa serve` reads it, and the
-//! standard `AWS_*`). Everything a function opens (the pool, the SDK clients) is built once per
+//! standard `AWS_*`), read alike by every function ([`LambdaConfig`]); only the HTTP functions
+//! require API tokens ([`http_app`]): the processor serves no requests, and the Terraform gives
+//! it none. Everything a function opens (the pool, the SDK clients) is built once per
 //! container, before the first invocation. Each container holds at most
 //! [`CONNECTIONS_PER_CONTAINER`] database connections, the budget the Terraform assumes.
 //! Logs are JSON lines that carry the invocation's AWS request id ([`init_logging`]); metrics
@@ -38,10 +40,12 @@ pub const MAX_BODY_BYTES: usize = 2_621_440;
 const DEFAULT_BATCH_BYTES: usize = 2 * 1024 * 1024;
 const ENVELOPE_ALLOWANCE: usize = 64 * 1024;
 
-/// What a function's environment configures, checked as `fluxa serve` checks it.
+/// What a function's environment configures, checked as `fluxa serve` checks it. What only
+/// one role needs (tokens, the queue, the database) is required when that role opens it.
 #[derive(Clone, Debug)]
 pub struct LambdaConfig {
     pub config: Config,
+    /// `FLUXA_API_TOKENS`, parsed; empty if unset ([`http_app`] refuses that).
     pub tokens: Vec<fluxa_api::ApiToken>,
 }
 
@@ -67,12 +71,6 @@ impl LambdaConfig {
                 .max(1);
         }
         let tokens = config.check_settings()?;
-        // A function URL or an API route is public: no loopback exception as for `fluxa serve`.
-        anyhow::ensure!(
-            !tokens.is_empty() || config.insecure_no_auth,
-            "refusing to run without API tokens: set FLUXA_API_TOKENS (or \
-             FLUXA_INSECURE_NO_AUTH=true)"
-        );
         anyhow::ensure!(
             config.limits.largest_body() <= MAX_BODY_BYTES,
             "FLUXA_MAX_BATCH_BYTES and FLUXA_MAX_PAYLOAD_BYTES (plus 64 KiB) must be at most \
@@ -80,6 +78,18 @@ impl LambdaConfig {
              payload"
         );
         Ok(Self { config, tokens })
+    }
+
+    /// The API tokens an HTTP function checks requests against. Its routes are public (an
+    /// API Gateway route or a function URL), so there is no loopback exception as for
+    /// `fluxa serve`: only `FLUXA_INSECURE_NO_AUTH=true` lets it run without tokens.
+    fn require_tokens(&self) -> anyhow::Result<Arc<Vec<fluxa_api::ApiToken>>> {
+        anyhow::ensure!(
+            !self.tokens.is_empty() || self.config.insecure_no_auth,
+            "refusing to run without API tokens: set FLUXA_API_TOKENS (or \
+             FLUXA_INSECURE_NO_AUTH=true)"
+        );
+        Ok(Arc::new(self.tokens.clone()))
     }
 
     /// Where the database is: the secret (`FLUXA_DATABASE_SECRET_ID`) or the URL.
@@ -121,17 +131,18 @@ impl LambdaConfig {
         fluxa_server::open_blobs(&BlobBackend::parse(url)?)
     }
 
-    fn state(&self) -> AppState {
-        AppState {
+    /// The state every HTTP role starts from: no backends yet, and the tokens it requires.
+    fn http_state(&self) -> anyhow::Result<AppState> {
+        Ok(AppState {
             queue: None,
             dead_letters: None,
             blobs: None,
             reader: None,
             store_admin: None,
             limits: self.config.limits,
-            tokens: Arc::new(self.tokens.clone()),
+            tokens: self.require_tokens()?,
             metrics: fluxa_telemetry::metrics_handle(),
-        }
+        })
     }
 }
 
@@ -146,9 +157,10 @@ pub enum Role {
     Admin,
 }
 
-/// Opens what `role` needs and builds its router: call once per container.
+/// Opens what `role` needs and builds its router: call once per container. Without API tokens
+/// (or `FLUXA_INSECURE_NO_AUTH=true`) it fails, before it opens anything.
 pub async fn http_app(role: Role, config: &LambdaConfig) -> anyhow::Result<axum::Router> {
-    let mut state = config.state();
+    let mut state = config.http_state()?;
     let routes = match role {
         Role::Ingest => {
             state.queue = Some(Arc::new(open_sender(config).await?));
@@ -179,8 +191,10 @@ pub async fn http_app(role: Role, config: &LambdaConfig) -> anyhow::Result<axum:
 }
 
 async fn open_sender(config: &LambdaConfig) -> anyhow::Result<SqsQueue> {
+    // A missing setting is reported before the SDK looks for a region and credentials.
+    let queue_url = config.queue_url()?;
     let client = aws_sdk_sqs::Client::new(&fluxa_aws::sdk_config().await);
-    Ok(SqsQueue::open_sender(client, config.queue_url()?).await?)
+    Ok(SqsQueue::open_sender(client, queue_url).await?)
 }
 
 /// JSON log lines on stdout (CloudWatch Logs keeps them), each with the span list, where

@@ -368,15 +368,18 @@ async fn under_an_emulated_event_source_mapping_failures_reach_the_dlq_and_the_a
     }
 }
 
-#[test]
-fn a_function_refuses_bodies_that_cannot_fit_in_a_lambda_invoke_and_runs_only_with_tokens() {
-    let sources = |env: &[(&str, &str)]| fluxa_server::Sources {
+fn sources(env: &[(&str, &str)]) -> fluxa_server::Sources {
+    fluxa_server::Sources {
         env: env
             .iter()
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
             .collect(),
         ..Default::default()
-    };
+    }
+}
+
+#[test]
+fn a_function_refuses_bodies_that_cannot_fit_in_a_lambda_invoke() {
     let tokens = ("FLUXA_API_TOKENS", "ingest=abcdefghijklmnop");
     let config = fluxa_lambda::LambdaConfig::from_sources(sources(&[tokens])).unwrap();
     assert_eq!(config.config.limits.max_batch_bytes, 2 * 1024 * 1024);
@@ -388,9 +391,41 @@ fn a_function_refuses_bodies_that_cannot_fit_in_a_lambda_invoke_and_runs_only_wi
     ]))
     .unwrap_err();
     assert!(error.to_string().contains("6 MB"), "{error}");
+}
 
-    let error = fluxa_lambda::LambdaConfig::from_sources(sources(&[])).unwrap_err();
-    assert!(error.to_string().contains("FLUXA_API_TOKENS"), "{error}");
+#[tokio::test]
+async fn the_http_functions_refuse_to_start_without_tokens_and_the_processor_needs_none() {
+    // The processor's variables as the Terraform sets them: no tokens, and no switch either.
+    let processor = fluxa_lambda::LambdaConfig::from_sources(sources(&[
+        ("FLUXA_DATABASE_SECRET_ID", "fluxa-db"),
+        (
+            "FLUXA_QUEUE_URL",
+            "https://sqs.us-east-1.amazonaws.com/1/fluxa",
+        ),
+        ("FLUXA_BLOB_URL", "s3://fluxa-payloads/payloads"),
+        ("FLUXA_MAX_RECEIVES", "3"),
+        ("FLUXA_LEASE", "60s"),
+    ]))
+    .expect("the processor's configuration needs no tokens");
+    assert!(processor.tokens.is_empty());
+
+    // An HTTP function is refused before it opens anything, whatever its role; with the
+    // insecure switch it gets past the tokens, to what it opens (none of it configured here).
+    let insecure =
+        fluxa_lambda::LambdaConfig::from_sources(sources(&[("FLUXA_INSECURE_NO_AUTH", "true")]))
+            .unwrap();
+    for role in [Role::Ingest, Role::Query, Role::Admin] {
+        let error = fluxa_lambda::http_app(role, &processor).await.unwrap_err();
+        assert!(
+            error.to_string().contains("FLUXA_API_TOKENS"),
+            "{role:?}: {error}"
+        );
+        let error = fluxa_lambda::http_app(role, &insecure).await.unwrap_err();
+        assert!(
+            !error.to_string().contains("API tokens"),
+            "{role:?}: {error}"
+        );
+    }
 }
 
 #[tokio::test]

@@ -1,16 +1,104 @@
 //! Every function binary, run for real under `cargo lambda watch` (cargo-lambda's emulator of
-//! the Lambda Runtime API), invoked through its Invoke API with the JSON AWS would
-//! send: ingest accepts an event, the processor stores it from a real `SqsEvent`, query reads
-//! it back, admin lists the DLQ. Ignored by default: `./test` runs it with cargo-lambda (from
-//! PyPI, in `.venv/cargo-lambda`), moto and PostgreSQL.
+//! the Lambda Runtime API), each started with the environment the Terraform gives it (read from
+//! infra/terraform, [`terraform_environments`]), and invoked through the Invoke API with the
+//! JSON AWS would send: ingest accepts an event, the processor stores it from a real `SqsEvent`,
+//! query reads it back, admin lists the DLQ. Ignored by default: `./test` runs it with
+//! cargo-lambda (from PyPI, in `.venv/cargo-lambda`), tfparse (in `.venv/terraform`), moto and
+//! PostgreSQL.
 
 mod common;
 
+use std::collections::BTreeMap;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::{api_request, sqs_event, Deployment};
+use common::{api_request, sqs_event, Deployment, TOKEN};
 use serde_json::{json, Value};
+
+/// Each function's environment variables, by function name.
+type Environments = BTreeMap<String, BTreeMap<String, String>>;
+
+/// The environment `infra/terraform` gives each function, with this test's deployment in it.
+///
+/// The test runs `infra/terraform/tests/function_environments.py`, which reads the functions'
+/// environments with tfparse as `test_terraform.py` does, rather than reading a file that
+/// `./test` would write beforehand: it then always sees the Terraform as it is now, and runs on
+/// its own. The script prints every key and every literal as the Terraform writes it; what
+/// exists only once applied is a placeholder naming its resource, and an operator's input one
+/// naming its variable, and only those are replaced here, by this deployment's values.
+/// Anything more a function sees comes from the harness, and none of it is `FLUXA_*`: the
+/// `AWS_*` settings that point the SDKs at moto (on AWS, the Lambda runtime's), cargo-lambda's
+/// `AWS_LAMBDA_*`, `PATH` and `HOME` ([`Watch::start`]).
+///
+/// The Python with tfparse is `FLUXA_TEST_TERRAFORM_PYTHON` (`./test` sets it from
+/// `scripts/terraform-check.sh --python`), else the one in the workspace's `.venv/terraform`.
+fn terraform_environments(deployment: &Deployment) -> Environments {
+    let workspace = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let python = std::env::var_os("FLUXA_TEST_TERRAFORM_PYTHON")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| workspace.join(".venv/terraform/bin/python"));
+    let script = workspace.join("infra/terraform/tests/function_environments.py");
+    let output = std::process::Command::new(&python)
+        .arg(&script)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot run {} ({e}): set FLUXA_TEST_TERRAFORM_PYTHON to a Python with tfparse \
+                 (scripts/terraform-check.sh --python installs one and prints it)",
+                python.display()
+            )
+        });
+    assert!(
+        output.status.success(),
+        "{} failed: {}",
+        script.display(),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let templates: Environments =
+        serde_json::from_slice(&output.stdout).expect("the script prints JSON");
+
+    let values = [
+        (
+            "${module.stateful.aws_sqs_queue.main}",
+            &deployment.queue_url,
+        ),
+        (
+            "${module.stateful.aws_secretsmanager_secret.db}",
+            &deployment.secret_arn,
+        ),
+        (
+            "${module.stateful.aws_s3_bucket.payloads}",
+            &deployment.bucket,
+        ),
+        ("${var.api_tokens}", &format!("ingest+read+admin={TOKEN}")),
+    ];
+    templates
+        .into_iter()
+        .map(|(function, variables)| {
+            let variables = variables
+                .into_iter()
+                .map(|(name, template)| {
+                    let value = values.iter().fold(template, |value, (placeholder, real)| {
+                        value.replace(placeholder, real)
+                    });
+                    assert!(
+                        !value.contains("${"),
+                        "{function}'s {name} holds a placeholder this test has no value for: \
+                         {value}"
+                    );
+                    (name, value)
+                })
+                .collect();
+            (function, variables)
+        })
+        .collect()
+}
+
+/// Quotes `text` as one word for `sh`.
+fn shell_word(text: &str) -> String {
+    format!("'{}'", text.replace('\'', r"'\''"))
+}
 
 /// `cargo lambda watch` in the background, stopped (with its functions) on drop.
 struct Watch {
@@ -21,7 +109,9 @@ struct Watch {
 }
 
 impl Watch {
-    fn start(deployment: &Deployment) -> Self {
+    /// Starts the emulator, which starts each function it is asked to invoke with that
+    /// function's `environments` entry.
+    fn start(environments: &Environments) -> Self {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -32,34 +122,52 @@ impl Watch {
         let out = std::fs::File::create(&log).unwrap();
         // cargo-lambda starts a function with `$CARGO run … --bin NAME`. This `cargo` runs the
         // binary `cargo test` built for this test instead (`CARGO_BIN_EXE_*`): the same code,
-        // without a second build of the workspace with the package's own features.
+        // without a second build of the workspace with the package's own features. It is also
+        // where each function gets its own environment: one emulator hands all of them its own.
         let bin_dir = std::path::Path::new(env!("CARGO_BIN_EXE_ingest"))
             .parent()
             .unwrap()
             .to_owned();
+        let functions: String = environments
+            .iter()
+            .map(|(function, variables)| {
+                let assignments: Vec<String> = variables
+                    .iter()
+                    .map(|(name, value)| shell_word(&format!("{name}={value}")))
+                    .collect();
+                format!(
+                    "      {function}) exec env {} {} ;;\n",
+                    assignments.join(" "),
+                    shell_word(&bin_dir.join(function).display().to_string())
+                )
+            })
+            .collect();
         let real_cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
         let cargo = dir.path().join("cargo");
         std::fs::write(
             &cargo,
             format!(
-                "#!/bin/sh\nprev=\nfor arg in \"$@\"; do\n  \
-                 if [ \"$prev\" = --bin ]; then exec \"{}/$arg\"; fi\n  prev=$arg\ndone\n\
-                 exec \"{real_cargo}\" \"$@\"\n",
-                bin_dir.display()
+                "#!/bin/sh\nprev=\nfor arg in \"$@\"; do\n  if [ \"$prev\" = --bin ]; then\n    \
+                 case \"$arg\" in\n{functions}      \
+                 *) echo \"no Terraform environment for $arg\" >&2; exit 1 ;;\n    esac\n  \
+                 fi\n  prev=$arg\ndone\nexec {} \"$@\"\n",
+                shell_word(&real_cargo)
             ),
         )
         .unwrap();
         std::fs::set_permissions(&cargo, std::os::unix::fs::PermissionsExt::from_mode(0o755))
             .unwrap();
+        // Nothing of this test's own environment reaches a function (no `FLUXA_*`, no
+        // `RUST_LOG`) but what locates programs and the `AWS_*` settings of moto.
+        let harness = std::env::vars()
+            .filter(|(name, _)| name.starts_with("AWS_") || name == "PATH" || name == "HOME");
         let mut command = std::process::Command::new("cargo-lambda");
-        command.env("CARGO", &cargo);
+        command.env_clear().envs(harness).env("CARGO", &cargo);
         let child = command
             .args(["lambda", "watch", "--invoke-address", "127.0.0.1"])
             .args(["--invoke-port", &port.to_string()])
             .args(["--ignore-changes", "-q"])
             .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .envs(deployment.environment())
-            .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(out.try_clone().unwrap())
             .stderr(out)
@@ -89,16 +197,34 @@ impl Watch {
 
     /// Invokes `function` with `payload` as the Lambda Invoke API does, and returns its answer.
     async fn invoke(&self, function: &str, payload: &Value) -> Value {
-        let response = reqwest::Client::new()
+        let log_before = self.log().len();
+        let request = reqwest::Client::new()
             .post(format!(
                 "http://127.0.0.1:{}/2015-03-31/functions/{function}/invocations",
                 self.port
             ))
             .json(payload)
             .timeout(Duration::from_secs(120))
-            .send()
-            .await
-            .expect("the emulator answers");
+            .send();
+        // A function that exits before it asks for its first event leaves the emulator waiting
+        // for it, so the test watches for cargo-lambda's note of the exit instead.
+        let exited = async {
+            loop {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                let log = self.log();
+                if log
+                    .get(log_before..)
+                    .is_some_and(|new| new.contains("command exited"))
+                {
+                    break;
+                }
+            }
+        };
+        let response = tokio::select! {
+            response = request => response
+                .unwrap_or_else(|e| panic!("{function} never answered: {e}\n{}", self.log())),
+            () = exited => panic!("{function} exited instead of answering:\n{}", self.log()),
+        };
         let status = response.status();
         let text = response.text().await.unwrap();
         assert!(
@@ -139,10 +265,22 @@ fn http_answer(answer: &Value) -> (u64, Value) {
 }
 
 #[tokio::test]
-#[ignore = "needs cargo-lambda, moto and PostgreSQL: ./test runs it"]
-async fn every_function_binary_answers_its_invocations_under_cargo_lambda_watch() {
+#[ignore = "needs cargo-lambda, tfparse, moto and PostgreSQL: ./test runs it"]
+async fn every_function_binary_started_with_its_terraform_environment_answers_its_invocations() {
     let deployment = Deployment::create().await;
-    let watch = Watch::start(&deployment);
+    let environments = terraform_environments(&deployment);
+    assert_eq!(
+        environments.keys().collect::<Vec<_>>(),
+        ["admin", "ingest", "processor", "query"]
+    );
+    // The processor serves no HTTP: it has no tokens, nor any switch to do without them.
+    let processor = &environments["processor"];
+    assert!(
+        !processor.contains_key("FLUXA_API_TOKENS")
+            && !processor.contains_key("FLUXA_INSECURE_NO_AUTH"),
+        "{processor:?}"
+    );
+    let watch = Watch::start(&environments);
 
     let event = json!({"event_id": "watched-1", "event_type": "lambda.test", "payload": {"n": 1}});
     let answer = watch

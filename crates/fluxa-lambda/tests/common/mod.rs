@@ -17,6 +17,7 @@ pub struct Deployment {
     pub database: String,
     pub database_url: String,
     pub secret_id: String,
+    pub secret_arn: String,
     pub bucket: String,
     pub queue_url: String,
     pub queue_arn: String,
@@ -66,7 +67,7 @@ impl Deployment {
         };
         let url = url_parts(&database_url);
         let secret_id = format!("fluxa-lambda-test/{unique}");
-        aws_sdk_secretsmanager::Client::new(&config)
+        let secret_arn = aws_sdk_secretsmanager::Client::new(&config)
             .create_secret()
             .name(&secret_id)
             .secret_string(
@@ -82,7 +83,10 @@ impl Deployment {
             )
             .send()
             .await
-            .expect("create the database secret (is moto running? ./test starts it)");
+            .expect("create the database secret (is moto running? ./test starts it)")
+            .arn()
+            .expect("the secret's ARN")
+            .to_owned();
 
         let bucket = format!("fluxa-lambda-{unique}");
         let endpoint = std::env::var("AWS_ENDPOINT_URL").expect("AWS_ENDPOINT_URL (moto)");
@@ -129,6 +133,7 @@ impl Deployment {
             database,
             database_url,
             secret_id,
+            secret_arn,
             bucket,
             queue_url,
             queue_arn,
@@ -138,7 +143,9 @@ impl Deployment {
         }
     }
 
-    /// The `FLUXA_*` environment the Terraform gives every function, all roles' at once.
+    /// One `FLUXA_*` environment with every role's settings at once (tokens included) and
+    /// back-offs short enough for a test, for the handlers tested in-process. It is not what
+    /// the Terraform gives any one function: `watch.rs` starts each binary with that instead.
     pub fn environment(&self) -> HashMap<String, String> {
         [
             ("FLUXA_DATABASE_SECRET_ID", self.secret_id.clone()),
