@@ -137,13 +137,14 @@ pub struct FilterIn {
     /// Only the dead letters of this event id.
     #[schema(value_type = Option<crate::openapi::schema::EventId>)]
     event_id: Option<String>,
-    /// Only this error code (`invalid_message`, `hash_mismatch`, `blob_missing`,
-    /// `event_id_conflict`, `retries_exhausted`, …).
+    /// Only this error code.
+    #[schema(value_type = Option<crate::openapi::schema::ProcessingErrorCode>)]
     error_code: Option<String>,
-    /// `permanent` or `retries_exhausted`.
-    #[schema(pattern = "^(permanent|retries_exhausted)$")]
+    /// Only this class of failure.
+    #[schema(value_type = Option<crate::openapi::schema::ErrorClass>)]
     error_class: Option<String>,
     /// Only dead letters of events of this type.
+    #[schema(value_type = Option<crate::openapi::schema::EventType>)]
     event_type: Option<String>,
     /// Only those dead-lettered at or after this time (RFC 3339).
     #[schema(format = DateTime)]
@@ -228,11 +229,13 @@ struct ListQuery {
     #[param(value_type = Option<crate::openapi::schema::EventId>)]
     event_id: Option<String>,
     /// Only this error code.
+    #[param(value_type = Option<crate::openapi::schema::ProcessingErrorCode>)]
     error_code: Option<String>,
-    /// `permanent` or `retries_exhausted`.
-    #[param(pattern = "^(permanent|retries_exhausted)$")]
+    /// Only this class of failure.
+    #[param(value_type = Option<crate::openapi::schema::ErrorClass>)]
     error_class: Option<String>,
     /// Only dead letters of events of this type.
+    #[param(value_type = Option<crate::openapi::schema::EventType>)]
     event_type: Option<String>,
     /// Only those dead-lettered at or after this time (RFC 3339).
     #[param(format = DateTime)]
@@ -244,6 +247,7 @@ struct ListQuery {
     #[param(minimum = 1, maximum = 1000)]
     limit: Option<usize>,
     /// The `next_cursor` of the previous page, with the same filters.
+    #[param(value_type = Option<crate::openapi::schema::Cursor>)]
     cursor: Option<String>,
 }
 
@@ -337,24 +341,33 @@ async fn show(
     Ok(Json(dead_letter_json(&entry)).into_response())
 }
 
-/// Body of a redrive request: exactly one selector, and optionally `dry_run`.
-#[derive(Deserialize)]
+/// Body of a redrive request: exactly one selector (`all` true, or `event_id`, `id` or
+/// `filter` not null), and optionally `dry_run`.
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct RedriveIn {
+    /// `true`: every dead letter.
     #[serde(default)]
     all: bool,
+    /// Every dead letter of this event.
+    #[schema(value_type = Option<crate::openapi::schema::EventId>)]
     event_id: Option<String>,
+    /// The one dead letter with this id.
+    #[schema(value_type = Option<crate::openapi::schema::DeadLetterId>)]
     id: Option<String>,
+    /// Every dead letter the filter matches (the filters of `GET /v1/admin/dlq`).
     filter: Option<FilterIn>,
+    /// Only count what would be redriven.
     #[serde(default)]
     dry_run: bool,
     /// Move at most this many in this call, so a client can redrive a large DLQ in short
     /// requests and show its progress.
+    #[schema(minimum = 1, maximum = 10000)]
     limit: Option<u64>,
 }
 
 /// Largest `limit` a redrive takes.
-const MAX_REDRIVE_LIMIT: u64 = 10_000;
+pub(crate) const MAX_REDRIVE_LIMIT: u64 = 10_000;
 
 /// The answer to a redrive.
 #[derive(Serialize, utoipa::ToSchema)]
@@ -382,7 +395,7 @@ const MAX_REDRIVE_BODY: usize = 64 * 1024;
     path = "/v1/admin/dlq/redrive",
     tag = "admin",
     operation_id = "redrive_dead_letters",
-    request_body(content = crate::openapi::schema::RedriveIn, content_type = "application/json"),
+    request_body(content = RedriveIn, content_type = "application/json"),
     responses(
         (status = 200, description = "How many dead letters matched and how many went back \
             to the queue.", body = RedriveOut),

@@ -107,7 +107,17 @@ async fn serve_document() -> Response {
         crate::ops::metrics_text,
         serve_document,
     ),
-    components(schemas(schema::ErrorBody, schema::CorrelationId)),
+    // Named here because only parameters use some of them, and utoipa collects the schemas
+    // of bodies alone.
+    components(schemas(
+        schema::ErrorBody,
+        schema::CorrelationId,
+        schema::EventType,
+        schema::Source,
+        schema::Cursor,
+        schema::ProcessingErrorCode,
+        schema::ErrorClass,
+    )),
     tags(
         (name = "ingest", description = "Send events (scope `ingest`)."),
         (name = "query", description = "Read stored events and their status (scope `read`)."),
@@ -127,7 +137,8 @@ pub(crate) fn document() -> Value {
 }
 
 /// Adds to every operation what the layers around the handlers do, and the keywords utoipa
-/// cannot express (a header's `required`, `not`).
+/// cannot express (a header's `required`, `not`, a `oneOf` rule beside properties, a bare
+/// schema in `anyOf`).
 fn document_layers(doc: &mut Value) {
     doc["components"]["securitySchemes"] = json!({
         BEARER: {
@@ -153,6 +164,24 @@ fn document_layers(doc: &mut Value) {
     // JSON Schema's `pattern` cannot say "not `.` or `..`" without a look-around, which not
     // every tester's regex engine has, and utoipa 5 has no `not` keyword.
     doc["components"]["schemas"]["EventId"]["not"] = json!({"enum": [".", ".."]});
+    // A batch item may be any JSON value (each gets its own result, contract section 1b);
+    // naming the event schema as the first choice still tells readers, client generators and
+    // testers what an item is meant to be. utoipa cannot write `anyOf` with a bare schema.
+    doc["components"]["schemas"]["BatchIn"]["properties"]["events"]["items"] = json!({
+        "anyOf": [
+            {"$ref": "#/components/schemas/EventIn"},
+            {"description": "Any other JSON value, which gets its own 400 result."},
+        ]
+    });
+    // The redrive handler takes a struct of optional members and goes ahead only when exactly
+    // one selector is set; `oneOf` over "this selector is set" is that rule, so another
+    // member may still be present as `null` (or `all` as `false`), as the server allows.
+    doc["components"]["schemas"]["RedriveIn"]["oneOf"] = json!([
+        {"required": ["all"], "properties": {"all": {"const": true}}},
+        {"required": ["event_id"], "properties": {"event_id": {"not": {"type": "null"}}}},
+        {"required": ["id"], "properties": {"id": {"not": {"type": "null"}}}},
+        {"required": ["filter"], "properties": {"filter": {"not": {"type": "null"}}}},
+    ]);
 }
 
 fn is_method(key: &str) -> bool {
@@ -359,6 +388,115 @@ pub(crate) mod schema {
         "The SHA-256 of the payload bytes, in lowercase hex."
     );
 
+    /// What `char::is_control` refuses (Unicode's Cc: C0, DEL and C1), which is what
+    /// `fluxa_core`'s text fields check.
+    pub(crate) const NO_CONTROL_CHARS: &str = "^[^\\x00-\\x1f\\x7f-\\x9f]*$";
+
+    /// The alphabet of base64url without padding, which is what a cursor is.
+    pub(crate) const CURSOR_PATTERN: &str = "^[A-Za-z0-9_-]*$";
+
+    /// An event type as a filter takes it: the rules of [`fluxa_core::EventType::parse`].
+    pub struct EventType;
+
+    impl PartialSchema for EventType {
+        fn schema() -> RefOr<Schema> {
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .min_length(Some(1))
+                .max_length(Some(fluxa_core::EventType::MAX_CHARS))
+                .pattern(Some(NO_CONTROL_CHARS))
+                .description(Some(
+                    "An event type, e.g. `order.created`: 1 to 128 characters, no control \
+                     characters.",
+                ))
+                .into()
+        }
+    }
+
+    impl ToSchema for EventType {}
+
+    /// A source as a filter takes it: the rules of [`fluxa_core::Source::parse`].
+    pub struct Source;
+
+    impl PartialSchema for Source {
+        fn schema() -> RefOr<Schema> {
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .max_length(Some(fluxa_core::Source::MAX_CHARS))
+                .pattern(Some(NO_CONTROL_CHARS))
+                .description(Some(
+                    "The producer: at most 256 characters, no control characters.",
+                ))
+                .into()
+        }
+    }
+
+    impl ToSchema for Source {}
+
+    /// A paging cursor: only its alphabet and length can be described; whether this server
+    /// made it, for this listing and these filters, is checked when it is used.
+    pub struct Cursor;
+
+    impl PartialSchema for Cursor {
+        fn schema() -> RefOr<Schema> {
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .min_length(Some(1))
+                .max_length(Some(fluxa_core::cursor::MAX_CURSOR_LEN))
+                .pattern(Some(CURSOR_PATTERN))
+                .description(Some(
+                    "The `next_cursor` of the previous page, passed back with the same filters. \
+                     Opaque: any other value, or one from another listing or other filters, \
+                     is 400 `validation_error` naming `cursor`.",
+                ))
+                .into()
+        }
+    }
+
+    impl ToSchema for Cursor {}
+
+    /// The codes a processing failure is recorded with, listed from
+    /// [`fluxa_core::ErrorCode::ALL`], which is also what a filter is parsed against.
+    pub struct ProcessingErrorCode;
+
+    impl PartialSchema for ProcessingErrorCode {
+        fn schema() -> RefOr<Schema> {
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .enum_values(Some(
+                    fluxa_core::ErrorCode::ALL.map(fluxa_core::ErrorCode::as_str),
+                ))
+                .description(Some(
+                    "A processing error code, as dead letters and status records carry it.",
+                ))
+                .into()
+        }
+    }
+
+    impl ToSchema for ProcessingErrorCode {}
+
+    /// How a dead letter failed, from [`fluxa_core::FailureClass`].
+    pub struct ErrorClass;
+
+    impl PartialSchema for ErrorClass {
+        fn schema() -> RefOr<Schema> {
+            use fluxa_core::FailureClass;
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .enum_values(Some(
+                    [FailureClass::Permanent, FailureClass::RetriesExhausted]
+                        .map(FailureClass::as_str),
+                ))
+                .description(Some(
+                    "`permanent`: the processor decided the message can never succeed; \
+                     `retries_exhausted`: it failed transiently on every allowed receive.",
+                ))
+                .into()
+        }
+    }
+
+    impl ToSchema for ErrorClass {}
+
     /// Every error answer.
     #[derive(Serialize, ToSchema)]
     #[serde(deny_unknown_fields)]
@@ -402,15 +540,11 @@ pub(crate) mod schema {
     pub struct EventIn {
         #[schema(value_type = EventId)]
         pub event_id: String,
-        /// What happened, e.g. `order.created`: 1 to 128 characters, no control characters.
-        #[schema(
-            min_length = 1,
-            max_length = 128,
-            pattern = "^[^\\x00-\\x1f\\x7f-\\x9f]*$"
-        )]
+        /// What happened, e.g. `order.created`.
+        #[schema(value_type = EventType)]
         pub event_type: String,
-        /// The producer: at most 256 characters, no control characters.
-        #[schema(max_length = 256, pattern = "^[^\\x00-\\x1f\\x7f-\\x9f]*$")]
+        /// The producer.
+        #[schema(value_type = Option<Source>)]
         pub source: Option<String>,
         /// When it happened (RFC 3339); stored normalised to UTC, to microseconds.
         #[schema(format = DateTime)]
@@ -428,9 +562,12 @@ pub(crate) mod schema {
     #[derive(Deserialize, ToSchema)]
     #[serde(deny_unknown_fields)]
     pub struct BatchIn {
-        /// 1 to 1000 events, each judged on its own.
-        #[schema(min_items = 1, max_items = 1000)]
-        pub events: Vec<EventIn>,
+        /// 1 to 1000 items, each judged on its own, so an item may be any JSON value: an
+        /// event as `POST /v1/events` takes it (`EventIn`) is validated, hashed and queued,
+        /// and any other item (not an object, a member missing, unknown or invalid, a hash
+        /// that does not match) gets its own 400 result while the others go ahead.
+        #[schema(min_items = 1, max_items = 1000, value_type = Vec<Value>)]
+        pub events: Vec<serde_json::Value>,
     }
 
     /// Where a payload travels: inside the queue message, or in the blob store (over 256 KiB).
@@ -536,78 +673,6 @@ pub(crate) mod schema {
         Failed,
         Erased,
     }
-
-    /// The body of `POST /v1/admin/dlq/redrive`: one selector, and `dry_run` to only count.
-    /// (The handler reads it as a struct of optional members and checks that exactly one
-    /// selector is given; this is the same rule as a schema.)
-    #[derive(Deserialize, ToSchema)]
-    #[serde(untagged)]
-    pub enum RedriveIn {
-        All(RedriveAll),
-        ByEventId(RedriveByEventId),
-        ById(RedriveById),
-        ByFilter(RedriveByFilter),
-    }
-
-    /// Every dead letter.
-    #[derive(Deserialize, ToSchema)]
-    #[serde(deny_unknown_fields)]
-    pub struct RedriveAll {
-        #[schema(value_type = True)]
-        pub all: bool,
-        /// Only count what would be redriven (default false).
-        pub dry_run: Option<bool>,
-        /// Move at most this many in this call.
-        #[schema(minimum = 1, maximum = 10000)]
-        pub limit: Option<u64>,
-    }
-
-    /// Every dead letter of one event.
-    #[derive(Deserialize, ToSchema)]
-    #[serde(deny_unknown_fields)]
-    pub struct RedriveByEventId {
-        #[schema(value_type = EventId)]
-        pub event_id: String,
-        pub dry_run: Option<bool>,
-        #[schema(minimum = 1, maximum = 10000)]
-        pub limit: Option<u64>,
-    }
-
-    /// One dead letter.
-    #[derive(Deserialize, ToSchema)]
-    #[serde(deny_unknown_fields)]
-    pub struct RedriveById {
-        #[schema(value_type = DeadLetterId)]
-        pub id: String,
-        pub dry_run: Option<bool>,
-        #[schema(minimum = 1, maximum = 10000)]
-        pub limit: Option<u64>,
-    }
-
-    /// Every dead letter the filter matches (the filters of `GET /v1/admin/dlq`).
-    #[derive(Deserialize, ToSchema)]
-    #[serde(deny_unknown_fields)]
-    pub struct RedriveByFilter {
-        #[schema(value_type = crate::admin::FilterIn)]
-        pub filter: serde_json::Value,
-        pub dry_run: Option<bool>,
-        #[schema(minimum = 1, maximum = 10000)]
-        pub limit: Option<u64>,
-    }
-
-    /// The JSON value `true`.
-    pub struct True;
-
-    impl PartialSchema for True {
-        fn schema() -> RefOr<Schema> {
-            ObjectBuilder::new()
-                .schema_type(Type::Boolean)
-                .enum_values(Some([true]))
-                .into()
-        }
-    }
-
-    impl ToSchema for True {}
 
     /// 200 from `GET /healthz`.
     #[derive(Serialize, ToSchema)]
@@ -760,9 +825,10 @@ mod tests {
         );
         assert_eq!(schemas["EventId"]["pattern"], "^[A-Za-z0-9._:-]{1,128}$");
         assert_eq!(schemas["EventId"]["not"], json!({"enum": [".", ".."]}));
-        assert_eq!(properties["event_type"]["minLength"], 1);
-        assert_eq!(properties["event_type"]["maxLength"], 128);
-        assert_eq!(properties["source"]["maxLength"], 256);
+        let event_type = resolve(&doc, &properties["event_type"]);
+        assert_eq!(event_type["minLength"], 1);
+        assert_eq!(event_type["maxLength"], 128);
+        assert_eq!(resolve(&doc, &properties["source"])["maxLength"], 256);
         assert_eq!(properties["occurred_at"]["format"], "date-time");
         // Any JSON value: a schema with no type.
         assert!(properties["payload"].get("type").is_none());
@@ -770,7 +836,169 @@ mod tests {
         let batch = &schemas["BatchIn"]["properties"]["events"];
         assert_eq!(
             (&batch["minItems"], &batch["maxItems"]),
-            (&json!(1), &json!(1000))
+            (&json!(1), &json!(fluxa_core::ingest::MAX_BATCH_EVENTS))
+        );
+    }
+
+    #[test]
+    fn a_batch_item_may_be_any_json_value_since_each_is_judged_on_its_own() {
+        let doc = document();
+        let items = &doc["components"]["schemas"]["BatchIn"]["properties"]["events"]["items"];
+        // A non-object item gets its own 400 result inside a 200, so the document must not
+        // promise a 400 for the whole request: one choice must constrain nothing.
+        let unconstrained = |schema: &Value| {
+            schema
+                .as_object()
+                .unwrap()
+                .keys()
+                .all(|keyword| keyword == "description")
+        };
+        let choices = items["anyOf"].as_array().unwrap();
+        assert!(
+            choices.iter().any(unconstrained),
+            "a batch item's schema constrains it: {items}"
+        );
+        assert_eq!(choices[0]["$ref"], "#/components/schemas/EventIn");
+    }
+
+    #[test]
+    fn the_dead_letter_error_code_filter_lists_exactly_the_processing_error_codes() {
+        let doc = document();
+        let codes: Vec<&str> = fluxa_core::ErrorCode::ALL
+            .iter()
+            .map(|code| code.as_str())
+            .collect();
+        let filter = &doc["components"]["schemas"]["DeadLetterFilter"]["properties"];
+        for schema in [
+            query_parameter(&doc, "/v1/admin/dlq", "error_code"),
+            resolve(&doc, &filter["error_code"]),
+        ] {
+            assert_eq!(schema["enum"], json!(codes), "{schema}");
+        }
+        for schema in [
+            query_parameter(&doc, "/v1/admin/dlq", "error_class"),
+            resolve(&doc, &filter["error_class"]),
+        ] {
+            let classes = schema["enum"].as_array().unwrap();
+            assert_eq!(classes.len(), 2, "{schema}");
+            for class in classes {
+                let class = class.as_str().unwrap();
+                assert!(fluxa_core::FailureClass::parse(class).is_some(), "{class}");
+            }
+        }
+    }
+
+    #[test]
+    fn every_query_parameter_states_the_bounds_the_server_checks() {
+        let doc = document();
+        let event_type = json!({
+            "minLength": 1,
+            "maxLength": fluxa_core::EventType::MAX_CHARS,
+            "pattern": schema::NO_CONTROL_CHARS,
+        });
+        let source = json!({
+            "maxLength": fluxa_core::Source::MAX_CHARS,
+            "pattern": schema::NO_CONTROL_CHARS,
+        });
+        let cursor = json!({
+            "minLength": 1,
+            "maxLength": fluxa_core::cursor::MAX_CURSOR_LEN,
+            "pattern": schema::CURSOR_PATTERN,
+        });
+        let limit = json!({"minimum": 1, "maximum": crate::listing::MAX_LIMIT});
+        let time = json!({"format": "date-time"});
+        let expected = [
+            ("/v1/events", "event_type", &event_type),
+            ("/v1/events", "source", &source),
+            ("/v1/events", "since", &time),
+            ("/v1/events", "until", &time),
+            ("/v1/events", "limit", &limit),
+            ("/v1/events", "cursor", &cursor),
+            ("/v1/events", "include", &json!({"pattern": "^payload$"})),
+            ("/v1/admin/dlq", "event_id", &json!({"pattern": ID_PATTERN})),
+            ("/v1/admin/dlq", "event_type", &event_type),
+            ("/v1/admin/dlq", "since", &time),
+            ("/v1/admin/dlq", "until", &time),
+            ("/v1/admin/dlq", "limit", &limit),
+            ("/v1/admin/dlq", "cursor", &cursor),
+        ];
+        for (path, name, keywords) in expected {
+            let schema = query_parameter(&doc, path, name);
+            for (keyword, value) in keywords.as_object().unwrap() {
+                assert_eq!(&schema[keyword], value, "{path} {name} {keyword}");
+            }
+        }
+        // And no query parameter is left as a bare string the server would then refuse.
+        for (path, path_item) in doc["paths"].as_object().unwrap() {
+            for (method, operation) in path_item.as_object().unwrap() {
+                let parameters = operation["parameters"].as_array().unwrap();
+                for parameter in parameters.iter().filter(|p| p["in"] == "query") {
+                    let schema = resolve(&doc, &parameter["schema"]);
+                    let bounded = ["enum", "pattern", "format", "maxLength", "maximum"]
+                        .iter()
+                        .any(|keyword| schema.get(*keyword).is_some());
+                    assert!(bounded, "{method} {path} {}: {schema}", parameter["name"]);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_text_patterns_match_the_rules_of_the_core_types() {
+        // `NO_CONTROL_CHARS` names the ranges `char::is_control` refuses.
+        for c in (0..=0x10_ffff).filter_map(char::from_u32) {
+            let in_pattern_ranges = matches!(u32::from(c), 0..=0x1f | 0x7f..=0x9f);
+            assert_eq!(c.is_control(), in_pattern_ranges, "{:#x}", u32::from(c));
+        }
+        assert_eq!(schema::NO_CONTROL_CHARS, "^[^\\x00-\\x1f\\x7f-\\x9f]*$");
+        // A real cursor is in the documented alphabet and length.
+        let position = fluxa_core::cursor::Position {
+            at: chrono::Utc::now(),
+            id: "x".repeat(128),
+        };
+        let filters = fluxa_core::cursor::fingerprint(&[Some("t"), None]);
+        let cursor = fluxa_core::cursor::encode(
+            fluxa_core::cursor::Listing::DeadLetters,
+            &filters,
+            &position,
+        );
+        assert!(cursor.len() <= fluxa_core::cursor::MAX_CURSOR_LEN);
+        assert!(cursor
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-'));
+        assert_eq!(schema::CURSOR_PATTERN, "^[A-Za-z0-9_-]*$");
+    }
+
+    #[test]
+    fn a_redrive_body_takes_dry_run_as_a_boolean_never_null() {
+        let doc = document();
+        let redrive = &doc["components"]["schemas"]["RedriveIn"];
+        let properties = &redrive["properties"];
+        // Absent is false; `null` is refused by the handler, so it must not be allowed here.
+        for flag in ["dry_run", "all"] {
+            assert_eq!(properties[flag]["type"], "boolean", "{flag}");
+        }
+        assert_eq!(redrive["required"], Value::Null);
+        assert_eq!(redrive["additionalProperties"], false);
+        assert_eq!(
+            properties["limit"]["maximum"],
+            json!(crate::admin::MAX_REDRIVE_LIMIT)
+        );
+        // Exactly one selector: each `oneOf` branch says one of them is set.
+        let selectors: Vec<&Value> = redrive["oneOf"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|branch| &branch["required"][0])
+            .collect();
+        assert_eq!(
+            selectors,
+            [
+                &json!("all"),
+                &json!("event_id"),
+                &json!("id"),
+                &json!("filter")
+            ]
         );
     }
 
@@ -850,6 +1078,33 @@ mod tests {
             }
         }
         routes
+    }
+
+    /// `schema` with a `$ref` followed, and an optional value's `oneOf: [null, X]` taken as X.
+    fn resolve<'a>(doc: &'a Value, schema: &'a Value) -> &'a Value {
+        if let Some(target) = schema["$ref"].as_str() {
+            return resolve(doc, doc.pointer(target.strip_prefix('#').unwrap()).unwrap());
+        }
+        if let Some(branches) = schema["oneOf"].as_array() {
+            let not_null: Vec<&Value> = branches
+                .iter()
+                .filter(|branch| branch["type"] != "null")
+                .collect();
+            if let [only] = not_null[..] {
+                return resolve(doc, only);
+            }
+        }
+        schema
+    }
+
+    /// The resolved schema of the query parameter `name` of `GET path`.
+    fn query_parameter<'a>(doc: &'a Value, path: &str, name: &str) -> &'a Value {
+        let parameters = doc["paths"][path]["get"]["parameters"].as_array().unwrap();
+        let parameter = parameters
+            .iter()
+            .find(|p| p["in"] == "query" && p["name"] == name)
+            .unwrap_or_else(|| panic!("GET {path} has no query parameter {name}"));
+        resolve(doc, &parameter["schema"])
     }
 
     fn find_dangling_refs(doc: &Value, value: &Value, dangling: &mut Vec<String>) {

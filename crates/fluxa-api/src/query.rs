@@ -168,8 +168,10 @@ impl<'a> EventSummary<'a> {
 #[serde(deny_unknown_fields)]
 struct ListQuery {
     /// Only events of this type (exact match).
+    #[param(value_type = Option<crate::openapi::schema::EventType>)]
     event_type: Option<String>,
     /// Only events from this source (exact match).
+    #[param(value_type = Option<crate::openapi::schema::Source>)]
     source: Option<String>,
     /// Only events received at or after this time (RFC 3339).
     #[param(format = DateTime)]
@@ -181,6 +183,7 @@ struct ListQuery {
     #[param(minimum = 1, maximum = 1000)]
     limit: Option<usize>,
     /// The `next_cursor` of the previous page, with the same filters.
+    #[param(value_type = Option<crate::openapi::schema::Cursor>)]
     cursor: Option<String>,
     /// `payload` to include each event's payload.
     #[param(pattern = "^payload$")]
