@@ -24,7 +24,7 @@ use serde_json::value::RawValue;
 
 use crate::auth::{self, Scope};
 use crate::body::{read_body, require_json};
-use crate::error::{path_id, ApiError};
+use crate::error::{path_id, ApiError, ApiErrorCode};
 use crate::{listing, AppState};
 
 pub fn router(state: &AppState) -> Router<AppState> {
@@ -47,7 +47,7 @@ pub fn router(state: &AppState) -> Router<AppState> {
 #[derive(Serialize, utoipa::ToSchema)]
 #[schema(as = DeadLetterOut)]
 pub struct DeadLetterOut<'a> {
-    #[schema(value_type = crate::openapi::schema::DeadLetterId)]
+    #[schema(value_type = crate::schemas::DeadLetterId)]
     id: &'a str,
     /// The event id, when the message could be parsed far enough to have one.
     #[schema(required = true)]
@@ -135,16 +135,16 @@ struct DeadLetterList<'a> {
 #[serde(deny_unknown_fields)]
 pub struct FilterIn {
     /// Only the dead letters of this event id.
-    #[schema(value_type = Option<crate::openapi::schema::EventId>)]
+    #[schema(value_type = Option<crate::schemas::EventId>)]
     event_id: Option<String>,
     /// Only this error code.
-    #[schema(value_type = Option<crate::openapi::schema::ProcessingErrorCode>)]
+    #[schema(value_type = Option<crate::schemas::ProcessingErrorCode>)]
     error_code: Option<String>,
     /// Only this class of failure.
-    #[schema(value_type = Option<crate::openapi::schema::ErrorClass>)]
+    #[schema(value_type = Option<crate::schemas::ErrorClass>)]
     error_class: Option<String>,
     /// Only dead letters of events of this type.
-    #[schema(value_type = Option<crate::openapi::schema::EventType>)]
+    #[schema(value_type = Option<crate::schemas::EventType>)]
     event_type: Option<String>,
     /// Only those dead-lettered at or after this time (RFC 3339).
     #[schema(format = DateTime)]
@@ -226,16 +226,16 @@ fn fingerprint(filter: &DeadLetterFilter) -> String {
 #[serde(deny_unknown_fields)]
 struct ListQuery {
     /// Only the dead letters of this event id.
-    #[param(value_type = Option<crate::openapi::schema::EventId>)]
+    #[param(value_type = Option<crate::schemas::EventId>)]
     event_id: Option<String>,
     /// Only this error code.
-    #[param(value_type = Option<crate::openapi::schema::ProcessingErrorCode>)]
+    #[param(value_type = Option<crate::schemas::ProcessingErrorCode>)]
     error_code: Option<String>,
     /// Only this class of failure.
-    #[param(value_type = Option<crate::openapi::schema::ErrorClass>)]
+    #[param(value_type = Option<crate::schemas::ErrorClass>)]
     error_class: Option<String>,
     /// Only dead letters of events of this type.
-    #[param(value_type = Option<crate::openapi::schema::EventType>)]
+    #[param(value_type = Option<crate::schemas::EventType>)]
     event_type: Option<String>,
     /// Only those dead-lettered at or after this time (RFC 3339).
     #[param(format = DateTime)]
@@ -247,7 +247,7 @@ struct ListQuery {
     #[param(minimum = 1, maximum = 1000)]
     limit: Option<usize>,
     /// The `next_cursor` of the previous page, with the same filters.
-    #[param(value_type = Option<crate::openapi::schema::Cursor>)]
+    #[param(value_type = Option<crate::schemas::Cursor>)]
     cursor: Option<String>,
 }
 
@@ -264,7 +264,7 @@ struct ListQuery {
         (status = 400, description = "`validation_error` naming the parameter: an unknown \
             one, `limit` outside 1..=1000, an unknown error code or class, a time that is not \
             RFC 3339, a malformed cursor or one made under other filters, or an invalid \
-            X-Correlation-ID.", body = crate::openapi::schema::ErrorBody),
+            X-Correlation-ID.", body = crate::error::ErrorBody),
     ),
     security(("bearer" = ["admin"])),
 )]
@@ -319,11 +319,11 @@ async fn list(
     path = "/v1/admin/dlq/{id}",
     tag = "admin",
     operation_id = "get_dead_letter",
-    params(("id" = crate::openapi::schema::DeadLetterId, Path, description = "The dead letter's id.")),
+    params(("id" = crate::schemas::DeadLetterId, Path, description = "The dead letter's id.")),
     responses(
         (status = 200, description = "The dead letter.", body = DeadLetterOut),
         (status = 404, description = "No dead letter with that id (or the id cannot be one).",
-            body = crate::openapi::schema::ErrorBody),
+            body = crate::error::ErrorBody),
     ),
     security(("bearer" = ["admin"])),
 )]
@@ -350,10 +350,10 @@ struct RedriveIn {
     #[serde(default)]
     all: bool,
     /// Every dead letter of this event.
-    #[schema(value_type = Option<crate::openapi::schema::EventId>)]
+    #[schema(value_type = Option<crate::schemas::EventId>)]
     event_id: Option<String>,
     /// The one dead letter with this id.
-    #[schema(value_type = Option<crate::openapi::schema::DeadLetterId>)]
+    #[schema(value_type = Option<crate::schemas::DeadLetterId>)]
     id: Option<String>,
     /// Every dead letter the filter matches (the filters of `GET /v1/admin/dlq`).
     filter: Option<FilterIn>,
@@ -401,7 +401,7 @@ const MAX_REDRIVE_BODY: usize = 64 * 1024;
             to the queue.", body = RedriveOut),
         (status = 400, description = "`invalid_json`, or `validation_error`: not exactly one \
             selector, an unknown member, an invalid filter value (named), or an invalid \
-            X-Correlation-ID.", body = crate::openapi::schema::ErrorBody),
+            X-Correlation-ID.", body = crate::error::ErrorBody),
     ),
     security(("bearer" = ["admin"])),
 )]
@@ -522,20 +522,20 @@ async fn redrive(
 #[derive(Serialize, utoipa::ToSchema)]
 #[schema(as = IdempotencyRecordOut)]
 struct IdempotencyRecordOut<'a> {
-    #[schema(value_type = crate::openapi::schema::EventId)]
+    #[schema(value_type = crate::schemas::EventId)]
     event_id: &'a str,
-    #[schema(value_type = crate::openapi::schema::ProcessingStatus)]
+    #[schema(value_type = crate::schemas::ProcessingStatus)]
     status: &'a str,
     attempts: u32,
     /// `null` for an erased record, which keeps no hash.
-    #[schema(required = true, value_type = Option<crate::openapi::schema::PayloadSha256>)]
+    #[schema(required = true, value_type = Option<crate::schemas::PayloadSha256>)]
     payload_sha256: Option<&'a str>,
     /// When a `processing` record's lease runs out and another delivery may take over.
     #[schema(required = true, format = DateTime)]
     lease_expires_at: Option<String>,
     #[schema(required = true)]
     last_error: Option<ErrorOut<'a>>,
-    #[schema(required = true, value_type = Option<crate::openapi::schema::CorrelationId>)]
+    #[schema(required = true, value_type = Option<crate::schemas::CorrelationId>)]
     correlation_id: Option<&'a str>,
     #[schema(format = DateTime)]
     created_at: String,
@@ -570,11 +570,11 @@ fn parse_event_id(event_id: Result<Path<String>, PathRejection>) -> Result<Event
     path = "/v1/admin/idempotency/{event_id}",
     tag = "admin",
     operation_id = "get_idempotency_record",
-    params(("event_id" = crate::openapi::schema::EventId, Path, description = "The event id.")),
+    params(("event_id" = crate::schemas::EventId, Path, description = "The event id.")),
     responses(
         (status = 200, description = "The record.", body = IdempotencyRecordOut),
         (status = 404, description = "No record for that id.",
-            body = crate::openapi::schema::ErrorBody),
+            body = crate::error::ErrorBody),
     ),
     security(("bearer" = ["admin"])),
 )]
@@ -598,14 +598,14 @@ async fn get_idempotency(
     path = "/v1/admin/idempotency/{event_id}",
     tag = "admin",
     operation_id = "evict_idempotency_record",
-    params(("event_id" = crate::openapi::schema::EventId, Path, description = "The event id.")),
+    params(("event_id" = crate::schemas::EventId, Path, description = "The event id.")),
     responses(
         (status = 204, description = "Evicted."),
         (status = 404, description = "No record for that id.",
-            body = crate::openapi::schema::ErrorBody),
+            body = crate::error::ErrorBody),
         (status = 409, description = "`conflict`: the record is `processed` or `erased`, and \
             evicting it would let the event be stored twice or come back.",
-            body = crate::openapi::schema::ErrorBody),
+            body = crate::error::ErrorBody),
     ),
     security(("bearer" = ["admin"])),
 )]
@@ -629,8 +629,7 @@ async fn evict_idempotency(
     match eviction {
         Eviction::Evicted => Ok(StatusCode::NO_CONTENT.into_response()),
         Eviction::Refused(status) => Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "conflict",
+            ApiErrorCode::Conflict,
             format!(
                 "the record of {event_id} is {}; only a processing or failed record can be \
                  evicted",
@@ -650,11 +649,11 @@ async fn evict_idempotency(
     path = "/v1/admin/events/{event_id}",
     tag = "admin",
     operation_id = "erase_event",
-    params(("event_id" = crate::openapi::schema::EventId, Path, description = "The event id.")),
+    params(("event_id" = crate::schemas::EventId, Path, description = "The event id.")),
     responses(
         (status = 204, description = "Erased (also when it already was)."),
         (status = 404, description = "Nothing with that id exists: no event, record, dead \
-            letter, queued message or blob.", body = crate::openapi::schema::ErrorBody),
+            letter, queued message or blob.", body = crate::error::ErrorBody),
     ),
     security(("bearer" = ["admin"])),
 )]

@@ -8,14 +8,14 @@ use std::collections::BTreeSet;
 use std::fmt;
 
 use axum::extract::{Request, State};
-use axum::http::{header, StatusCode};
+use axum::http::header;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use secrecy::{ExposeSecret, SecretString};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use crate::error::ApiError;
+use crate::error::{ApiError, ApiErrorCode};
 use crate::AppState;
 
 /// What a token may do.
@@ -128,12 +128,8 @@ pub async fn require(
         })
         .map(str::trim);
     let Some(presented) = presented else {
-        return ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "a bearer token is required",
-        )
-        .into_response();
+        return ApiError::new(ApiErrorCode::Unauthorized, "a bearer token is required")
+            .into_response();
     };
     let digest: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
     // Look at every token so the time taken does not depend on which one matched.
@@ -144,15 +140,10 @@ pub async fn require(
         }
     }
     match matched {
-        None => ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "the bearer token is not valid",
-        )
-        .into_response(),
+        None => ApiError::new(ApiErrorCode::Unauthorized, "the bearer token is not valid")
+            .into_response(),
         Some(token) if !token.scopes.contains(&scope) => ApiError::new(
-            StatusCode::FORBIDDEN,
-            "forbidden",
+            ApiErrorCode::Forbidden,
             format!("the token lacks the {} scope", scope.as_str()),
         )
         .into_response(),

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::{Request, State};
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use bytes::{Bytes, BytesMut};
@@ -27,7 +27,7 @@ use http_body_util::BodyExt;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::{Instant, Sleep};
 
-use crate::error::ApiError;
+use crate::error::{ApiError, ApiErrorCode};
 use crate::Limits;
 
 /// Checks `Content-Type: application/json`. Parameters are allowed, but a `charset` must be
@@ -44,8 +44,7 @@ pub fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
         .is_some_and(|mime| mime.trim().eq_ignore_ascii_case("application/json"));
     if !is_json {
         return Err(ApiError::new(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "unsupported_media_type",
+            ApiErrorCode::UnsupportedMediaType,
             "Content-Type must be application/json",
         ));
     }
@@ -58,8 +57,7 @@ pub fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
             .unwrap_or(value);
         if name.trim().eq_ignore_ascii_case("charset") && !value.eq_ignore_ascii_case("utf-8") {
             return Err(ApiError::new(
-                StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                "unsupported_media_type",
+                ApiErrorCode::UnsupportedMediaType,
                 "JSON must be UTF-8: Content-Type may declare charset=utf-8 or no charset",
             ));
         }
@@ -125,8 +123,7 @@ fn unreadable(error: &axum::Error) -> ApiError {
         cause = error.source();
     }
     ApiError::new(
-        StatusCode::BAD_REQUEST,
-        "invalid_json",
+        ApiErrorCode::InvalidJson,
         "the request body could not be read completely",
     )
 }
@@ -459,8 +456,8 @@ mod tests {
         ] {
             let error = judged(content_type).expect_err(content_type);
             assert_eq!(
-                error.status,
-                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                error.code,
+                ApiErrorCode::UnsupportedMediaType,
                 "{content_type}"
             );
         }

@@ -6,14 +6,14 @@ use std::panic::AssertUnwindSafe;
 use std::time::Instant;
 
 use axum::extract::{MatchedPath, Request};
-use axum::http::{HeaderName, HeaderValue, Method, StatusCode};
+use axum::http::{HeaderName, HeaderValue, Method};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use fluxa_core::CorrelationId;
 use futures::FutureExt;
 use tracing::Instrument;
 
-use crate::error::ApiError;
+use crate::error::{ApiError, ApiErrorCode};
 
 pub const HEADER: HeaderName = HeaderName::from_static("x-correlation-id");
 
@@ -60,12 +60,7 @@ pub async fn middleware(request: Request, next: Next) -> Response {
             Err(_) => {
                 // The panic hook has already logged the panic message and location.
                 tracing::error!("request handler panicked");
-                ApiError::new(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "internal",
-                    "an internal error occurred",
-                )
-                .into_response()
+                ApiError::new(ApiErrorCode::Internal, "an internal error occurred").into_response()
             }
         }
     });
@@ -138,17 +133,7 @@ async fn into_contract_error(response: Response) -> Response {
     if is_json || !(status.is_client_error() || status.is_server_error()) {
         return response;
     }
-    let code = match status.as_u16() {
-        401 => "unauthorized",
-        403 => "forbidden",
-        404 => "not_found",
-        405 => "method_not_allowed",
-        413 => "payload_too_large",
-        415 => "unsupported_media_type",
-        503 => "unavailable",
-        500..=599 => "internal",
-        _ => "validation_error",
-    };
+    let code = ApiErrorCode::for_status(status);
     let message = if status.is_server_error() {
         "an internal error occurred".to_owned()
     } else {
@@ -158,7 +143,7 @@ async fn into_contract_error(response: Response) -> Response {
             .unwrap_or_default();
         String::from_utf8_lossy(&body).trim().to_owned()
     };
-    ApiError::new(status, code, message).into_response()
+    ApiError::new(code, message).into_response()
 }
 
 #[cfg(test)]
@@ -187,7 +172,10 @@ mod tests {
             .body(Body::empty())
             .unwrap();
         let response = app.oneshot(request).await.unwrap();
-        assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(
+            response.status(),
+            axum::http::StatusCode::INTERNAL_SERVER_ERROR
+        );
         assert_eq!(response.headers()["x-correlation-id"], "panic-1");
         let body = response.into_body().collect().await.unwrap().to_bytes();
         let body: serde_json::Value = serde_json::from_slice(&body).unwrap();

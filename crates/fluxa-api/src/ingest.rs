@@ -12,10 +12,12 @@ use chrono::Utc;
 use fluxa_core::ingest::{parse_batch, parse_event, ValidatedEvent};
 use fluxa_core::{CorrelationId, EventMessageV1, FluxaTask, PayloadMode};
 use fluxa_queue::{MessageAttributes, NewMessage};
-use serde_json::{json, Value};
 
 use crate::auth::{self, Scope};
 use crate::body::{read_body, require_json};
+use crate::dto::{
+    ApiCodeMessage, BatchItemAccepted, BatchItemOut, BatchItemRejected, BatchOut, IngestAccepted,
+};
 use crate::error::ApiError;
 use crate::{correlation, AppState};
 
@@ -38,7 +40,9 @@ struct Prepared {
     message: Option<NewMessage>,
     blob_key: Option<String>,
     mode: PayloadMode,
-    result: Value,
+    event_id: String,
+    payload_sha256: String,
+    payload_size: u64,
 }
 
 /// Builds one event's queue message, storing its payload in the blob store first if it is
@@ -65,12 +69,6 @@ async fn prepare(
             (EventMessageV1::in_blob(header, blob), Some(key))
         }
     };
-    let result = json!({
-        "event_id": event.event_id.as_str(),
-        "payload_sha256": event.payload_sha256.as_str(),
-        "payload_size": event.payload_size(),
-        "payload_mode": mode.as_str(),
-    });
     Ok(Prepared {
         message: Some(NewMessage {
             body: FluxaTask::EventV1(message).encode(),
@@ -83,7 +81,9 @@ async fn prepare(
         }),
         blob_key,
         mode,
-        result,
+        event_id: event.event_id.to_string(),
+        payload_sha256: event.payload_sha256.to_string(),
+        payload_size: event.payload_size() as u64,
     })
 }
 
@@ -156,7 +156,7 @@ fn current_correlation_id() -> CorrelationId {
 }
 
 fn count_rejection(error: &ApiError) {
-    metrics::counter!("fluxa_ingest_rejected_total", "code" => error.code).increment(1);
+    metrics::counter!("fluxa_ingest_rejected_total", "code" => error.code.as_str()).increment(1);
 }
 
 /// Ingest one event.
@@ -169,19 +169,19 @@ fn count_rejection(error: &ApiError) {
     path = "/v1/events",
     tag = "ingest",
     operation_id = "ingest_event",
-    request_body(content = crate::openapi::schema::EventIn, content_type = "application/json"),
+    request_body(content = crate::dto::EventIn, content_type = "application/json"),
     responses(
-        (status = 202, description = "Durably queued.", body = crate::openapi::schema::IngestAccepted),
+        (status = 202, description = "Durably queued.", body = crate::dto::IngestAccepted),
         (status = 400, description = "`invalid_json`: the body is not JSON; \
             `validation_error`: not an object, or a member missing, unknown, of the wrong type \
             or invalid (the message names it), the payload nested too deep, or an invalid \
             X-Correlation-ID; `hash_mismatch`: `payload_sha256` is not the payload's hash.",
-            body = crate::openapi::schema::ErrorBody),
+            body = crate::error::ErrorBody),
         (status = 413, description = "The payload is over `max_payload_bytes` (default \
-            10 MiB).", body = crate::openapi::schema::ErrorBody),
+            10 MiB).", body = crate::error::ErrorBody),
         (status = 503, description = "The queue or the blob store is unavailable (nothing \
             half-done is left visible), or the server is at a load limit.",
-            body = crate::openapi::schema::ErrorBody),
+            body = crate::error::ErrorBody),
     ),
     security(("bearer" = ["ingest"])),
 )]
@@ -221,8 +221,13 @@ async fn ingest_one_inner(
         payload_mode = event.payload_mode().as_str(),
         "event accepted"
     );
-    let mut body = prepared.result;
-    body["correlation_id"] = Value::String(correlation_id.to_string());
+    let body = IngestAccepted {
+        event_id: prepared.event_id,
+        correlation_id: correlation_id.to_string(),
+        payload_sha256: prepared.payload_sha256,
+        payload_size: prepared.payload_size,
+        payload_mode: prepared.mode.as_str(),
+    };
     Ok((StatusCode::ACCEPTED, Json(body)).into_response())
 }
 
@@ -235,17 +240,17 @@ async fn ingest_one_inner(
     path = "/v1/events/batch",
     tag = "ingest",
     operation_id = "ingest_batch",
-    request_body(content = crate::openapi::schema::BatchIn, content_type = "application/json"),
+    request_body(content = crate::dto::BatchIn, content_type = "application/json"),
     responses(
         (status = 200, description = "Every item judged; the accepted ones are durably \
-            queued.", body = crate::openapi::schema::BatchOut),
+            queued.", body = crate::dto::BatchOut),
         (status = 400, description = "The whole request: `invalid_json`, or \
             `validation_error` (not an object with an `events` array of 1 to 1000 items, or \
-            an invalid X-Correlation-ID). Nothing is accepted.", body = crate::openapi::schema::ErrorBody),
+            an invalid X-Correlation-ID). Nothing is accepted.", body = crate::error::ErrorBody),
         (status = 413, description = "The body is over `max_batch_bytes` (default 32 MiB). \
-            Nothing is accepted.", body = crate::openapi::schema::ErrorBody),
+            Nothing is accepted.", body = crate::error::ErrorBody),
         (status = 503, description = "The queue or the blob store is unavailable, or the \
-            server is at a load limit. Nothing is accepted.", body = crate::openapi::schema::ErrorBody),
+            server is at a load limit. Nothing is accepted.", body = crate::error::ErrorBody),
     ),
     security(("bearer" = ["ingest"])),
 )]
@@ -278,7 +283,7 @@ async fn ingest_batch_inner(
         };
         // A blob store outage is the whole request's problem, not this item's.
         if let Err(error) = &item {
-            if error.status == StatusCode::SERVICE_UNAVAILABLE {
+            if error.status() == StatusCode::SERVICE_UNAVAILABLE {
                 let written = items.iter().flatten().filter_map(|p| p.blob_key.as_deref());
                 delete_blobs(state, written).await;
                 return Err(error.clone());
@@ -303,35 +308,37 @@ async fn ingest_batch_inner(
         }
     }
     let n_accepted = items.iter().filter(|item| item.is_ok()).count();
-    let results: Vec<Value> = items
+    let results: Vec<BatchItemOut> = items
         .into_iter()
         .enumerate()
         .map(|(event_idx, item)| match item {
-            Ok(prepared) => {
-                let mut result = prepared.result;
-                result["index"] = json!(event_idx);
-                result["status"] = json!(202);
-                result
-            }
+            Ok(prepared) => BatchItemOut::Accepted(BatchItemAccepted {
+                index: event_idx as u64,
+                status: StatusCode::ACCEPTED.as_u16(),
+                event_id: prepared.event_id,
+                payload_sha256: prepared.payload_sha256,
+                payload_size: prepared.payload_size,
+                payload_mode: prepared.mode.as_str(),
+            }),
             Err(error) => {
                 count_rejection(&error);
-                json!({
-                    "index": event_idx,
-                    "status": error.status.as_u16(),
-                    "error": {"code": error.code, "message": error.message},
+                BatchItemOut::Rejected(BatchItemRejected {
+                    index: event_idx as u64,
+                    status: error.status().as_u16(),
+                    error: ApiCodeMessage {
+                        code: error.code,
+                        message: error.message,
+                    },
                 })
             }
         })
         .collect();
     tracing::info!(n_events = results.len(), n_accepted, "batch accepted");
-    Ok((
-        StatusCode::OK,
-        Json(json!({
-            "correlation_id": correlation_id.as_str(),
-            "accepted": n_accepted,
-            "rejected": results.len() - n_accepted,
-            "results": results,
-        })),
-    )
-        .into_response())
+    let body = BatchOut {
+        correlation_id: correlation_id.to_string(),
+        accepted: n_accepted as u64,
+        rejected: (results.len() - n_accepted) as u64,
+        results,
+    };
+    Ok((StatusCode::OK, Json(body)).into_response())
 }

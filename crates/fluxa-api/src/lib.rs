@@ -18,12 +18,14 @@ mod admin;
 mod auth;
 mod body;
 mod correlation;
+mod dto;
 pub mod error;
 mod ingest;
 mod listing;
 mod openapi;
 mod ops;
 mod query;
+mod schemas;
 
 use std::sync::Arc;
 

@@ -25,30 +25,10 @@ use bytes::Bytes;
 use serde_json::{json, Map, Value};
 use utoipa::OpenApi;
 
-/// The pattern of event ids and correlation ids (contract section 1).
-const ID_PATTERN: &str = "^[A-Za-z0-9._:-]{1,128}$";
+use crate::error::ApiErrorCode;
 
 /// The name of the bearer security scheme operations refer to.
 const BEARER: &str = "bearer";
-
-/// The error codes of contract section 6, by the status they come with. A 4xx the table does
-/// not name is answered as `validation_error` (see `correlation::into_contract_error`).
-const ERROR_CODES: &[(&str, &[&str])] = &[
-    (
-        "400",
-        &["invalid_json", "validation_error", "hash_mismatch"],
-    ),
-    ("401", &["unauthorized"]),
-    ("403", &["forbidden"]),
-    ("404", &["not_found"]),
-    ("405", &["method_not_allowed"]),
-    ("408", &["request_timeout"]),
-    ("409", &["conflict"]),
-    ("413", &["payload_too_large"]),
-    ("415", &["unsupported_media_type"]),
-    ("500", &["internal"]),
-    ("503", &["unavailable"]),
-];
 
 pub fn router<S: Clone + Send + Sync + 'static>() -> Router<S> {
     Router::new().route("/v1/openapi.json", get(serve_document))
@@ -110,13 +90,13 @@ async fn serve_document() -> Response {
     // Named here because only parameters use some of them, and utoipa collects the schemas
     // of bodies alone.
     components(schemas(
-        schema::ErrorBody,
-        schema::CorrelationId,
-        schema::EventType,
-        schema::Source,
-        schema::Cursor,
-        schema::ProcessingErrorCode,
-        schema::ErrorClass,
+        crate::error::ErrorBody,
+        crate::schemas::CorrelationId,
+        crate::schemas::EventType,
+        crate::schemas::Source,
+        crate::schemas::Cursor,
+        crate::schemas::ProcessingErrorCode,
+        crate::schemas::ErrorClass,
     )),
     tags(
         (name = "ingest", description = "Send events (scope `ingest`)."),
@@ -259,7 +239,7 @@ fn document_operation_layers(operation: &mut Value) {
         add_error_response(
             responses,
             "415",
-            "Content-Type is not application/json (parameters such as charset are allowed).",
+            "Content-Type is not application/json, or declares a charset other than utf-8.",
         );
     }
 
@@ -323,384 +303,21 @@ fn narrow_error_codes(status: &str, response: &mut Value) {
     if *schema != error_body_ref() {
         return;
     }
-    let codes = ERROR_CODES
-        .iter()
-        .find(|(code_status, _)| *code_status == status)
-        .map_or(&["validation_error"][..], |(_, codes)| codes);
+    // A 4xx no code has is answered as `validation_error` (see `ApiErrorCode::for_status`).
+    let mut codes: Vec<&str> = ApiErrorCode::ALL
+        .into_iter()
+        .filter(|code| code.status().as_str() == status)
+        .map(ApiErrorCode::as_str)
+        .collect();
+    if codes.is_empty() {
+        codes.push(ApiErrorCode::ValidationError.as_str());
+    }
     *schema = json!({
         "allOf": [
             error_body_ref(),
             {"properties": {"error": {"properties": {"code": {"enum": codes}}}}},
         ]
     });
-}
-
-/// Schemas of bodies that are read or built as raw JSON (the ingest body is parsed in
-/// `fluxa-core`; several answers are `json!` values). They are never constructed: they exist
-/// to be described, and schemathesis checks every real answer against them.
-#[allow(dead_code)]
-pub(crate) mod schema {
-    use serde::{Deserialize, Serialize};
-    use utoipa::openapi::{ObjectBuilder, RefOr, Schema, Type};
-    use utoipa::{PartialSchema, ToSchema};
-
-    use super::ID_PATTERN;
-
-    /// Declares a named string schema with a pattern, for fields to refer to by
-    /// `value_type`.
-    macro_rules! string_schema {
-        ($name:ident, $pattern:expr, $description:literal) => {
-            #[doc = $description]
-            pub struct $name;
-
-            impl PartialSchema for $name {
-                fn schema() -> RefOr<Schema> {
-                    ObjectBuilder::new()
-                        .schema_type(Type::String)
-                        .pattern(Some($pattern))
-                        .description(Some($description))
-                        .into()
-                }
-            }
-
-            impl ToSchema for $name {}
-        };
-    }
-
-    string_schema!(
-        EventId,
-        ID_PATTERN,
-        "A producer-chosen event id: 1 to 128 characters of `[A-Za-z0-9._:-]`, not `.` or `..`."
-    );
-    string_schema!(
-        DeadLetterId,
-        ID_PATTERN,
-        "A dead letter's id, as the list shows it: 1 to 128 characters of `[A-Za-z0-9._:-]`."
-    );
-    string_schema!(
-        CorrelationId,
-        ID_PATTERN,
-        "A correlation id: 1 to 128 characters of `[A-Za-z0-9._:-]`."
-    );
-    string_schema!(
-        PayloadSha256,
-        "^[0-9a-f]{64}$",
-        "The SHA-256 of the payload bytes, in lowercase hex."
-    );
-
-    /// What `char::is_control` refuses (Unicode's Cc: C0, DEL and C1), which is what
-    /// `fluxa_core`'s text fields check.
-    pub(crate) const NO_CONTROL_CHARS: &str = "^[^\\x00-\\x1f\\x7f-\\x9f]*$";
-
-    /// The alphabet of base64url without padding, which is what a cursor is.
-    pub(crate) const CURSOR_PATTERN: &str = "^[A-Za-z0-9_-]*$";
-
-    /// An event type as a filter takes it: the rules of [`fluxa_core::EventType::parse`].
-    pub struct EventType;
-
-    impl PartialSchema for EventType {
-        fn schema() -> RefOr<Schema> {
-            ObjectBuilder::new()
-                .schema_type(Type::String)
-                .min_length(Some(1))
-                .max_length(Some(fluxa_core::EventType::MAX_CHARS))
-                .pattern(Some(NO_CONTROL_CHARS))
-                .description(Some(
-                    "An event type, e.g. `order.created`: 1 to 128 characters, no control \
-                     characters.",
-                ))
-                .into()
-        }
-    }
-
-    impl ToSchema for EventType {}
-
-    /// A source as a filter takes it: the rules of [`fluxa_core::Source::parse`].
-    pub struct Source;
-
-    impl PartialSchema for Source {
-        fn schema() -> RefOr<Schema> {
-            ObjectBuilder::new()
-                .schema_type(Type::String)
-                .max_length(Some(fluxa_core::Source::MAX_CHARS))
-                .pattern(Some(NO_CONTROL_CHARS))
-                .description(Some(
-                    "The producer: at most 256 characters, no control characters.",
-                ))
-                .into()
-        }
-    }
-
-    impl ToSchema for Source {}
-
-    /// A paging cursor: only its alphabet and length can be described; whether this server
-    /// made it, for this listing and these filters, is checked when it is used.
-    pub struct Cursor;
-
-    impl PartialSchema for Cursor {
-        fn schema() -> RefOr<Schema> {
-            ObjectBuilder::new()
-                .schema_type(Type::String)
-                .min_length(Some(1))
-                .max_length(Some(fluxa_core::cursor::MAX_CURSOR_LEN))
-                .pattern(Some(CURSOR_PATTERN))
-                .description(Some(
-                    "The `next_cursor` of the previous page, passed back with the same filters. \
-                     Opaque: any other value, or one from another listing or other filters, \
-                     is 400 `validation_error` naming `cursor`.",
-                ))
-                .into()
-        }
-    }
-
-    impl ToSchema for Cursor {}
-
-    /// The codes a processing failure is recorded with, listed from
-    /// [`fluxa_core::ErrorCode::ALL`], which is also what a filter is parsed against.
-    pub struct ProcessingErrorCode;
-
-    impl PartialSchema for ProcessingErrorCode {
-        fn schema() -> RefOr<Schema> {
-            ObjectBuilder::new()
-                .schema_type(Type::String)
-                .enum_values(Some(
-                    fluxa_core::ErrorCode::ALL.map(fluxa_core::ErrorCode::as_str),
-                ))
-                .description(Some(
-                    "A processing error code, as dead letters and status records carry it.",
-                ))
-                .into()
-        }
-    }
-
-    impl ToSchema for ProcessingErrorCode {}
-
-    /// How a dead letter failed, from [`fluxa_core::FailureClass`].
-    pub struct ErrorClass;
-
-    impl PartialSchema for ErrorClass {
-        fn schema() -> RefOr<Schema> {
-            use fluxa_core::FailureClass;
-            ObjectBuilder::new()
-                .schema_type(Type::String)
-                .enum_values(Some(
-                    [FailureClass::Permanent, FailureClass::RetriesExhausted]
-                        .map(FailureClass::as_str),
-                ))
-                .description(Some(
-                    "`permanent`: the processor decided the message can never succeed; \
-                     `retries_exhausted`: it failed transiently on every allowed receive.",
-                ))
-                .into()
-        }
-    }
-
-    impl ToSchema for ErrorClass {}
-
-    /// Every error answer.
-    #[derive(Serialize, ToSchema)]
-    #[serde(deny_unknown_fields)]
-    pub struct ErrorBody {
-        pub error: ErrorDetail,
-    }
-
-    #[derive(Serialize, ToSchema)]
-    #[serde(deny_unknown_fields)]
-    pub struct ErrorDetail {
-        pub code: ErrorCode,
-        /// What went wrong; a validation error names the field.
-        pub message: String,
-        /// The request's correlation id (also in `X-Correlation-ID`).
-        #[schema(value_type = CorrelationId)]
-        pub correlation_id: String,
-    }
-
-    /// The contract's error codes (section 6).
-    #[derive(Serialize, ToSchema)]
-    #[serde(rename_all = "snake_case")]
-    pub enum ErrorCode {
-        InvalidJson,
-        ValidationError,
-        HashMismatch,
-        PayloadTooLarge,
-        UnsupportedMediaType,
-        Unauthorized,
-        Forbidden,
-        NotFound,
-        MethodNotAllowed,
-        Conflict,
-        RequestTimeout,
-        Unavailable,
-        Internal,
-    }
-
-    /// One event, as `POST /v1/events` takes it and as each item of a batch.
-    #[derive(Deserialize, ToSchema)]
-    #[serde(deny_unknown_fields)]
-    pub struct EventIn {
-        #[schema(value_type = EventId)]
-        pub event_id: String,
-        /// What happened, e.g. `order.created`.
-        #[schema(value_type = EventType)]
-        pub event_type: String,
-        /// The producer.
-        #[schema(value_type = Option<Source>)]
-        pub source: Option<String>,
-        /// When it happened (RFC 3339); stored normalised to UTC, to microseconds.
-        #[schema(format = DateTime)]
-        pub occurred_at: Option<String>,
-        /// Any JSON value. Its exact bytes in the request are hashed, stored and returned.
-        #[schema(value_type = Value)]
-        pub payload: serde_json::Value,
-        /// The SHA-256 of the payload bytes, if the producer wants it checked (a different
-        /// hash: 400 `hash_mismatch`).
-        #[schema(value_type = Option<PayloadSha256>)]
-        pub payload_sha256: Option<String>,
-    }
-
-    /// The body of `POST /v1/events/batch`.
-    #[derive(Deserialize, ToSchema)]
-    #[serde(deny_unknown_fields)]
-    pub struct BatchIn {
-        /// 1 to 1000 items, each judged on its own, so an item may be any JSON value: an
-        /// event as `POST /v1/events` takes it (`EventIn`) is validated, hashed and queued,
-        /// and any other item (not an object, a member missing, unknown or invalid, a hash
-        /// that does not match) gets its own 400 result while the others go ahead.
-        #[schema(min_items = 1, max_items = 1000, value_type = Vec<Value>)]
-        pub events: Vec<serde_json::Value>,
-    }
-
-    /// Where a payload travels: inside the queue message, or in the blob store (over 256 KiB).
-    #[derive(Serialize, ToSchema)]
-    pub enum PayloadMode {
-        #[serde(rename = "INLINE")]
-        Inline,
-        #[serde(rename = "S3")]
-        S3,
-    }
-
-    /// 202 from `POST /v1/events`: the event is durably queued.
-    #[derive(Serialize, ToSchema)]
-    #[serde(deny_unknown_fields)]
-    pub struct IngestAccepted {
-        #[schema(value_type = EventId)]
-        pub event_id: String,
-        #[schema(value_type = CorrelationId)]
-        pub correlation_id: String,
-        #[schema(value_type = PayloadSha256)]
-        pub payload_sha256: String,
-        /// The payload's length in bytes.
-        pub payload_size: u64,
-        pub payload_mode: PayloadMode,
-    }
-
-    /// 200 from `POST /v1/events/batch`: per-item results, in request order.
-    #[derive(Serialize, ToSchema)]
-    #[serde(deny_unknown_fields)]
-    pub struct BatchOut {
-        /// The request's correlation id, which every item shares.
-        #[schema(value_type = CorrelationId)]
-        pub correlation_id: String,
-        pub accepted: u64,
-        pub rejected: u64,
-        pub results: Vec<BatchItemOut>,
-    }
-
-    #[derive(Serialize, ToSchema)]
-    #[serde(untagged)]
-    pub enum BatchItemOut {
-        Accepted(BatchItemAccepted),
-        Rejected(BatchItemRejected),
-    }
-
-    /// An item that is durably queued.
-    #[derive(Serialize, ToSchema)]
-    #[serde(deny_unknown_fields)]
-    pub struct BatchItemAccepted {
-        /// The item's position in the request.
-        pub index: u64,
-        /// Always 202.
-        #[schema(minimum = 202, maximum = 202)]
-        pub status: u16,
-        #[schema(value_type = EventId)]
-        pub event_id: String,
-        #[schema(value_type = PayloadSha256)]
-        pub payload_sha256: String,
-        pub payload_size: u64,
-        pub payload_mode: PayloadMode,
-    }
-
-    /// An item that was refused; the others are unaffected.
-    #[derive(Serialize, ToSchema)]
-    #[serde(deny_unknown_fields)]
-    pub struct BatchItemRejected {
-        pub index: u64,
-        /// 400 (`validation_error`, `hash_mismatch`), 413 (`payload_too_large`) or 503
-        /// (`unavailable`: the queue took the other items but not this one).
-        #[schema(minimum = 400, maximum = 599)]
-        pub status: u16,
-        pub error: CodeMessage,
-    }
-
-    /// An error without a correlation id (the enclosing answer has it).
-    #[derive(Serialize, ToSchema)]
-    #[serde(deny_unknown_fields)]
-    pub struct CodeMessage {
-        pub code: String,
-        pub message: String,
-    }
-
-    /// 200 from `GET /v1/events/{event_id}/status`: the processor's idempotency record.
-    #[derive(Serialize, ToSchema)]
-    #[serde(deny_unknown_fields)]
-    pub struct StatusOut {
-        #[schema(value_type = EventId)]
-        pub event_id: String,
-        pub status: ProcessingStatus,
-        /// Deliveries that reached the processor.
-        pub attempts: u64,
-        /// The last failure, if any.
-        pub last_error: Option<CodeMessage>,
-        #[schema(format = DateTime)]
-        pub updated_at: String,
-    }
-
-    #[derive(Serialize, ToSchema)]
-    #[serde(rename_all = "snake_case")]
-    pub enum ProcessingStatus {
-        Processing,
-        Processed,
-        Failed,
-        Erased,
-    }
-
-    /// 200 from `GET /healthz`.
-    #[derive(Serialize, ToSchema)]
-    #[serde(deny_unknown_fields)]
-    pub struct Health {
-        #[schema(pattern = "^ok$")]
-        pub status: String,
-    }
-
-    /// 200 from `GET /readyz`.
-    #[derive(Serialize, ToSchema)]
-    #[serde(deny_unknown_fields)]
-    pub struct Ready {
-        #[schema(pattern = "^ready$")]
-        pub status: String,
-        pub checks: ReadyChecks,
-    }
-
-    #[derive(Serialize, ToSchema)]
-    #[serde(deny_unknown_fields)]
-    pub struct ReadyChecks {
-        #[schema(pattern = "^ok$")]
-        pub store: String,
-        #[schema(pattern = "^ok$")]
-        pub queue: String,
-        #[schema(pattern = "^ok$")]
-        pub blob_store: String,
-    }
 }
 
 #[cfg(test)]
@@ -894,16 +511,16 @@ mod tests {
         let event_type = json!({
             "minLength": 1,
             "maxLength": fluxa_core::EventType::MAX_CHARS,
-            "pattern": schema::NO_CONTROL_CHARS,
+            "pattern": crate::schemas::NO_CONTROL_CHARS,
         });
         let source = json!({
             "maxLength": fluxa_core::Source::MAX_CHARS,
-            "pattern": schema::NO_CONTROL_CHARS,
+            "pattern": crate::schemas::NO_CONTROL_CHARS,
         });
         let cursor = json!({
             "minLength": 1,
             "maxLength": fluxa_core::cursor::MAX_CURSOR_LEN,
-            "pattern": schema::CURSOR_PATTERN,
+            "pattern": crate::schemas::CURSOR_PATTERN,
         });
         let limit = json!({"minimum": 1, "maximum": crate::listing::MAX_LIMIT});
         let time = json!({"format": "date-time"});
@@ -915,7 +532,11 @@ mod tests {
             ("/v1/events", "limit", &limit),
             ("/v1/events", "cursor", &cursor),
             ("/v1/events", "include", &json!({"pattern": "^payload$"})),
-            ("/v1/admin/dlq", "event_id", &json!({"pattern": ID_PATTERN})),
+            (
+                "/v1/admin/dlq",
+                "event_id",
+                &json!({"pattern": crate::schemas::ID_PATTERN}),
+            ),
             ("/v1/admin/dlq", "event_type", &event_type),
             ("/v1/admin/dlq", "since", &time),
             ("/v1/admin/dlq", "until", &time),
@@ -950,7 +571,10 @@ mod tests {
             let in_pattern_ranges = matches!(u32::from(c), 0..=0x1f | 0x7f..=0x9f);
             assert_eq!(c.is_control(), in_pattern_ranges, "{:#x}", u32::from(c));
         }
-        assert_eq!(schema::NO_CONTROL_CHARS, "^[^\\x00-\\x1f\\x7f-\\x9f]*$");
+        assert_eq!(
+            crate::schemas::NO_CONTROL_CHARS,
+            "^[^\\x00-\\x1f\\x7f-\\x9f]*$"
+        );
         // A real cursor is in the documented alphabet and length.
         let position = fluxa_core::cursor::Position {
             at: chrono::Utc::now(),
@@ -966,7 +590,7 @@ mod tests {
         assert!(cursor
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-'));
-        assert_eq!(schema::CURSOR_PATTERN, "^[A-Za-z0-9_-]*$");
+        assert_eq!(crate::schemas::CURSOR_PATTERN, "^[A-Za-z0-9_-]*$");
     }
 
     #[test]

@@ -1,14 +1,14 @@
 //! Operations endpoints: `/healthz` (liveness), `/readyz` (store, queue and blob store reachable)
 //! and `/metrics` (Prometheus text). Open to all, like a load balancer expects.
 
+use crate::dto::{Health, Ready, ReadyChecks};
 use axum::extract::State;
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use serde_json::json;
 
-use crate::error::ApiError;
+use crate::error::{ApiError, ApiErrorCode};
 use crate::AppState;
 
 pub fn router() -> Router<AppState> {
@@ -24,10 +24,10 @@ pub fn router() -> Router<AppState> {
     path = "/healthz",
     tag = "operations",
     operation_id = "healthz",
-    responses((status = 200, description = "Alive.", body = crate::openapi::schema::Health)),
+    responses((status = 200, description = "Alive.", body = crate::dto::Health)),
 )]
 async fn healthz() -> Response {
-    Json(json!({"status": "ok"})).into_response()
+    Json(Health { status: "ok" }).into_response()
 }
 
 /// Readiness: the store, the queue and the blob store are reachable.
@@ -37,9 +37,9 @@ async fn healthz() -> Response {
     tag = "operations",
     operation_id = "readyz",
     responses(
-        (status = 200, description = "Ready.", body = crate::openapi::schema::Ready),
+        (status = 200, description = "Ready.", body = crate::dto::Ready),
         (status = 503, description = "Not ready: the message names what is unreachable; or \
-            the server is at a load limit.", body = crate::openapi::schema::ErrorBody),
+            the server is at a load limit.", body = crate::error::ErrorBody),
     ),
 )]
 async fn readyz(State(state): State<AppState>) -> Response {
@@ -55,27 +55,27 @@ async fn readyz(State(state): State<AppState>) -> Response {
         queue.map(|r| r.is_ok()),
         blobs.map(|r| r.is_ok()),
     );
-    let parts = [
-        ("store", "store", store),
-        ("queue", "queue", queue),
-        ("blob store", "blob_store", blobs),
-    ];
+    let parts = [("store", store), ("queue", queue), ("blob store", blobs)];
     let down: Vec<&str> = parts
         .iter()
-        .filter_map(|(name, _, ok)| (*ok == Some(false)).then_some(*name))
+        .filter_map(|(name, ok)| (*ok == Some(false)).then_some(*name))
         .collect();
     if down.is_empty() {
-        let checks: serde_json::Map<String, serde_json::Value> = parts
-            .iter()
-            .filter(|(_, _, ok)| ok.is_some())
-            .map(|(_, key, _)| ((*key).to_owned(), json!("ok")))
-            .collect();
-        Json(json!({"status": "ready", "checks": checks})).into_response()
+        let ok = |part: Option<bool>| part.map(|_| "ok");
+        let checks = ReadyChecks {
+            store: ok(store),
+            queue: ok(queue),
+            blob_store: ok(blobs),
+        };
+        Json(Ready {
+            status: "ready",
+            checks,
+        })
+        .into_response()
     } else {
         // The contract's error body (with Retry-After), naming what is down.
         ApiError::new(
-            axum::http::StatusCode::SERVICE_UNAVAILABLE,
-            "unavailable",
+            ApiErrorCode::Unavailable,
             format!("not ready: unreachable: {}", down.join(", ")),
         )
         .into_response()

@@ -12,10 +12,10 @@ use fluxa_core::time::format_rfc3339;
 use fluxa_core::{EventId, EventType, PayloadHash, Source};
 use fluxa_store::{EventFilter, EventPosition, StoredEvent};
 use serde::{Deserialize, Serialize};
-use serde_json::json;
 use serde_json::value::RawValue;
 
 use crate::auth::{self, Scope};
+use crate::dto::{CodeMessage, StatusOut};
 use crate::error::{path_id, ApiError};
 use crate::{listing, AppState};
 
@@ -69,11 +69,11 @@ fn verified_payload(event: &StoredEvent) -> Result<&RawValue, ApiError> {
     path = "/v1/events/{event_id}",
     tag = "query",
     operation_id = "get_event",
-    params(("event_id" = crate::openapi::schema::EventId, Path, description = "The event id.")),
+    params(("event_id" = crate::schemas::EventId, Path, description = "The event id.")),
     responses(
         (status = 200, description = "The stored event.", body = EventOut),
         (status = 404, description = "No event with that id has been stored (or the id \
-            cannot be one).", body = crate::openapi::schema::ErrorBody),
+            cannot be one).", body = crate::error::ErrorBody),
     ),
     security(("bearer" = ["read"])),
 )]
@@ -125,7 +125,7 @@ struct EventListItem<'a> {
 #[derive(Serialize, utoipa::ToSchema)]
 #[schema(as = EventSummary)]
 struct EventSummary<'a> {
-    #[schema(value_type = crate::openapi::schema::EventId)]
+    #[schema(value_type = crate::schemas::EventId)]
     event_id: &'a str,
     event_type: &'a str,
     #[schema(required = true)]
@@ -133,12 +133,12 @@ struct EventSummary<'a> {
     /// RFC 3339, UTC.
     #[schema(required = true, format = DateTime)]
     occurred_at: Option<String>,
-    #[schema(value_type = crate::openapi::schema::PayloadSha256)]
+    #[schema(value_type = crate::schemas::PayloadSha256)]
     payload_sha256: &'a str,
     payload_size: u64,
-    #[schema(value_type = crate::openapi::schema::PayloadMode)]
+    #[schema(value_type = crate::schemas::PayloadMode)]
     payload_mode: &'a str,
-    #[schema(value_type = crate::openapi::schema::CorrelationId)]
+    #[schema(value_type = crate::schemas::CorrelationId)]
     correlation_id: &'a str,
     #[schema(format = DateTime)]
     received_at: String,
@@ -168,10 +168,10 @@ impl<'a> EventSummary<'a> {
 #[serde(deny_unknown_fields)]
 struct ListQuery {
     /// Only events of this type (exact match).
-    #[param(value_type = Option<crate::openapi::schema::EventType>)]
+    #[param(value_type = Option<crate::schemas::EventType>)]
     event_type: Option<String>,
     /// Only events from this source (exact match).
-    #[param(value_type = Option<crate::openapi::schema::Source>)]
+    #[param(value_type = Option<crate::schemas::Source>)]
     source: Option<String>,
     /// Only events received at or after this time (RFC 3339).
     #[param(format = DateTime)]
@@ -183,7 +183,7 @@ struct ListQuery {
     #[param(minimum = 1, maximum = 1000)]
     limit: Option<usize>,
     /// The `next_cursor` of the previous page, with the same filters.
-    #[param(value_type = Option<crate::openapi::schema::Cursor>)]
+    #[param(value_type = Option<crate::schemas::Cursor>)]
     cursor: Option<String>,
     /// `payload` to include each event's payload.
     #[param(pattern = "^payload$")]
@@ -215,7 +215,7 @@ struct EventList<'a> {
         (status = 400, description = "`validation_error` naming the parameter: an unknown \
             one, `limit` outside 1..=1000, a time that is not RFC 3339, an invalid \
             `event_type` or `source`, a malformed cursor or one made under other filters, \
-            or an invalid X-Correlation-ID.", body = crate::openapi::schema::ErrorBody),
+            or an invalid X-Correlation-ID.", body = crate::error::ErrorBody),
     ),
     security(("bearer" = ["read"])),
 )]
@@ -301,12 +301,12 @@ async fn list_events(
     path = "/v1/events/{event_id}/status",
     tag = "query",
     operation_id = "get_event_status",
-    params(("event_id" = crate::openapi::schema::EventId, Path, description = "The event id.")),
+    params(("event_id" = crate::schemas::EventId, Path, description = "The event id.")),
     responses(
         (status = 200, description = "The idempotency record.",
-            body = crate::openapi::schema::StatusOut),
+            body = crate::dto::StatusOut),
         (status = 404, description = "The processor has never seen that id.",
-            body = crate::openapi::schema::ErrorBody),
+            body = crate::error::ErrorBody),
     ),
     security(("bearer" = ["read"])),
 )]
@@ -323,12 +323,15 @@ async fn get_status(
         .ok_or_else(|| {
             ApiError::not_found(format!("the processor has never seen event id {event_id}"))
         })?;
-    Ok(Json(json!({
-        "event_id": status.event_id,
-        "status": status.status.as_str(),
-        "attempts": status.attempts,
-        "last_error": status.last_error.map(|e| json!({"code": e.code, "message": e.message})),
-        "updated_at": format_rfc3339(&status.updated_at),
-    }))
+    Ok(Json(StatusOut {
+        event_id: status.event_id.to_string(),
+        status: status.status.as_str(),
+        attempts: u64::from(status.attempts),
+        last_error: status.last_error.map(|e| CodeMessage {
+            code: e.code.to_string(),
+            message: e.message,
+        }),
+        updated_at: format_rfc3339(&status.updated_at),
+    })
     .into_response())
 }

@@ -60,6 +60,13 @@ pub enum Status {
 }
 
 impl Status {
+    pub const ALL: [Self; 4] = [
+        Self::Processing,
+        Self::Processed,
+        Self::Failed,
+        Self::Erased,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Processing => "processing",

@@ -188,7 +188,9 @@ fn read_batches(
         if let Err(e) = serde_json::from_str::<serde::de::IgnoredAny>(line) {
             batch.refused.push(Rejected {
                 line: line_no,
-                code: "invalid_json".to_owned(),
+                code: fluxa_api::error::ApiErrorCode::InvalidJson
+                    .as_str()
+                    .to_owned(),
                 message: format!("not JSON: {e}"),
             });
             continue;
