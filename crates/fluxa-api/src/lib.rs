@@ -83,10 +83,11 @@ impl Limits {
 
 impl Default for Limits {
     fn default() -> Self {
+        let payload = fluxa_core::ingest::PayloadLimits::default();
         Self {
-            max_payload_bytes: 10 * 1024 * 1024,
+            max_payload_bytes: payload.max_bytes,
             max_batch_bytes: 32 * 1024 * 1024,
-            max_payload_depth: fluxa_core::ingest::PayloadLimits::default().max_depth,
+            max_payload_depth: payload.max_depth,
             min_body_rate: 1024,
             body_rate_grace: std::time::Duration::from_secs(10),
             max_concurrent_requests: 1024,

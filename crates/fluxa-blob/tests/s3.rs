@@ -70,27 +70,28 @@ async fn a_blob_round_trips_through_s3_under_the_prefix_and_one_events_blobs_are
     let event_id = EventId::parse("order-1").unwrap();
     let key = BlobStore::new_key(&event_id);
     let blob = store.put(&key, payload.clone()).await.unwrap();
-    // What a queue message carries: the bucket and the key, relative to the prefix.
+    // What a queue message carries: the bucket and the object's whole key, prefix included,
+    // so anyone reading the message finds the object.
     assert_eq!(
         blob,
         BlobRef {
             bucket: bucket.clone(),
-            key: key.clone()
+            key: format!("fluxa/blobs/{key}")
         }
     );
     assert!(key.starts_with("events/0b/order-1/"), "{key}");
     assert_eq!(store.get(&blob).await.unwrap(), payload);
     assert_eq!(
-        raw_object(&endpoint, &bucket, &format!("fluxa/blobs/{key}")).await,
+        raw_object(&endpoint, &bucket, &blob.key).await,
         Some(payload.to_vec()),
-        "the object lives under the prefix"
+        "the object lives at the key the message names"
     );
 
     // The sweeper's listing sees it, with the key a message holds.
     let later = Utc::now() + chrono::Duration::hours(1);
     assert_eq!(
         store.payload_keys_older_than(later).await.unwrap(),
-        vec![key.clone()]
+        vec![blob.key.clone()]
     );
     let earlier = Utc::now() - chrono::Duration::hours(1);
     assert!(store
@@ -109,23 +110,20 @@ async fn a_blob_round_trips_through_s3_under_the_prefix_and_one_events_blobs_are
         .await
         .unwrap();
     let other = BlobStore::new_key(&EventId::parse("order-2").unwrap());
-    store.put(&other, Bytes::from_static(b"4")).await.unwrap();
+    let other = store.put(&other, Bytes::from_static(b"4")).await.unwrap();
     assert_eq!(store.delete_event_blobs(&event_id).await.unwrap(), 3);
     assert_eq!(
         store.payload_keys_older_than(later).await.unwrap(),
-        vec![other.clone()]
+        vec![other.key.clone()]
     );
     assert!(matches!(
         store.get(&blob).await,
         Err(Error::NotFound { .. })
     ));
-    store.delete(&other).await.unwrap();
+    store.delete(&other.key).await.unwrap();
     // Deleting a missing blob succeeds.
-    store.delete(&other).await.unwrap();
-    assert_eq!(
-        raw_object(&endpoint, &bucket, &format!("fluxa/blobs/{other}")).await,
-        None
-    );
+    store.delete(&other.key).await.unwrap();
+    assert_eq!(raw_object(&endpoint, &bucket, &other.key).await, None);
 }
 
 #[tokio::test]

@@ -157,11 +157,11 @@ pub fn config_file(data: &[u8]) {
     // The loader reads a path, as the binary does; one file per process, rewritten each time.
     let path = std::env::temp_dir().join(format!("fluxa-fuzz-config-{}.toml", std::process::id()));
     std::fs::write(&path, text).expect("write the config file");
-    let sources = fluxa_server::Sources {
+    let sources = fluxa_host::Sources {
         file: Some(path),
-        ..fluxa_server::Sources::default()
+        ..fluxa_host::Sources::default()
     };
-    if let Err(error) = fluxa_server::Config::load(sources) {
+    if let Err(error) = fluxa_host::Config::load(sources) {
         let message = format!("{error:#} {error:?}");
         assert!(
             !message.contains(PLANTED_PASSWORD) && !message.contains(PLANTED_TOKEN),

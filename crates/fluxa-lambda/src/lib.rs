@@ -23,7 +23,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use fluxa_api::{AppState, Routes};
 use fluxa_aws::sqs::SqsQueue;
-use fluxa_server::{BlobBackend, Config, PgLocation, Sources};
+use fluxa_host::{BlobBackend, Config, PgLocation, Sources};
 use secrecy::SecretString;
 
 /// Database connections one container may hold (the Terraform's `db_connections_per_container`
@@ -36,9 +36,18 @@ pub const CONNECTIONS_PER_CONTAINER: u32 = 2;
 pub const MAX_BODY_BYTES: usize = 2_621_440;
 
 /// The body limits a function uses when the environment sets none: 2 MiB bodies, the
-/// Terraform's default.
+/// Terraform's default, and payloads that fit one with their envelope.
 const DEFAULT_BATCH_BYTES: usize = 2 * 1024 * 1024;
 const ENVELOPE_ALLOWANCE: usize = 64 * 1024;
+
+/// The Lambda functions' defaults layer: `fluxa serve`'s defaults, but bodies that fit a
+/// Lambda invoke. The environment overrides it as it overrides the built-in defaults.
+pub fn lambda_defaults() -> Config {
+    let mut config = Config::default();
+    config.limits.max_batch_bytes = DEFAULT_BATCH_BYTES;
+    config.limits.max_payload_bytes = DEFAULT_BATCH_BYTES - ENVELOPE_ALLOWANCE;
+    config
+}
 
 /// What a function's environment configures, checked as `fluxa serve` checks it. What only
 /// one role needs (tokens, the queue, the database) is required when that role opens it.
@@ -57,19 +66,7 @@ impl LambdaConfig {
 
     /// Reads `sources` (tests pass their own environment).
     pub fn from_sources(sources: Sources) -> anyhow::Result<Self> {
-        let batch_given = sources.env.contains_key("FLUXA_MAX_BATCH_BYTES");
-        let payload_given = sources.env.contains_key("FLUXA_MAX_PAYLOAD_BYTES");
-        let mut config = Config::layered(sources)?;
-        if !batch_given {
-            config.limits.max_batch_bytes = DEFAULT_BATCH_BYTES;
-        }
-        if !payload_given {
-            config.limits.max_payload_bytes = config
-                .limits
-                .max_batch_bytes
-                .saturating_sub(ENVELOPE_ALLOWANCE)
-                .max(1);
-        }
+        let config = Config::layered_over(lambda_defaults(), sources)?;
         let tokens = config.check_settings()?;
         anyhow::ensure!(
             config.limits.largest_body() <= MAX_BODY_BYTES,
@@ -128,7 +125,7 @@ impl LambdaConfig {
             .blob_url
             .as_deref()
             .context("this function needs the payload bucket: set FLUXA_BLOB_URL")?;
-        fluxa_server::open_blobs(&BlobBackend::parse(url)?)
+        fluxa_host::open_blobs(&BlobBackend::parse(url)?)
     }
 
     /// The state every HTTP role starts from: no backends yet, and the tokens it requires.
@@ -178,7 +175,7 @@ pub async fn http_app(role: Role, config: &LambdaConfig) -> anyhow::Result<axum:
         Role::Admin => {
             let store = config.open_store().await?;
             let queue = open_sender(config).await?;
-            state.dead_letters = Some(Arc::new(fluxa_server::sqs::SqsDeadLetters::new(
+            state.dead_letters = Some(Arc::new(fluxa_host::sqs::SqsDeadLetters::new(
                 queue,
                 store.dead_letters,
             )));

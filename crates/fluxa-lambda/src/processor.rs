@@ -12,7 +12,7 @@
 //!
 //! Records from the DLQ (a second event source mapping, `processor_drains_dlq`) are recorded in
 //! the store's DLQ, where `fluxa dlq …` and the admin API see them, and a `retries_exhausted`
-//! event's record is marked `failed` ([`fluxa_server::sqs::record_dead_letters`]). If the
+//! event's record is marked `failed` ([`fluxa_host::sqs::record_dead_letters`]). If the
 //! store cannot take them they are all failures, and stay in the SQS DLQ.
 
 use std::sync::Arc;
@@ -52,17 +52,11 @@ impl ProcessorFunction {
         let store = config.open_store().await?;
         let client = aws_sdk_sqs::Client::new(&fluxa_aws::sdk_config().await);
         let queue = SqsQueue::open(client, config.queue_url()?).await?;
-        let c = &config.config;
         let store_arc = Arc::new(store.store);
         let processor = Processor::new(
             store_arc.clone(),
             config.blobs()?,
-            ProcessorConfig {
-                lease: c.lease,
-                backoff_base: c.retry_backoff,
-                backoff_max: c.retry_backoff_max,
-                max_blob_memory: c.max_blob_memory,
-            },
+            ProcessorConfig::from(&config.config),
         );
         Ok(Self {
             processor,
@@ -159,7 +153,7 @@ impl ProcessorFunction {
             .map(|record| received(record).dead_letter(max_receives, now))
             .collect();
         let ids: Vec<String> = dead_letters.iter().map(|d| d.id.clone()).collect();
-        match fluxa_server::sqs::record_dead_letters(
+        match fluxa_host::sqs::record_dead_letters(
             &self.table,
             &*self.store,
             &*self.admin,

@@ -368,8 +368,8 @@ async fn under_an_emulated_event_source_mapping_failures_reach_the_dlq_and_the_a
     }
 }
 
-fn sources(env: &[(&str, &str)]) -> fluxa_server::Sources {
-    fluxa_server::Sources {
+fn sources(env: &[(&str, &str)]) -> fluxa_host::Sources {
+    fluxa_host::Sources {
         env: env
             .iter()
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))

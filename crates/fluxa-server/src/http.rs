@@ -41,7 +41,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
-use crate::Config;
+use fluxa_host::Config;
 
 /// How the loop treats connections; see [`ServeOptions::new`].
 #[derive(Clone, Copy, Debug)]

@@ -42,8 +42,8 @@ pub enum Client {
 impl Client {
     /// Opens the configured backends and serves the API over them in-process, with
     /// authentication off: whoever can open the database needs no token.
-    pub async fn local(config: &fluxa_server::ValidatedConfig) -> anyhow::Result<Self> {
-        let backends = fluxa_server::open_validated(config).await?;
+    pub async fn local(config: &fluxa_host::ValidatedConfig) -> anyhow::Result<Self> {
+        let backends = fluxa_host::open_validated(config).await?;
         let mut state = fluxa_server::app_state(config, &backends);
         state.tokens = Arc::new(Vec::new());
         Ok(Self::Local(fluxa_api::app(state)))

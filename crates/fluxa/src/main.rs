@@ -1,7 +1,7 @@
 //! The `fluxa` command: a thin CLI over `fluxa-server` (serve, migrate) and the operator
 //! commands (events, dlq, idempotency, import), which speak the HTTP API to a running server
 //! or, in-process, over the configured backends. Its setting flags are built from
-//! `fluxa_server::SETTINGS`, and `fluxa_server::Config::load` does all parsing, layering and
+//! `fluxa_host::SETTINGS`, and `fluxa_host::Config::load` does all parsing, layering and
 //! validation, so a setting is added in `fluxa-server` alone.
 //!
 //! Exit codes, for scripts: 0 success; 1 failure (unreachable, an outage, a server error);
@@ -19,7 +19,7 @@ use std::process::ExitCode;
 
 use axum::http::StatusCode;
 use clap::{Arg, ArgAction, ArgMatches, Args, FromArgMatches, Parser, Subcommand};
-use fluxa_server::{Config, FlagKind, Sources, ValidatedConfig, SETTINGS};
+use fluxa_host::{Config, FlagKind, Sources, ValidatedConfig, SETTINGS};
 use tokio_util::sync::CancellationToken;
 
 use crate::client::{ApiFailure, Client};
@@ -125,7 +125,7 @@ struct SettingArgs<const ALL: bool> {
 }
 
 impl<const ALL: bool> SettingArgs<ALL> {
-    fn settings() -> impl Iterator<Item = &'static fluxa_server::Setting> {
+    fn settings() -> impl Iterator<Item = &'static fluxa_host::Setting> {
         SETTINGS.iter().filter(|s| ALL || s.locates_backends)
     }
 
@@ -277,7 +277,7 @@ async fn run(command: Command, config: Option<ValidatedConfig>) -> anyhow::Resul
         }
         Command::Migrate(_) => {
             let config = config.expect("migrate loads its settings first");
-            fluxa_server::open_validated(&config).await?;
+            fluxa_host::open_validated(&config).await?;
             eprintln!("migrations applied");
         }
         Command::Events { target, command } => {

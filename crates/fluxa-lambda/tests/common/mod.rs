@@ -162,7 +162,7 @@ impl Deployment {
     }
 
     pub fn config(&self) -> fluxa_lambda::LambdaConfig {
-        fluxa_lambda::LambdaConfig::from_sources(fluxa_server::Sources {
+        fluxa_lambda::LambdaConfig::from_sources(fluxa_host::Sources {
             env: self.environment(),
             ..Default::default()
         })

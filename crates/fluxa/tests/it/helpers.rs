@@ -173,7 +173,7 @@ pub struct TestData {
     /// instead of a URL (the `sqs-s3` run: the whole AWS setup).
     database_secret: Option<String>,
     /// Opened on first use and kept: each opening holds database connections.
-    backends: tokio::sync::OnceCell<fluxa_server::Backends>,
+    backends: tokio::sync::OnceCell<fluxa_host::Backends>,
     pg_pool: tokio::sync::OnceCell<sqlx::PgPool>,
 }
 
@@ -358,8 +358,8 @@ impl TestData {
         command
     }
 
-    fn config(&self) -> fluxa_server::Config {
-        let mut config = fluxa_server::Config::with_data_dir(self.path());
+    fn config(&self) -> fluxa_host::Config {
+        let mut config = fluxa_host::Config::with_data_dir(self.path());
         config.database_url = self.database_url().map(secrecy::SecretString::from);
         config.blob_url = self.blob_url();
         config.queue_url = self.queue_url();
@@ -367,10 +367,10 @@ impl TestData {
         config
     }
 
-    async fn backends(&self) -> &fluxa_server::Backends {
+    async fn backends(&self) -> &fluxa_host::Backends {
         self.backends
             .get_or_init(|| async {
-                fluxa_server::open_backends(&self.config())
+                fluxa_host::open_backends(&self.config())
                     .await
                     .expect("open backends")
             })
@@ -585,13 +585,13 @@ impl TestData {
 
     /// The blob store servers of this test use, opened from the test process by the server's
     /// own opener: the folder `<data dir>/blobs`, or this test's bucket.
-    fn blob_backend(&self) -> fluxa_server::BlobBackend {
+    fn blob_backend(&self) -> fluxa_host::BlobBackend {
         match &self.bucket {
-            Some(bucket) => fluxa_server::BlobBackend::S3 {
+            Some(bucket) => fluxa_host::BlobBackend::S3 {
                 bucket: bucket.clone(),
                 prefix: S3_PREFIX.to_owned(),
             },
-            None => fluxa_server::BlobBackend::Fs {
+            None => fluxa_host::BlobBackend::Fs {
                 root: self.path().join("blobs"),
             },
         }
@@ -614,13 +614,13 @@ impl TestData {
     /// knowledge of Fluxa's prefix, as an operator or another consumer of a message would.
     pub async fn read_object(&self, key: &str) -> Vec<u8> {
         let backend = match self.blob_backend() {
-            fluxa_server::BlobBackend::S3 { bucket, .. } => fluxa_server::BlobBackend::S3 {
+            fluxa_host::BlobBackend::S3 { bucket, .. } => fluxa_host::BlobBackend::S3 {
                 bucket,
                 prefix: String::new(),
             },
             folder => folder,
         };
-        let blobs = fluxa_server::open_blobs(&backend).expect("open the bucket");
+        let blobs = fluxa_host::open_blobs(&backend).expect("open the bucket");
         let blob = fluxa_core::BlobRef {
             bucket: self.blob_bucket(),
             key: key.to_owned(),
@@ -635,7 +635,7 @@ impl TestData {
     /// Keys of the payload blobs currently in the blob store (as a message names them: whole
     /// keys in the bucket, prefix included), sorted.
     pub async fn blob_keys(&self) -> Vec<String> {
-        let blobs = fluxa_server::open_blobs(&self.blob_backend()).expect("open the blob store");
+        let blobs = fluxa_host::open_blobs(&self.blob_backend()).expect("open the blob store");
         let every_blob = chrono::Utc::now() + chrono::Duration::days(1);
         let mut keys = blobs
             .payload_keys_older_than(every_blob)
@@ -647,7 +647,7 @@ impl TestData {
 
     /// The bytes of the blob at `key`.
     pub async fn read_blob(&self, key: &str) -> Vec<u8> {
-        let blobs = fluxa_server::open_blobs(&self.blob_backend()).expect("open the blob store");
+        let blobs = fluxa_host::open_blobs(&self.blob_backend()).expect("open the blob store");
         let blob = fluxa_core::BlobRef {
             bucket: self.blob_bucket(),
             key: key.to_owned(),
@@ -663,7 +663,7 @@ impl TestData {
     /// Writes `bytes` at `key`, replacing any blob there (to corrupt one, or plant an orphan),
     /// and returns the whole key it was written at.
     pub async fn write_blob(&self, key: &str, bytes: Vec<u8>) -> String {
-        let blobs = fluxa_server::open_blobs(&self.blob_backend()).expect("open the blob store");
+        let blobs = fluxa_host::open_blobs(&self.blob_backend()).expect("open the blob store");
         blobs
             .put(key, bytes.into())
             .await
@@ -673,7 +673,7 @@ impl TestData {
 
     /// Deletes the blob at `key`.
     pub async fn remove_blob(&self, key: &str) {
-        let blobs = fluxa_server::open_blobs(&self.blob_backend()).expect("open the blob store");
+        let blobs = fluxa_host::open_blobs(&self.blob_backend()).expect("open the blob store");
         blobs.delete(key).await.expect("delete a blob");
     }
 }

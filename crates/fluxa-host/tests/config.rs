@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use fluxa_server::{
+use fluxa_host::{
     BlobBackend, Config, PgLocation, QueueBackend, Sources, StoreBackend, ValidatedConfig,
     DEFAULT_WORKERS_EMBEDDED, DEFAULT_WORKERS_POSTGRES, SETTINGS,
 };
@@ -105,7 +105,7 @@ fn a_lambda_loads_from_the_environment_alone() {
     ])
     .unwrap();
     let config = loaded.config();
-    assert_eq!(config.role, fluxa_server::Role::Worker);
+    assert_eq!(config.role, fluxa_host::Role::Worker);
     assert!(config.insecure_no_auth);
     assert_eq!(config.visibility_timeout, Duration::from_millis(500));
     assert!(matches!(
@@ -145,7 +145,7 @@ fn a_database_secret_selects_postgres_with_the_url_completing_it() {
     // PostgreSQL's worker default, as with a URL.
     assert_eq!(
         loaded.config().workers,
-        fluxa_server::DEFAULT_WORKERS_POSTGRES
+        fluxa_host::DEFAULT_WORKERS_POSTGRES
     );
     let refused = error_of(load_env(&[("FLUXA_DATABASE_SECRET_ID", " ")]));
     assert!(refused.contains("FLUXA_DATABASE_SECRET_ID"), "{refused}");
@@ -412,7 +412,7 @@ fn a_queue_url_needs_the_store_on_postgresql_and_must_be_a_url() {
     assert!(
         matches!(
             &loaded.backends().queue,
-            fluxa_server::QueueBackend::Sqs { url } if url.ends_with("/1/fluxa")
+            fluxa_host::QueueBackend::Sqs { url } if url.ends_with("/1/fluxa")
         ),
         "{:?}",
         loaded.backends()
@@ -429,7 +429,7 @@ fn a_database_urls_password_never_shows_in_debug_or_errors() {
     let debug = format!("{loaded:?} {:?} {:?}", loaded.config(), loaded.backends());
     assert!(!debug.contains("hunter2"), "{debug}");
     assert_eq!(
-        fluxa_server::backend_name(loaded.config()),
+        fluxa_host::backend_name(loaded.config()),
         "postgres (127.0.0.1:5432/fluxa)"
     );
 

@@ -27,11 +27,11 @@ pub enum Role {
 }
 
 impl Role {
-    pub(crate) fn runs_api(self) -> bool {
+    pub fn runs_api(self) -> bool {
         matches!(self, Self::All | Self::Api)
     }
 
-    pub(crate) fn runs_workers(self) -> bool {
+    pub fn runs_workers(self) -> bool {
         matches!(self, Self::All | Self::Worker)
     }
 
@@ -574,7 +574,14 @@ impl Config {
     /// [`Config::load`] without the validation: for a host that checks the settings it uses
     /// itself ([`Config::check_settings`]) and picks its own backends (a Lambda function).
     pub fn layered(sources: Sources) -> anyhow::Result<Self> {
-        let mut config = Self::default();
+        Self::layered_over(Self::default(), sources)
+    }
+
+    /// [`Config::layered`] over a host's own defaults instead of the built-in ones (the Lambda
+    /// functions' smaller body limits, say): the host names its defaults in one place, and the
+    /// file and the environment still override them.
+    pub fn layered_over(defaults: Self, sources: Sources) -> anyhow::Result<Self> {
+        let mut config = defaults;
         let mut workers_given = false;
 
         let file = sources.file.clone().or_else(|| {
