@@ -12,7 +12,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use fluxa_blob::BlobStore;
 use fluxa_processor::{ProcessorConfig, Retention};
-use fluxa_queue::{BlobReferences, Consumer, DeadLetterAdmin, Producer};
+use fluxa_queue::{BlobReferences, Consumer, DeadLetterAdmin, Producer, QueueSettings};
 use fluxa_store::{EventReader, Store, StoreAdmin};
 
 mod config;
@@ -189,11 +189,7 @@ async fn open_store_and_queue(
             std::fs::create_dir_all(data_dir).with_context(|| {
                 format!("failed to create data directory {}", data_dir.display())
             })?;
-            let queue_config = fluxa_sqlite::QueueConfig {
-                visibility_timeout: config.visibility_timeout,
-                max_receives: config.max_receives,
-            };
-            let sqlite = fluxa_sqlite::open(data_dir, queue_config)
+            let sqlite = fluxa_sqlite::open(data_dir, config.into())
                 .await
                 .context("failed to open the embedded store and queue")?;
             Ok((
@@ -207,12 +203,8 @@ async fn open_store_and_queue(
              FLUXA_DATABASE_SECRET_ID"
         ),
         StoreBackend::Postgres { url } => {
-            let queue_config = fluxa_postgres::QueueConfig {
-                visibility_timeout: config.visibility_timeout,
-                max_receives: config.max_receives,
-            };
             let url = url.url().await?;
-            let pg = fluxa_postgres::open(&url, writer_pool_size(config), queue_config)
+            let pg = fluxa_postgres::open(&url, writer_pool_size(config), config.into())
                 .await
                 .context("failed to open the PostgreSQL store and queue")?;
             Ok((
@@ -236,6 +228,17 @@ pub fn backend_name(config: &Config) -> String {
             ..
         }) => format!("postgres ({})", url.describe()),
         _ => "sqlite".to_owned(),
+    }
+}
+
+/// A database queue's settings. (An SQS queue keeps its own: `fluxa serve` passes it the
+/// visibility timeout, and its redrive policy is the receive limit.)
+impl From<&Config> for QueueSettings {
+    fn from(config: &Config) -> Self {
+        Self {
+            visibility_timeout: config.visibility_timeout,
+            max_receives: config.max_receives,
+        }
     }
 }
 

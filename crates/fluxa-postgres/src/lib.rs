@@ -54,13 +54,6 @@ const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(3);
 /// Statements slower than this are cancelled; every Fluxa statement is an index lookup.
 const STATEMENT_TIMEOUT_MS: u64 = 10_000;
 
-/// Queue behaviour (the same settings as the embedded queue's).
-#[derive(Clone, Copy, Debug)]
-pub struct QueueConfig {
-    pub visibility_timeout: Duration,
-    pub max_receives: u32,
-}
-
 /// The opened PostgreSQL backends.
 #[derive(Debug)]
 pub struct Backends {
@@ -115,7 +108,7 @@ pub struct StoreBackends {
 pub async fn open(
     url: &SecretString,
     pool_size: u32,
-    queue_config: QueueConfig,
+    queue_config: fluxa_queue::QueueSettings,
 ) -> Result<Backends, Error> {
     let sizes = PoolSizes {
         writer: pool_size.max(2),

@@ -30,7 +30,9 @@ use sqlx::{PgPool, QueryBuilder, Row};
 use tokio::sync::Notify;
 
 use crate::dead_letters::{count, push_conditions, DeadLetterTable, Selection};
-use crate::{is_refusal, seconds, QueueConfig};
+use fluxa_queue::QueueSettings;
+
+use crate::{is_refusal, seconds};
 
 /// How often an idle receiver looks again for messages whose retry delay or visibility timeout
 /// has passed (new messages wake it at once through `LISTEN`/`NOTIFY`).
@@ -53,7 +55,7 @@ pub(crate) fn queue_error(error: sqlx::Error) -> Error {
 #[derive(Clone, Debug)]
 pub struct PgQueue {
     pool: PgPool,
-    config: QueueConfig,
+    config: QueueSettings,
     /// Woken whenever any replica enqueues (relayed from `LISTEN`).
     receivers: Receivers,
     /// Asks the announcer task to tell other replicas that messages are waiting.
@@ -74,7 +76,7 @@ impl Drop for AbortOnDrop {
 }
 
 impl PgQueue {
-    pub(crate) async fn new(pool: PgPool, config: QueueConfig) -> Result<Self, sqlx::Error> {
+    pub(crate) async fn new(pool: PgPool, config: QueueSettings) -> Result<Self, sqlx::Error> {
         let receivers = Receivers::default();
         let listener = listen(&pool).await?;
         let relay = tokio::spawn(relay_notifications(
@@ -613,7 +615,7 @@ mod tests {
     /// and 20 common types, one rare code and one rare type (0.25% each), 0.25% exhausted.
     /// Analyzed, as autovacuum would.
     async fn big_queue(db: &ScratchDatabase) -> PgQueue {
-        let config = crate::QueueConfig {
+        let config = fluxa_queue::QueueSettings {
             visibility_timeout: Duration::from_secs(60),
             max_receives: 3,
         };

@@ -868,7 +868,7 @@ mod tests {
         let db = ScratchDatabase {
             name: format!("fluxa_test_{}", uuid::Uuid::new_v4().simple()),
         };
-        let config = crate::QueueConfig {
+        let config = fluxa_queue::QueueSettings {
             visibility_timeout: std::time::Duration::from_secs(1),
             max_receives: 3,
         };

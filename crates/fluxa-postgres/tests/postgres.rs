@@ -5,8 +5,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use fluxa_postgres::{Backends, QueueConfig};
+use fluxa_postgres::Backends;
 use fluxa_queue::conformance;
+use fluxa_queue::QueueSettings;
 use fluxa_store::conformance as store_conformance;
 use secrecy::{ExposeSecret, SecretString};
 
@@ -41,7 +42,7 @@ impl TestDatabase {
     }
 
     async fn open(&self, visibility: Duration) -> Backends {
-        let config = QueueConfig {
+        let config = QueueSettings {
             visibility_timeout: visibility,
             max_receives: 3,
         };

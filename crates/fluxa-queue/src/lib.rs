@@ -315,6 +315,16 @@ pub async fn redrive_in_batches(
     }
 }
 
+/// How a database queue treats its messages: the settings every Fluxa queue backend takes
+/// (an SQS queue has them as its own attributes and redrive policy).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct QueueSettings {
+    /// How long a received message stays hidden before it is delivered again.
+    pub visibility_timeout: Duration,
+    /// Receives after which the next receive dead-letters the message as `retries_exhausted`.
+    pub max_receives: u32,
+}
+
 /// Whether a queued or dead-lettered message points at a blob (an optional capability).
 #[async_trait]
 pub trait BlobReferences: Send + Sync + 'static {

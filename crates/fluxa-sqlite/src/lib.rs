@@ -150,7 +150,10 @@ async fn migrate(
 }
 
 /// Opens (creating if needed) and migrates the embedded store and queue under `data_dir`.
-pub async fn open(data_dir: &Path, queue_config: QueueConfig) -> Result<Backends, Error> {
+pub async fn open(
+    data_dir: &Path,
+    queue_config: fluxa_queue::QueueSettings,
+) -> Result<Backends, Error> {
     let store_path = data_dir.join("store.db");
     let queue_path = data_dir.join("queue.db");
     let store_pools = open_pools(&store_path, 4, SecureDelete::On).await?;
@@ -170,15 +173,6 @@ pub struct Backends {
     pub store: SqliteStore,
     pub reader: SqliteReader,
     pub queue: SqliteQueue,
-}
-
-/// Queue behaviour shared by every backend's configuration.
-#[derive(Clone, Copy, Debug)]
-pub struct QueueConfig {
-    /// How long a received message stays hidden before it is delivered again.
-    pub visibility_timeout: Duration,
-    /// Receives after which the next receive dead-letters the message as `retries_exhausted`.
-    pub max_receives: u32,
 }
 
 /// Whether a failed statement was refused for what it asked (a constraint, a missing table, a

@@ -36,7 +36,9 @@ use sqlx::sqlite::SqliteRow;
 use sqlx::{QueryBuilder, Row, Sqlite, SqliteConnection};
 
 use crate::group_commit::GroupCommit;
-use crate::{is_refusal, millis, now_millis, Pools, QueueConfig};
+use fluxa_queue::QueueSettings;
+
+use crate::{is_refusal, millis, now_millis, Pools};
 
 /// Most rows one multi-row statement carries, far below SQLite's limit on bound parameters.
 const ROWS_PER_STATEMENT: usize = 500;
@@ -59,14 +61,14 @@ fn queue_error(error: sqlx::Error) -> Error {
 #[derive(Clone, Debug)]
 pub struct SqliteQueue {
     pools: Pools,
-    config: QueueConfig,
+    config: QueueSettings,
     writes: GroupCommit,
     /// Wake-ups for this process's idle receivers.
     receivers: Receivers,
 }
 
 impl SqliteQueue {
-    pub(crate) fn new(pools: Pools, config: QueueConfig) -> Self {
+    pub(crate) fn new(pools: Pools, config: QueueSettings) -> Self {
         let writes = GroupCommit::start(pools.writer.clone());
         Self {
             pools,
@@ -94,7 +96,7 @@ const HEAD_SQL: &str = "SELECT seq FROM queue_messages WHERE visible_at <= ?1 \
 /// claim of the visible ones.
 async fn receive(
     connection: &mut SqliteConnection,
-    config: QueueConfig,
+    config: QueueSettings,
     max_messages: usize,
 ) -> std::result::Result<Received, sqlx::Error> {
     let now = now_millis();
@@ -776,7 +778,7 @@ mod tests {
     /// codes, two classes and five types, dead-lettered one millisecond apart from
     /// 1 800 000 000 000.
     async fn big_queue(dir: &std::path::Path) -> SqliteQueue {
-        let config = QueueConfig {
+        let config = QueueSettings {
             visibility_timeout: Duration::from_secs(60),
             max_receives: 3,
         };

@@ -152,7 +152,7 @@ async fn a_queue_that_cannot_grow_fails_sends_and_redrives_as_unavailable_and_wo
 ) {
     let dir = tempfile::tempdir().unwrap();
     let file = CappedFile::open(&dir.path().join("queue.db"), &crate::QUEUE_MIGRATIONS).await;
-    let config = crate::QueueConfig {
+    let config = fluxa_queue::QueueSettings {
         visibility_timeout: Duration::from_secs(60),
         max_receives: 3,
     };

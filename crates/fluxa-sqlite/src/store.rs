@@ -765,13 +765,13 @@ mod tests {
     use fluxa_core::{EventType, Source};
 
     use super::*;
-    use crate::QueueConfig;
+    use fluxa_queue::QueueSettings;
 
     /// Seed invariant 7 at the connection level: the query API's reader refuses writes.
     #[tokio::test]
     async fn the_query_readers_connections_refuse_writes() {
         let dir = tempfile::tempdir().unwrap();
-        let config = QueueConfig {
+        let config = QueueSettings {
             visibility_timeout: std::time::Duration::from_secs(1),
             max_receives: 3,
         };
@@ -811,7 +811,7 @@ mod tests {
     #[tokio::test]
     async fn every_filter_combination_of_the_listing_is_served_by_its_index_without_sorting() {
         let dir = tempfile::tempdir().unwrap();
-        let config = QueueConfig {
+        let config = QueueSettings {
             visibility_timeout: std::time::Duration::from_secs(1),
             max_receives: 3,
         };

@@ -6,11 +6,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fluxa_queue::conformance;
-use fluxa_sqlite::{Backends, QueueConfig};
+use fluxa_queue::QueueSettings;
+use fluxa_sqlite::Backends;
 use fluxa_store::conformance as store_conformance;
 
 async fn open(dir: &std::path::Path, visibility: Duration) -> Backends {
-    let config = QueueConfig {
+    let config = QueueSettings {
         visibility_timeout: visibility,
         max_receives: 3,
     };
