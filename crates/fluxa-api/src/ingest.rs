@@ -66,6 +66,9 @@ async fn prepare(
                 tracing::warn!(error.cause_chain = ?e, error.message = %e, "blob write failed");
                 ApiError::unavailable("blob store")
             })?;
+            // The whole key, as the message body names it (the attribute is what the
+            // sweeper and the SQS attributes go by).
+            let key = blob.key.clone();
             (EventMessageV1::in_blob(header, blob), Some(key))
         }
     };
