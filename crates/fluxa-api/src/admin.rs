@@ -16,7 +16,7 @@ use chrono::Utc;
 use fluxa_core::cursor::{Listing, Position};
 use fluxa_core::ids::DeadLetterId;
 use fluxa_core::time::format_rfc3339;
-use fluxa_core::{ErrorCode, EventId, EventType, FailureClass};
+use fluxa_core::{CorrelationId, ErrorCode, EventId, EventType, FailureClass, PayloadHash};
 use fluxa_queue::{DeadLetter, DeadLetterFilter, DeadLetterPosition, RedriveSelector};
 use fluxa_store::{Eviction, IdempotencyRecord};
 use serde::{Deserialize, Serialize};
@@ -99,13 +99,17 @@ pub fn dead_letter_json(entry: &DeadLetter) -> DeadLetterOut<'_> {
             OriginalMessage::Json,
         );
     DeadLetterOut {
-        id: &entry.id,
-        event_id: entry.attributes.event_id.as_deref(),
-        correlation_id: entry.attributes.correlation_id.as_deref(),
-        event_type: entry.attributes.event_type.as_deref(),
+        id: entry.id.as_str(),
+        event_id: entry.attributes.event_id.as_ref().map(EventId::as_str),
+        correlation_id: entry
+            .attributes
+            .correlation_id
+            .as_ref()
+            .map(CorrelationId::as_str),
+        event_type: entry.attributes.event_type.as_ref().map(EventType::as_str),
         error_class: entry.error_class.as_str(),
         error: ErrorOut {
-            code: &entry.error.code,
+            code: entry.error.code.as_str(),
             message: &entry.error.message,
         },
         receive_count: entry.receive_count,
@@ -199,7 +203,7 @@ impl FilterIn {
             .map_err(|rule| ApiError::validation(format!("{}: {rule}", field("event_type"))))?;
         Ok(DeadLetterFilter {
             event_id: event_id.map(String::from),
-            error_code: error_code.map(|code| code.as_str().to_owned()),
+            error_code,
             error_class,
             event_type: event_type.map(String::from),
             since: listing::time(&field("since"), self.since.as_deref())?,
@@ -213,7 +217,7 @@ fn fingerprint(filter: &DeadLetterFilter) -> String {
     listing::fingerprint(
         &[
             filter.event_id.as_deref(),
-            filter.error_code.as_deref(),
+            filter.error_code.map(ErrorCode::as_str),
             filter.error_class.map(FailureClass::as_str),
             filter.event_type.as_deref(),
         ],
@@ -334,7 +338,7 @@ async fn show(
     let id = path_id(id, DeadLetterId::parse, "id", "dead letter")?;
     let entry = state
         .dead_letters()?
-        .get_dead_letter(id.as_str())
+        .get_dead_letter(&id)
         .await
         .map_err(|e| ApiError::from_queue(&e))?
         .ok_or_else(|| ApiError::not_found(format!("no dead letter with id {id}")))?;
@@ -427,7 +431,7 @@ async fn redrive(
         (false, None, Some(id), None) => {
             let id = DeadLetterId::parse(&id)
                 .map_err(|rule| ApiError::validation(format!("id: {rule}")))?;
-            RedriveSelector::Id(id.into())
+            RedriveSelector::Id(id)
         }
         (false, None, None, Some(filter)) => RedriveSelector::Filter(filter.parse("filter.")?),
         _ => {
@@ -545,16 +549,16 @@ struct IdempotencyRecordOut<'a> {
 
 fn record_json(record: &IdempotencyRecord) -> IdempotencyRecordOut<'_> {
     IdempotencyRecordOut {
-        event_id: &record.event_id,
+        event_id: record.event_id.as_str(),
         status: record.status.as_str(),
         attempts: record.attempts,
-        payload_sha256: record.payload_sha256.as_deref(),
+        payload_sha256: record.payload_sha256.as_ref().map(PayloadHash::as_str),
         lease_expires_at: record.lease_expires_at.as_ref().map(format_rfc3339),
         last_error: record.last_error.as_ref().map(|error| ErrorOut {
-            code: &error.code,
+            code: error.code.as_str(),
             message: &error.message,
         }),
-        correlation_id: record.correlation_id.as_deref(),
+        correlation_id: record.correlation_id.as_ref().map(CorrelationId::as_str),
         created_at: format_rfc3339(&record.created_at),
         updated_at: format_rfc3339(&record.updated_at),
     }

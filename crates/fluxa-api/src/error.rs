@@ -231,7 +231,9 @@ impl ApiError {
                 tracing::warn!(error.cause_chain = ?error, error.message = %error, "queue access failed");
                 Self::unavailable("queue")
             }
-            fluxa_queue::Error::Rejected(_) => Self::internal(error),
+            fluxa_queue::Error::Rejected(_) | fluxa_queue::Error::Corrupt(_) => {
+                Self::internal(error)
+            }
         }
     }
 

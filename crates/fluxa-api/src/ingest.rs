@@ -59,7 +59,7 @@ async fn prepare(
     let mode = event.payload_mode();
     let (message, blob_key) = match mode {
         PayloadMode::Inline => (EventMessageV1::inline(header, event.payload), None),
-        PayloadMode::S3 => {
+        PayloadMode::Blob => {
             let key = fluxa_blob::BlobStore::new_key(&event.event_id);
             let bytes = body.slice_ref(event.payload.get().as_bytes());
             let blob = state.blobs()?.put(&key, bytes).await.map_err(|e| {
@@ -76,10 +76,10 @@ async fn prepare(
         message: Some(NewMessage {
             body: FluxaTask::EventV1(message).encode(),
             attributes: MessageAttributes {
-                event_id: Some(event.event_id.to_string()),
-                correlation_id: Some(correlation_id.to_string()),
+                event_id: Some(event.event_id.clone()),
+                correlation_id: Some(correlation_id.clone()),
                 blob_key: blob_key.clone(),
-                event_type: Some(event.event_type.to_string()),
+                event_type: Some(event.event_type.clone()),
             },
         }),
         blob_key,

@@ -48,7 +48,7 @@ struct CorruptPayload {
 fn verified_payload(event: &StoredEvent) -> Result<&RawValue, ApiError> {
     let corrupt = |reason| {
         ApiError::internal(&CorruptPayload {
-            event_id: event.event_id.clone(),
+            event_id: event.event_id.to_string(),
             reason,
         })
     };
@@ -56,7 +56,7 @@ fn verified_payload(event: &StoredEvent) -> Result<&RawValue, ApiError> {
         .payload
         .as_deref()
         .ok_or_else(|| corrupt("it was not read"))?;
-    if PayloadHash::of(payload).as_str() != event.payload_sha256 {
+    if PayloadHash::of(payload) != event.payload_sha256 {
         return Err(corrupt("its hash does not match payload_sha256"));
     }
     let text = std::str::from_utf8(payload).map_err(|_| corrupt("it is not UTF-8"))?;
@@ -149,14 +149,14 @@ struct EventSummary<'a> {
 impl<'a> EventSummary<'a> {
     fn of(event: &'a StoredEvent) -> Self {
         Self {
-            event_id: &event.event_id,
-            event_type: &event.event_type,
-            source: event.source.as_deref(),
+            event_id: event.event_id.as_str(),
+            event_type: event.event_type.as_str(),
+            source: event.source.as_ref().map(Source::as_str),
             occurred_at: event.occurred_at.as_ref().map(format_rfc3339),
-            payload_sha256: &event.payload_sha256,
+            payload_sha256: event.payload_sha256.as_str(),
             payload_size: event.payload_size,
-            payload_mode: &event.payload_mode,
-            correlation_id: &event.correlation_id,
+            payload_mode: event.payload_mode.as_str(),
+            correlation_id: event.correlation_id.as_str(),
             received_at: format_rfc3339(&event.received_at),
             processed_at: format_rfc3339(&event.processed_at),
         }
@@ -328,7 +328,7 @@ async fn get_status(
         status: status.status.as_str(),
         attempts: u64::from(status.attempts),
         last_error: status.last_error.map(|e| CodeMessage {
-            code: e.code.to_string(),
+            code: e.code.as_str().to_owned(),
             message: e.message,
         }),
         updated_at: format_rfc3339(&status.updated_at),

@@ -169,7 +169,7 @@ impl PartialSchema for PayloadMode {
         ObjectBuilder::new()
             .schema_type(Type::String)
             .enum_values(Some(
-                [PayloadMode::Inline, PayloadMode::S3].map(PayloadMode::as_str),
+                [PayloadMode::Inline, PayloadMode::Blob].map(PayloadMode::as_str),
             ))
             .description(Some(
                 "`INLINE`: the payload travelled inside the queue message; `S3`: over 256 KiB, \

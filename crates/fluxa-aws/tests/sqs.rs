@@ -29,7 +29,7 @@ use aws_sdk_sqs::{
     Client,
 };
 use fluxa_aws::sqs::{OpenError, SqsQueue};
-use fluxa_core::{ErrorCode, FailureInfo};
+use fluxa_core::{CorrelationId, ErrorCode, EventId, EventType, FailureInfo};
 use fluxa_queue::{Consumer, Error, MessageAttributes, NewMessage, Producer};
 
 /// The SQS calls a client made: the number of entries of each `SendMessageBatch`, and the
@@ -154,10 +154,10 @@ fn message(n: usize) -> NewMessage {
     NewMessage {
         body: format!(r#"{{"n":{n}}}"#).into_bytes(),
         attributes: MessageAttributes {
-            event_id: Some(format!("e-{n}")),
-            correlation_id: Some(format!("c-{n}")),
+            event_id: EventId::parse(&format!("e-{n}")).ok(),
+            correlation_id: CorrelationId::parse(&format!("c-{n}")).ok(),
             blob_key: None,
-            event_type: Some("order.created".into()),
+            event_type: EventType::parse("order.created").ok(),
         },
     }
 }
@@ -274,7 +274,7 @@ async fn a_batch_of_25_is_sent_in_3_calls_and_received_in_full() {
     assert_eq!(got, sent, "each message arrives once");
     let blob = deliveries
         .iter()
-        .find(|d| d.attributes.event_id.as_deref() == Some("e-3"))
+        .find(|d| d.attributes.event_id.as_ref().map(EventId::as_str) == Some("e-3"))
         .unwrap();
     assert_eq!(
         blob.attributes.blob_key.as_deref(),
@@ -350,7 +350,7 @@ async fn an_entry_that_fails_alone_is_reported_alone() {
         }
         assert!(got
             .iter()
-            .all(|d| d.attributes.event_id.as_deref() != Some("e-4")));
+            .all(|d| d.attributes.event_id.as_ref().map(EventId::as_str) != Some("e-4")));
         arrived += got.len();
     }
     assert_eq!(arrived, 11, "the other entries were sent");

@@ -5,7 +5,13 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-/// Why processing a message did not (yet) succeed. Stored as its `as_str()` text.
+/// Why processing a message did not (yet) succeed. Stored as its `as_str()` text, and written
+/// the same way in JSON and on SQS.
+///
+/// Every code Fluxa has ever written is one of these (the only code ever removed,
+/// `validation_error`, was never constructed), so a stored code that [`ErrorCode::parse`] does
+/// not know is a damaged record, not an older version's: readers report it as corrupt rather
+/// than guess a code.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorCode {
@@ -103,15 +109,42 @@ impl FailureClass {
 /// secrets: they are built from our own words and ids only.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FailureInfo {
-    pub code: String,
+    pub code: ErrorCode,
     pub message: String,
 }
 
 impl FailureInfo {
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
         Self {
-            code: code.as_str().to_owned(),
+            code,
             message: message.into(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_code_reads_back_from_its_text_and_serialises_as_that_text() {
+        for code in ErrorCode::ALL {
+            assert_eq!(ErrorCode::parse(code.as_str()), Some(code));
+            assert_eq!(
+                serde_json::to_value(code).unwrap(),
+                serde_json::Value::from(code.as_str())
+            );
+        }
+        assert_eq!(ErrorCode::parse("validation_error"), None);
+        assert_eq!(ErrorCode::parse("Internal"), None);
+    }
+
+    #[test]
+    fn a_failure_serialises_its_code_as_the_snake_case_text() {
+        let failure = FailureInfo::new(ErrorCode::BlobStoreUnavailable, "down");
+        assert_eq!(
+            serde_json::to_string(&failure).unwrap(),
+            r#"{"code":"blob_store_unavailable","message":"down"}"#
+        );
     }
 }

@@ -85,7 +85,7 @@ string_newtype!(EventId);
 /// admin API and CLI show it. Fluxa promises only the id charset, so that an id from a path or a
 /// body that could never be one (NUL, control characters, too long) is turned away before it
 /// reaches a database: 1..=128 characters of `[A-Za-z0-9._:-]`.
-#[derive(Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub struct DeadLetterId(String);
 

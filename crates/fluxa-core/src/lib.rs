@@ -34,7 +34,7 @@ pub fn payload_mode_for(payload_size: usize) -> PayloadMode {
     if payload_size <= INLINE_PAYLOAD_LIMIT {
         PayloadMode::Inline
     } else {
-        PayloadMode::S3
+        PayloadMode::Blob
     }
 }
 
@@ -46,6 +46,6 @@ mod tests {
     fn a_payload_of_exactly_256_kib_stays_inline_and_one_byte_more_goes_to_the_blob_store() {
         assert_eq!(payload_mode_for(0), PayloadMode::Inline);
         assert_eq!(payload_mode_for(262_144), PayloadMode::Inline);
-        assert_eq!(payload_mode_for(262_145), PayloadMode::S3);
+        assert_eq!(payload_mode_for(262_145), PayloadMode::Blob);
     }
 }

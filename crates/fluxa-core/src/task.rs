@@ -16,16 +16,26 @@ pub enum PayloadMode {
     /// Inside the queue message (at most 256 KiB, seed invariant 4).
     #[serde(rename = "INLINE")]
     Inline,
-    /// In the blob store; the message carries only the key (seed invariant 5).
+    /// In the blob store; the message carries only the key (seed invariant 5). Named `S3` on
+    /// the wire and in the database whichever blob backend holds it (the contract's name).
     #[serde(rename = "S3")]
-    S3,
+    Blob,
 }
 
 impl PayloadMode {
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Inline => "INLINE",
-            Self::S3 => "S3",
+            Self::Blob => "S3",
+        }
+    }
+
+    /// Reads the wire text back (a stored row's `payload_mode`).
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "INLINE" => Some(Self::Inline),
+            "S3" => Some(Self::Blob),
+            _ => None,
         }
     }
 }
@@ -106,7 +116,7 @@ impl<'a> EventMessageV1<'a> {
 
     /// A message that carries only the key of a payload already in the blob store.
     pub fn in_blob(header: EventHeader, blob: BlobRef) -> Self {
-        Self::build(header, PayloadMode::S3, None, Some(blob))
+        Self::build(header, PayloadMode::Blob, None, Some(blob))
     }
 
     fn build(
@@ -186,7 +196,7 @@ impl<'a> FluxaTask<'a> {
 impl EventMessageV1<'_> {
     fn check_shape(&self) -> Result<(), DecodeError> {
         match (self.payload_mode, &self.payload_inline, &self.payload_blob) {
-            (PayloadMode::Inline, Some(_), None) | (PayloadMode::S3, None, Some(_)) => Ok(()),
+            (PayloadMode::Inline, Some(_), None) | (PayloadMode::Blob, None, Some(_)) => Ok(()),
             _ => Err(DecodeError(format!(
                 "payload_mode {} does not match the payload fields",
                 self.payload_mode.as_str()
@@ -238,6 +248,17 @@ mod tests {
         let text = String::from_utf8(body.clone()).unwrap();
         assert!(!text.contains("payload_inline"));
         assert!(FluxaTask::decode(&body).is_ok());
+    }
+
+    #[test]
+    fn a_blob_payload_mode_is_still_written_and_read_as_s3() {
+        assert_eq!(
+            serde_json::to_string(&PayloadMode::Blob).unwrap(),
+            r#""S3""#
+        );
+        assert_eq!(PayloadMode::parse("S3"), Some(PayloadMode::Blob));
+        assert_eq!(PayloadMode::parse("INLINE"), Some(PayloadMode::Inline));
+        assert_eq!(PayloadMode::parse("Blob"), None);
     }
 
     #[test]

@@ -20,7 +20,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use fluxa_aws::sqs::SqsQueue;
-use fluxa_core::{ErrorCode, EventId, FailureClass, FailureInfo};
+use fluxa_core::ids::DeadLetterId;
+use fluxa_core::{CorrelationId, ErrorCode, EventId, FailureClass, FailureInfo};
 use fluxa_postgres::DeadLetterTable;
 use fluxa_queue::{
     BlobReferences, DeadLetter, DeadLetterAdmin, DeadLetterFilter, DeadLetterPage,
@@ -81,7 +82,7 @@ impl DeadLetterAdmin for SqsDeadLetters {
         self.table.count(filter).await
     }
 
-    async fn get_dead_letter(&self, id: &str) -> Result<Option<DeadLetter>> {
+    async fn get_dead_letter(&self, id: &DeadLetterId) -> Result<Option<DeadLetter>> {
         self.table.get(id).await
     }
 
@@ -139,20 +140,29 @@ pub async fn record_dead_letters(
         if dead_letter.error_class != FailureClass::RetriesExhausted {
             continue;
         }
-        let Some(event_id) = dead_letter
-            .attributes
-            .event_id
-            .as_deref()
-            .and_then(|id| EventId::parse(id).ok())
-        else {
+        let Some(event_id) = dead_letter.attributes.event_id.clone() else {
             continue;
         };
         // The record tells what SQS does not: when the event first and last failed, and why.
-        if let Some(record) = admin.idempotency_record(&event_id).await? {
+        // A record that does not parse tells nothing; the dead letter is recorded without it
+        // rather than holding up the drain.
+        let record = match admin.idempotency_record(&event_id).await {
+            Ok(record) => record,
+            Err(fluxa_store::Error::Corrupt(reason)) => {
+                tracing::warn!(
+                    event_id = event_id.as_str(),
+                    reason,
+                    "the idempotency record of a drained dead letter is corrupt"
+                );
+                None
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if let Some(record) = record {
             dead_letter.first_failure_at = record.created_at.min(dead_letter.dead_lettered_at);
             dead_letter.last_failure_at = record.updated_at.min(dead_letter.dead_lettered_at);
             match record.last_error {
-                Some(last) if last.code == ErrorCode::RetriesExhausted.as_str() => {
+                Some(last) if last.code == ErrorCode::RetriesExhausted => {
                     dead_letter.error.message = last.message;
                 }
                 Some(last) => {
@@ -172,11 +182,19 @@ pub async fn record_dead_letters(
     }
     for dead_letter in &dead_letters {
         tracing::info!(
-            dead_letter_id = dead_letter.id,
-            event_id = dead_letter.attributes.event_id.as_deref(),
-            correlation_id = dead_letter.attributes.correlation_id.as_deref(),
+            dead_letter_id = dead_letter.id.as_str(),
+            event_id = dead_letter
+                .attributes
+                .event_id
+                .as_ref()
+                .map(EventId::as_str),
+            correlation_id = dead_letter
+                .attributes
+                .correlation_id
+                .as_ref()
+                .map(CorrelationId::as_str),
             error.class = dead_letter.error_class.as_str(),
-            error.code = dead_letter.error.code,
+            error.code = dead_letter.error.code.as_str(),
             "dead letter recorded from the SQS dead-letter queue"
         );
     }

@@ -20,6 +20,7 @@ use std::sync::Arc;
 use aws_lambda_events::event::sqs::{BatchItemFailure, SqsBatchResponse, SqsEvent, SqsMessage};
 use chrono::Utc;
 use fluxa_aws::sqs::{ReceivedMessage, SqsQueue};
+use fluxa_core::{CorrelationId, EventId};
 use fluxa_postgres::DeadLetterTable;
 use fluxa_processor::{Disposition, Processor, ProcessorConfig};
 use fluxa_queue::{Consumer, Delivery};
@@ -123,10 +124,11 @@ impl ProcessorFunction {
                 }
                 Disposition::DeadLetter(error) => {
                     if let Err(e) = self.queue.dead_letter(delivery, &error).await {
+                        let ids = &delivery.attributes;
                         tracing::error!(
                             message_id = %delivery.message_id,
-                            event_id = delivery.attributes.event_id.as_deref(),
-                            correlation_id = delivery.attributes.correlation_id.as_deref(),
+                            event_id = ids.event_id.as_ref().map(EventId::as_str),
+                            correlation_id = ids.correlation_id.as_ref().map(CorrelationId::as_str),
                             error.message = %e,
                             "could not dead-letter a message; it will be delivered again"
                         );
@@ -148,12 +150,26 @@ impl ProcessorFunction {
             .increment(records.len() as u64);
         let now = Utc::now();
         let max_receives = self.queue.max_receives();
-        let dead_letters: Vec<fluxa_queue::DeadLetter> = records
-            .into_iter()
-            .map(|record| received(record).dead_letter(max_receives, now))
-            .collect();
-        let ids: Vec<String> = dead_letters.iter().map(|d| d.id.clone()).collect();
-        match fluxa_host::sqs::record_dead_letters(
+        let mut dead_letters: Vec<fluxa_queue::DeadLetter> = Vec::with_capacity(records.len());
+        // Records that cannot be read as dead letters come back (and stay in the SQS DLQ, its
+        // safety net) rather than failing their neighbours.
+        let mut unreadable: Vec<String> = Vec::new();
+        for record in records {
+            let message = received(record);
+            match message.dead_letter(max_receives, now) {
+                Ok(dead_letter) => dead_letters.push(dead_letter),
+                Err(e) => {
+                    tracing::error!(
+                        error.message = %e,
+                        message_id = message.message_id,
+                        "a dead-letter queue record cannot be read as a dead letter"
+                    );
+                    unreadable.push(message.message_id);
+                }
+            }
+        }
+        let ids: Vec<String> = dead_letters.iter().map(|d| d.id.to_string()).collect();
+        let recorded = match fluxa_host::sqs::record_dead_letters(
             &self.table,
             &*self.store,
             &*self.admin,
@@ -171,7 +187,8 @@ impl ProcessorFunction {
                 );
                 ids
             }
-        }
+        };
+        unreadable.into_iter().chain(recorded).collect()
     }
 }
 

@@ -8,16 +8,18 @@
 //! with `SKIP LOCKED`, whichever queue the dead letters came from.
 
 use chrono::{DateTime, Utc};
+use fluxa_core::ids::DeadLetterId;
 use fluxa_core::time::ceil_to_micros;
-use fluxa_core::{FailureClass, FailureInfo};
+use fluxa_core::{CorrelationId, ErrorCode, EventId, EventType, FailureClass, FailureInfo};
 use fluxa_queue::{
-    DeadLetter, DeadLetterFilter, DeadLetterPage, DeadLetterPosition, NewMessage, Producer,
+    DeadLetter, DeadLetterFilter, DeadLetterPage, DeadLetterPosition, Error, NewMessage, Producer,
     RedriveSelector, Result,
 };
 use sqlx::postgres::PgRow;
 use sqlx::{PgPool, Postgres, QueryBuilder, Row};
 
 use crate::queue::{attributes, queue_error};
+use crate::rows::{column, parsed, unsigned};
 use crate::sql_limit;
 
 /// The dead letters of one database. Cheap to clone (it holds the pool).
@@ -58,7 +60,7 @@ impl DeadLetterTable {
             .fetch_all(&self.pool)
             .await
             .map_err(queue_error)?;
-        let dead_letters: Vec<DeadLetter> = rows.iter().map(dead_letter).collect();
+        let dead_letters = rows.iter().map(dead_letter).collect::<Result<Vec<_>>>()?;
         Ok(page(dead_letters, limit))
     }
 
@@ -66,7 +68,7 @@ impl DeadLetterTable {
         // The counters answer the common questions (everything, one error code) at once; other
         // filters count over their index.
         let code_only = DeadLetterFilter {
-            error_code: filter.error_code.clone(),
+            error_code: filter.error_code,
             ..DeadLetterFilter::default()
         };
         let n: i64 = if *filter == code_only {
@@ -74,7 +76,7 @@ impl DeadLetterTable {
                 "SELECT COALESCE(SUM(n), 0)::bigint FROM dead_letter_counts \
                  WHERE $1::text IS NULL OR error_code = $1",
             )
-            .bind(filter.error_code.as_deref())
+            .bind(filter.error_code.map(ErrorCode::as_str))
             .fetch_one(&self.pool)
             .await
         } else {
@@ -105,13 +107,13 @@ impl DeadLetterTable {
         })
     }
 
-    pub async fn get(&self, id: &str) -> Result<Option<DeadLetter>> {
+    pub async fn get(&self, id: &DeadLetterId) -> Result<Option<DeadLetter>> {
         let row = sqlx::query("SELECT * FROM dead_letters WHERE message_id = $1")
-            .bind(id)
+            .bind(id.as_str())
             .fetch_optional(&self.pool)
             .await
             .map_err(queue_error)?;
-        Ok(row.as_ref().map(dead_letter))
+        row.as_ref().map(dead_letter).transpose()
     }
 
     /// Records dead letters that a queue elsewhere dead-lettered (the SQS DLQ drain), in one
@@ -128,14 +130,19 @@ impl DeadLetterTable {
              first_failure_at, last_failure_at, dead_lettered_at) ",
         );
         query.push_values(dead_letters, |mut row, d| {
-            row.push_bind(&d.id)
+            row.push_bind(d.id.as_str())
                 .push_bind(&d.body)
-                .push_bind(&d.attributes.event_id)
-                .push_bind(&d.attributes.correlation_id)
+                .push_bind(d.attributes.event_id.as_ref().map(EventId::as_str))
+                .push_bind(
+                    d.attributes
+                        .correlation_id
+                        .as_ref()
+                        .map(CorrelationId::as_str),
+                )
                 .push_bind(&d.attributes.blob_key)
-                .push_bind(&d.attributes.event_type)
+                .push_bind(d.attributes.event_type.as_ref().map(EventType::as_str))
                 .push_bind(d.error_class.as_str())
-                .push_bind(&d.error.code)
+                .push_bind(d.error.code.as_str())
                 .push_bind(&d.error.message)
                 .push_bind(i32::try_from(d.receive_count).unwrap_or(i32::MAX))
                 .push_bind(d.enqueued_at)
@@ -168,7 +175,7 @@ impl DeadLetterTable {
         }
         let selection = match selector {
             RedriveSelector::Filter(filter) => Selection::Filter(filter.clone()),
-            RedriveSelector::Id(id) => Selection::Id(id.clone()),
+            RedriveSelector::Id(id) => Selection::Id(id.to_string()),
         };
         let mut transaction = self.pool.begin().await.map_err(queue_error)?;
         let mut query = QueryBuilder::new(
@@ -311,7 +318,10 @@ pub(crate) fn push_conditions(
     };
     let equalities = [
         ("event_id", filter.event_id.clone()),
-        ("error_code", filter.error_code.clone()),
+        (
+            "error_code",
+            filter.error_code.map(|c| c.as_str().to_owned()),
+        ),
         (
             "error_class",
             filter.error_class.map(|c| c.as_str().to_owned()),
@@ -361,28 +371,37 @@ fn page(dead_letters: Vec<DeadLetter>, limit: usize) -> DeadLetterPage {
     let next = match dead_letters.last() {
         Some(last) if dead_letters.len() >= limit => Some(DeadLetterPosition {
             dead_lettered_at: last.dead_lettered_at,
-            id: last.id.clone(),
+            id: last.id.to_string(),
         }),
         _ => None,
     };
     DeadLetterPage { dead_letters, next }
 }
 
-pub(crate) fn dead_letter(row: &PgRow) -> DeadLetter {
-    DeadLetter {
-        id: row.get("message_id"),
-        attributes: attributes(row),
-        error_class: FailureClass::parse(&row.get::<String, _>("error_class"))
-            .unwrap_or(FailureClass::Permanent),
-        error: FailureInfo {
-            code: row.get("error_code"),
-            message: row.get("error_message"),
-        },
-        receive_count: u32::try_from(row.get::<i32, _>("receive_count")).unwrap_or(0),
-        enqueued_at: row.get("enqueued_at"),
-        first_failure_at: row.get("first_failure_at"),
-        last_failure_at: row.get("last_failure_at"),
-        dead_lettered_at: row.get("dead_lettered_at"),
-        body: row.get("body"),
-    }
+/// A `dead_letters` row. Its own record (id, class, code, counts, times) must parse, or it is
+/// `Corrupt`; its attributes are hints and read as absent when they do not parse.
+pub(crate) fn dead_letter(row: &PgRow) -> Result<DeadLetter> {
+    let read = || -> std::result::Result<DeadLetter, String> {
+        Ok(DeadLetter {
+            id: parsed(row, "message_id", |text| DeadLetterId::parse(text).ok())?,
+            attributes: attributes(row),
+            error_class: parsed(row, "error_class", FailureClass::parse)?,
+            error: FailureInfo {
+                code: parsed(row, "error_code", ErrorCode::parse)?,
+                message: column(row, "error_message")?,
+            },
+            receive_count: unsigned::<i32, _>(row, "receive_count")?,
+            enqueued_at: column(row, "enqueued_at")?,
+            first_failure_at: column(row, "first_failure_at")?,
+            last_failure_at: column(row, "last_failure_at")?,
+            dead_lettered_at: column(row, "dead_lettered_at")?,
+            body: column(row, "body")?,
+        })
+    };
+    read().map_err(|reason| {
+        let id = row
+            .try_get::<String, _>("message_id")
+            .unwrap_or_else(|_| "(unreadable)".to_owned());
+        Error::Corrupt(format!("dead_letters row {id:?}: {reason}"))
+    })
 }

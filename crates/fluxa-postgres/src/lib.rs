@@ -13,6 +13,7 @@
 
 mod dead_letters;
 mod queue;
+mod rows;
 mod store;
 
 use std::str::FromStr;

@@ -18,7 +18,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use fluxa_core::{ErrorCode, FailureInfo};
+use fluxa_core::ids::DeadLetterId;
+use fluxa_core::{CorrelationId, ErrorCode, EventId, EventType, FailureInfo};
 use fluxa_queue::{
     BlobReferences, Consumer, DeadLetter, DeadLetterAdmin, DeadLetterFilter, DeadLetterPage,
     DeadLetterPosition, Delivery, Error, EventPurge, ExhaustedNotice, MessageAttributes,
@@ -32,6 +33,7 @@ use tokio::sync::Notify;
 use crate::dead_letters::{count, push_conditions, DeadLetterTable, Selection};
 use fluxa_queue::QueueSettings;
 
+use crate::rows::lenient;
 use crate::{is_refusal, seconds};
 
 /// How often an idle receiver looks again for messages whose retry delay or visibility timeout
@@ -159,8 +161,7 @@ impl PgQueue {
         let mut deliveries: Vec<(i64, Delivery)> = Vec::with_capacity(rows.len());
         for row in &rows {
             let Some(seq) = row.get::<Option<i64>, _>("seq") else {
-                let event_id: Option<String> = row.get("event_id");
-                if let Some(event_id) = event_id {
+                if let Some(event_id) = lenient(row, "event_id", |text| EventId::parse(text).ok()) {
                     received.exhausted.push(ExhaustedNotice {
                         event_id,
                         error: FailureInfo::new(
@@ -250,12 +251,15 @@ async fn relay_notifications(pool: PgPool, mut listener: PgListener, receivers: 
     }
 }
 
+/// A row's attributes; one that does not parse reads as absent (see [`MessageAttributes`]).
 pub(crate) fn attributes(row: &PgRow) -> MessageAttributes {
     MessageAttributes {
-        event_id: row.get("event_id"),
-        correlation_id: row.get("correlation_id"),
-        blob_key: row.get("blob_key"),
-        event_type: row.get("event_type"),
+        event_id: lenient(row, "event_id", |text| EventId::parse(text).ok()),
+        correlation_id: lenient(row, "correlation_id", |text| {
+            CorrelationId::parse(text).ok()
+        }),
+        blob_key: lenient(row, "blob_key", |text| Some(text.to_owned())),
+        event_type: lenient(row, "event_type", |text| EventType::parse(text).ok()),
     }
 }
 
@@ -272,10 +276,10 @@ impl Producer for PgQueue {
         for message in messages {
             message_ids.push(uuid::Uuid::new_v4().to_string());
             bodies.push(message.body);
-            event_ids.push(message.attributes.event_id);
-            correlation_ids.push(message.attributes.correlation_id);
+            event_ids.push(message.attributes.event_id.map(String::from));
+            correlation_ids.push(message.attributes.correlation_id.map(String::from));
             blob_keys.push(message.attributes.blob_key);
-            event_types.push(message.attributes.event_type);
+            event_types.push(message.attributes.event_type.map(String::from));
         }
         // One statement for the whole batch: atomic and one round trip.
         sqlx::query(
@@ -356,7 +360,7 @@ impl Consumer for PgQueue {
         .bind(&delivery.message_id)
         .bind(&delivery.receipt)
         .bind(seconds(delay))
-        .bind(&error.code)
+        .bind(error.code.as_str())
         .bind(&error.message)
         .execute(&self.pool)
         .await
@@ -380,7 +384,7 @@ impl Consumer for PgQueue {
         )
         .bind(&delivery.message_id)
         .bind(&delivery.receipt)
-        .bind(&error.code)
+        .bind(error.code.as_str())
         .bind(&error.message)
         .execute(&self.pool)
         .await
@@ -448,7 +452,7 @@ impl DeadLetterAdmin for PgQueue {
         self.table().count(filter).await
     }
 
-    async fn get_dead_letter(&self, id: &str) -> Result<Option<DeadLetter>> {
+    async fn get_dead_letter(&self, id: &DeadLetterId) -> Result<Option<DeadLetter>> {
         self.table().get(id).await
     }
 
@@ -458,7 +462,7 @@ impl DeadLetterAdmin for PgQueue {
         }
         let selection = match selector {
             RedriveSelector::Filter(filter) => Selection::Filter(filter.clone()),
-            RedriveSelector::Id(id) => Selection::Id(id.clone()),
+            RedriveSelector::Id(id) => Selection::Id(id.to_string()),
         };
         // One statement: lock the oldest selected entries (skipping those a concurrent redrive
         // or prune holds, so no entry moves twice), delete them and enqueue them afresh.
@@ -646,7 +650,11 @@ mod tests {
                SELECT 'd' || i, '\x31', 'e' || i,
                       CASE WHEN i % 400 = 207 THEN 'rare-type' ELSE 'type-' || (i % 20) END,
                       CASE WHEN i % 400 = 3 THEN 'retries_exhausted' ELSE 'permanent' END,
-                      CASE WHEN i % 400 = 7 THEN 'rare-code' ELSE 'code-' || (i % 8) END,
+                      CASE WHEN i % 400 = 7 THEN 'lease_held'
+                           ELSE (ARRAY['invalid_message', 'hash_mismatch', 'blob_missing',
+                                       'event_id_conflict', 'store_unavailable',
+                                       'blob_store_unavailable', 'internal',
+                                       'retries_exhausted'])[i % 8 + 1] END,
                       'm', 1, now(), now(), now(),
                       timestamptz '2027-01-15 08:00:00Z' + i * interval '1 ms'
                FROM generate_series(1, 200000) AS i"#,
@@ -721,7 +729,7 @@ mod tests {
             ),
             (
                 DeadLetterFilter {
-                    error_code: Some("rare-code".into()),
+                    error_code: Some(ErrorCode::LeaseHeld),
                     ..DeadLetterFilter::default()
                 },
                 "dead_letters_error_code",
@@ -750,14 +758,14 @@ mod tests {
             ),
             (
                 DeadLetterFilter {
-                    error_code: Some("code-1".into()),
+                    error_code: Some(ErrorCode::HashMismatch),
                     ..DeadLetterFilter::default()
                 },
                 any_listing_index,
             ),
             (
                 DeadLetterFilter {
-                    error_code: Some("code-1".into()),
+                    error_code: Some(ErrorCode::HashMismatch),
                     event_type: Some("type-3".into()),
                     since: Some(start),
                     ..DeadLetterFilter::default()

@@ -19,7 +19,9 @@ use std::collections::HashSet;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use fluxa_core::{EventId, FailureInfo};
+use fluxa_core::{
+    CorrelationId, ErrorCode, EventId, EventType, FailureInfo, PayloadHash, PayloadMode, Source,
+};
 use fluxa_store::{
     decide, Decision, Erasure, Error, EventFilter, EventPage, EventPosition, EventReader,
     EventStatus, Eviction, IdempotencyRecord, Lease, RecordState, Result, Status, Store,
@@ -28,6 +30,7 @@ use fluxa_store::{
 use sqlx::postgres::PgRow;
 use sqlx::{PgPool, Row};
 
+use crate::rows::{column, parsed, parsed_optional, unsigned};
 use crate::{is_refusal, seconds};
 
 /// A statement the database refused (see [`is_refusal`]) is `Rejected`; anything else (no
@@ -251,6 +254,8 @@ impl PgStore {
         for row in &rows {
             records.insert(row.get::<String, _>("event_id"), record_state(row)?);
         }
+        // Corrupt records are reported before anything is written (dropping the transaction
+        // rolls it back), so a batch meeting one writes nothing in this stage.
         let mut columns = Columns::default();
         let mut updated = Vec::new();
         let mut n_lease_expiries = 0u64;
@@ -259,6 +264,12 @@ impl PgStore {
             let record = records.get(write.event_id.as_str());
             match decide(write, record) {
                 Decision::Skip(result) => results[write_idx] = Some(result),
+                Decision::Corrupt(reason) => {
+                    return Err(Error::Corrupt(format!(
+                        "idempotency_keys row of {:?}: {reason}",
+                        write.event_id.as_str()
+                    )))
+                }
                 // The record vanished since stage 1 (an operator evicted it): let the
                 // delivery come back and start afresh.
                 Decision::Insert => {
@@ -356,14 +367,19 @@ fn held_lease_expired(record: &RecordState) -> bool {
 }
 
 fn record_state(row: &PgRow) -> Result<RecordState> {
-    Ok(RecordState {
-        status: parse_status(row)?,
-        payload_sha256: row.get("payload_sha256"),
-        lease_token: row.get("lease_token"),
-        lease_live: row.get::<Option<bool>, _>("lease_live").unwrap_or(false),
-        lease_expires_at: row.get("lease_expires_at"),
-        attempts: u32::try_from(row.get::<i32, _>("attempts")).unwrap_or(0),
-    })
+    let read = || -> std::result::Result<RecordState, String> {
+        Ok(RecordState {
+            status: parsed(row, "status", Status::parse)?,
+            payload_sha256: parsed_optional(row, "payload_sha256", |text| {
+                PayloadHash::parse(text).ok()
+            })?,
+            lease_token: column(row, "lease_token")?,
+            lease_live: column::<Option<bool>>(row, "lease_live")?.unwrap_or(false),
+            lease_expires_at: column(row, "lease_expires_at")?,
+            attempts: unsigned::<i32, _>(row, "attempts")?,
+        })
+    };
+    read().map_err(corrupt("idempotency_keys", row))
 }
 
 #[async_trait]
@@ -399,7 +415,7 @@ impl Store for PgStore {
                WHERE idempotency_keys.status <> 'erased'"#,
         )
         .bind(event_id.as_str())
-        .bind(&error.code)
+        .bind(error.code.as_str())
         .bind(&error.message)
         .execute(&self.pool)
         .await
@@ -448,25 +464,7 @@ impl StoreAdmin for PgStore {
         .fetch_optional(&self.pool)
         .await
         .map_err(store_error)?;
-        row.map(|row| {
-            let code: Option<String> = row.get("last_error_code");
-            let message: Option<String> = row.get("last_error_message");
-            Ok(IdempotencyRecord {
-                event_id: row.get("event_id"),
-                status: parse_status(&row)?,
-                attempts: u32::try_from(row.get::<i32, _>("attempts")).unwrap_or(0),
-                payload_sha256: row.get("payload_sha256"),
-                lease_expires_at: row.get("lease_expires_at"),
-                last_error: code.map(|code| FailureInfo {
-                    code,
-                    message: message.unwrap_or_default(),
-                }),
-                correlation_id: row.get("correlation_id"),
-                created_at: row.get("created_at"),
-                updated_at: row.get("updated_at"),
-            })
-        })
-        .transpose()
+        row.map(|row| idempotency_record(&row)).transpose()
     }
 
     async fn evict(&self, event_id: &EventId) -> Result<Eviction> {
@@ -647,7 +645,7 @@ impl EventReader for PgReader {
         .fetch_optional(&self.pool)
         .await
         .map_err(store_error)?;
-        Ok(row.map(|row| stored_event(&row, true)))
+        row.map(|row| stored_event(&row, true)).transpose()
     }
 
     async fn status(&self, event_id: &EventId) -> Result<Option<EventStatus>> {
@@ -660,22 +658,7 @@ impl EventReader for PgReader {
         .fetch_optional(&self.pool)
         .await
         .map_err(store_error)?;
-        row.map(|row| {
-            let code: Option<String> = row.get("last_error_code");
-            let message: Option<String> = row.get("last_error_message");
-            Ok(EventStatus {
-                event_id: row.get("event_id"),
-                status: parse_status(&row)?,
-                attempts: u32::try_from(row.get::<i32, _>("attempts")).unwrap_or(0),
-                last_error: code.map(|code| FailureInfo {
-                    code,
-                    message: message.unwrap_or_default(),
-                }),
-                correlation_id: row.get("correlation_id"),
-                updated_at: row.get("updated_at"),
-            })
-        })
-        .transpose()
+        row.map(|row| event_status(&row)).transpose()
     }
 
     async fn ping(&self) -> Result<()> {
@@ -694,15 +677,14 @@ impl EventReader for PgReader {
             .fetch_all(&self.pool)
             .await
             .map_err(store_error)?;
-        let events: Vec<StoredEvent> = rows
+        let events = rows
             .iter()
             .map(|row| stored_event(row, include_payload))
-            .collect();
+            .collect::<Result<Vec<_>>>()?;
         let next = match events.last() {
             Some(last) if events.len() == limit => Some(EventPosition {
                 received_at: last.received_at,
-                event_id: EventId::parse(&last.event_id)
-                    .map_err(|_| Error::Corrupt(format!("bad event id {:?}", last.event_id)))?,
+                event_id: last.event_id.clone(),
             }),
             _ => None,
         };
@@ -772,30 +754,86 @@ fn list_events_query<'a>(
     query
 }
 
-/// An events row; `with_payload` says whether the query selected the payload.
-fn stored_event(row: &PgRow, with_payload: bool) -> StoredEvent {
-    StoredEvent {
-        event_id: row.get("event_id"),
-        event_type: row.get("event_type"),
-        source: row.get("source"),
-        occurred_at: row.get("occurred_at"),
-        payload: if with_payload {
-            row.get("payload")
-        } else {
-            None
-        },
-        payload_sha256: row.get("payload_sha256"),
-        payload_size: u64::try_from(row.get::<i64, _>("payload_size")).unwrap_or(0),
-        payload_mode: row.get("payload_mode"),
-        correlation_id: row.get("correlation_id"),
-        received_at: row.get("received_at"),
-        processed_at: row.get("processed_at"),
-    }
+/// `Error::Corrupt` for the row of `table` that `row` is.
+fn corrupt(table: &str, row: &PgRow) -> impl FnOnce(String) -> Error {
+    let event_id = row
+        .try_get::<String, _>("event_id")
+        .unwrap_or_else(|_| "(unreadable)".to_owned());
+    let table = table.to_owned();
+    move |reason| Error::Corrupt(format!("{table} row of {event_id:?}: {reason}"))
 }
 
-fn parse_status(row: &PgRow) -> Result<Status> {
-    let text: String = row.get("status");
-    Status::parse(&text).ok_or_else(|| Error::Corrupt(format!("unknown status {text:?}")))
+/// An events row; `with_payload` says whether the query selected the payload.
+fn stored_event(row: &PgRow, with_payload: bool) -> Result<StoredEvent> {
+    let read = || -> std::result::Result<StoredEvent, String> {
+        Ok(StoredEvent {
+            event_id: parsed(row, "event_id", |text| EventId::parse(text).ok())?,
+            event_type: parsed(row, "event_type", |text| EventType::parse(text).ok())?,
+            source: parsed_optional(row, "source", |text| Source::parse(text).ok())?,
+            occurred_at: column(row, "occurred_at")?,
+            payload: if with_payload {
+                column(row, "payload")?
+            } else {
+                None
+            },
+            payload_sha256: parsed(row, "payload_sha256", |text| PayloadHash::parse(text).ok())?,
+            payload_size: unsigned::<i64, _>(row, "payload_size")?,
+            payload_mode: parsed(row, "payload_mode", PayloadMode::parse)?,
+            correlation_id: parsed(row, "correlation_id", |text| {
+                CorrelationId::parse(text).ok()
+            })?,
+            received_at: column(row, "received_at")?,
+            processed_at: column(row, "processed_at")?,
+        })
+    };
+    read().map_err(corrupt("events", row))
+}
+
+/// A record's last error: its code must be one Fluxa knows (every code it ever wrote is).
+fn last_error(row: &PgRow) -> std::result::Result<Option<FailureInfo>, String> {
+    let code = parsed_optional(row, "last_error_code", ErrorCode::parse)?;
+    let message: Option<String> = column(row, "last_error_message")?;
+    Ok(code.map(|code| FailureInfo {
+        code,
+        message: message.unwrap_or_default(),
+    }))
+}
+
+fn event_status(row: &PgRow) -> Result<EventStatus> {
+    let read = || -> std::result::Result<EventStatus, String> {
+        Ok(EventStatus {
+            event_id: parsed(row, "event_id", |text| EventId::parse(text).ok())?,
+            status: parsed(row, "status", Status::parse)?,
+            attempts: unsigned::<i32, _>(row, "attempts")?,
+            last_error: last_error(row)?,
+            correlation_id: parsed_optional(row, "correlation_id", |text| {
+                CorrelationId::parse(text).ok()
+            })?,
+            updated_at: column(row, "updated_at")?,
+        })
+    };
+    read().map_err(corrupt("idempotency_keys", row))
+}
+
+fn idempotency_record(row: &PgRow) -> Result<IdempotencyRecord> {
+    let read = || -> std::result::Result<IdempotencyRecord, String> {
+        Ok(IdempotencyRecord {
+            event_id: parsed(row, "event_id", |text| EventId::parse(text).ok())?,
+            status: parsed(row, "status", Status::parse)?,
+            attempts: unsigned::<i32, _>(row, "attempts")?,
+            payload_sha256: parsed_optional(row, "payload_sha256", |text| {
+                PayloadHash::parse(text).ok()
+            })?,
+            lease_expires_at: column(row, "lease_expires_at")?,
+            last_error: last_error(row)?,
+            correlation_id: parsed_optional(row, "correlation_id", |text| {
+                CorrelationId::parse(text).ok()
+            })?,
+            created_at: column(row, "created_at")?,
+            updated_at: column(row, "updated_at")?,
+        })
+    };
+    read().map_err(corrupt("idempotency_keys", row))
 }
 
 #[cfg(test)]

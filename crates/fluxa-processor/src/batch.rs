@@ -147,13 +147,8 @@ impl Processor {
     /// An undecodable message: permanent, and noted on the event's record when the message's
     /// attributes name a valid event id.
     async fn undecodable(&self, delivery: &Delivery, error: FailureInfo) -> Outcome {
-        let event_id = delivery
-            .attributes
-            .event_id
-            .as_deref()
-            .and_then(|id| EventId::parse(id).ok());
-        if let Some(event_id) = event_id {
-            if let Err(e) = self.store.record_error(&event_id, &error).await {
+        if let Some(event_id) = &delivery.attributes.event_id {
+            if let Err(e) = self.store.record_error(event_id, &error).await {
                 return self.transient(delivery, store_error(&e));
             }
         }
@@ -420,10 +415,10 @@ impl Processor {
         )
     }
 
-    /// Applies `writes` in one transaction. If the database refused the batch, applies them one
-    /// by one so that one write it refuses cannot fail its neighbours; if the store is out of
-    /// reach, every write fails at once (retrying them one by one would only wait out a
-    /// connection timeout per write).
+    /// Applies `writes` in one transaction. If the database refused the batch, or one of its
+    /// records is corrupt, applies them one by one so that one such write cannot fail its
+    /// neighbours; if the store is out of reach, every write fails at once (retrying them one
+    /// by one would only wait out a connection timeout per write).
     async fn apply_isolating_failures(
         &self,
         writes: &[Write],
@@ -435,14 +430,14 @@ impl Processor {
             Ok(results) => return results.into_iter().map(Ok).collect(),
             Err(e) => e,
         };
-        if writes.len() == 1 || !matches!(error, fluxa_store::Error::Rejected(_)) {
+        if writes.len() == 1 || !store_answered(&error) {
             let failure = StoreFailure::of(&error);
             return writes.iter().map(|_| Err(failure.clone())).collect();
         }
         tracing::warn!(
             n_writes = writes.len(),
             error.cause_chain = ?error, error.message = %error,
-            "a batch write was refused; retrying its writes one by one"
+            "a batch write was refused or met a corrupt record; retrying its writes one by one"
         );
         let mut results = Vec::with_capacity(writes.len());
         for write in writes {
@@ -476,6 +471,15 @@ impl Processor {
     }
 }
 
+/// Whether the store answered at all: it refused a statement, or found a record it holds
+/// corrupt. Either is about some of the writes, not the store being down.
+fn store_answered(error: &fluxa_store::Error) -> bool {
+    matches!(
+        error,
+        fluxa_store::Error::Rejected(_) | fluxa_store::Error::Corrupt(_)
+    )
+}
+
 /// A write that did not apply: the failure to report, and whether the store answered at all.
 #[derive(Clone, Debug)]
 struct StoreFailure {
@@ -487,7 +491,7 @@ impl StoreFailure {
     fn of(error: &fluxa_store::Error) -> Self {
         Self {
             error: store_error(error),
-            reachable: matches!(error, fluxa_store::Error::Rejected(_)),
+            reachable: store_answered(error),
         }
     }
 }

@@ -128,10 +128,7 @@ impl Processor {
     pub async fn record_exhausted(&self, notices: &[ExhaustedNotice]) {
         let exhausted: Vec<(EventId, FailureInfo)> = notices
             .iter()
-            .filter_map(|notice| {
-                let event_id = EventId::parse(&notice.event_id).ok()?;
-                Some((event_id, notice.error.clone()))
-            })
+            .map(|notice| (notice.event_id.clone(), notice.error.clone()))
             .collect();
         if exhausted.is_empty() {
             return;

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use fluxa_core::FailureInfo;
+use fluxa_core::{CorrelationId, EventId, FailureInfo};
 use fluxa_queue::{Consumer, Delivery};
 
 /// The one result of processing one delivery (contract section 3).
@@ -75,8 +75,12 @@ pub(crate) fn record_outcome(delivery: &Delivery, outcome: &Outcome) {
         "process_message",
         message_id = %delivery.message_id,
         receive_count = delivery.receive_count,
-        event_id = delivery.attributes.event_id.as_deref(),
-        correlation_id = delivery.attributes.correlation_id.as_deref(),
+        event_id = delivery.attributes.event_id.as_ref().map(EventId::as_str),
+        correlation_id = delivery
+            .attributes
+            .correlation_id
+            .as_ref()
+            .map(CorrelationId::as_str),
     );
     let _entered = span.enter();
     match outcome {
@@ -97,7 +101,7 @@ pub(crate) fn record_outcome(delivery: &Delivery, outcome: &Outcome) {
         }
         Outcome::Conflict(error) | Outcome::Permanent(error) => {
             metrics::counter!("fluxa_processing_failures_total",
-                "class" => "permanent", "code" => error.code.clone())
+                "class" => "permanent", "code" => error.code.as_str())
             .increment(1);
             tracing::error!(
                 outcome = outcome.name(),
@@ -108,7 +112,7 @@ pub(crate) fn record_outcome(delivery: &Delivery, outcome: &Outcome) {
         }
         Outcome::Transient { error, retry_after } => {
             metrics::counter!("fluxa_processing_failures_total",
-                "class" => "transient", "code" => error.code.clone())
+                "class" => "transient", "code" => error.code.as_str())
             .increment(1);
             tracing::warn!(
                 outcome = outcome.name(),

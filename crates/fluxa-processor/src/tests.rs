@@ -148,7 +148,7 @@ async fn a_panic_while_processing_becomes_a_transient_internal_failure() {
     let Outcome::Transient { error, .. } = outcome else {
         panic!("expected a transient failure, got {outcome:?}");
     };
-    assert_eq!(error.code, "internal");
+    assert_eq!(error.code, ErrorCode::Internal);
 }
 
 /// Seed invariant 6: store errors are transient and back off exponentially up to the cap.
@@ -159,7 +159,7 @@ async fn a_store_error_is_transient_with_exponential_backoff() {
     for receive_count in 1..=6 {
         match process_one(&failing, &good(receive_count)).await {
             Outcome::Transient { error, retry_after } => {
-                assert_eq!(error.code, "store_unavailable");
+                assert_eq!(error.code, ErrorCode::StoreUnavailable);
                 delays.push(retry_after.as_millis());
             }
             other => panic!("expected transient, got {other:?}"),
@@ -193,7 +193,7 @@ async fn in_a_batch_a_corrupt_payload_fails_alone_and_its_neighbours_are_process
     let outcomes = storing.process_batch(&batch).await;
     assert_eq!(outcomes[0], Outcome::Processed);
     assert!(
-        matches!(&outcomes[1], Outcome::Permanent(e) if e.code == "hash_mismatch"),
+        matches!(&outcomes[1], Outcome::Permanent(e) if e.code == ErrorCode::HashMismatch),
         "{:?}",
         outcomes[1]
     );
@@ -226,12 +226,27 @@ async fn a_refused_batch_is_retried_write_by_write_but_an_unreachable_store_is_n
         .process_batch(&[good(1), good(1), good(1)])
         .await;
     assert!(outcomes.iter().all(
-        |o| matches!(o, Outcome::Transient { error, .. } if error.code == "store_unavailable")
+        |o| matches!(o, Outcome::Transient { error, .. } if error.code == ErrorCode::StoreUnavailable)
     ));
     assert_eq!(
         store.n_applies.load(std::sync::atomic::Ordering::Relaxed),
         1,
         "an unreachable store must not be asked once per write"
+    );
+}
+
+/// A corrupt record belongs to one event, and the store that found it is up: the batch's
+/// writes are retried one by one, as for a refused statement, so its neighbours are not held
+/// back by it.
+#[tokio::test]
+async fn a_batch_that_meets_a_corrupt_record_is_retried_write_by_write() {
+    let corrupt = || Err(fluxa_store::Error::Corrupt("bad hash".into()));
+    let (_dir, processor, store) = counted_processor(corrupt);
+    processor.process_batch(&[good(1), good(1), good(1)]).await;
+    assert_eq!(
+        store.n_applies.load(std::sync::atomic::Ordering::Relaxed),
+        8,
+        "the batch, its three writes alone, then the notes of the failed attempts the same way"
     );
 }
 

@@ -5,6 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use fluxa_core::{CorrelationId, EventId};
 use fluxa_queue::{Consumer, Delivery};
 use tokio_util::sync::CancellationToken;
 
@@ -102,11 +103,12 @@ async fn run_worker(
                     };
                     metrics::counter!("fluxa_settle_failures_total", "disposition" => name)
                         .increment(1);
+                    let ids = &delivery.attributes;
                     tracing::error!(
                         worker_idx,
                         message_id = %delivery.message_id,
-                        event_id = delivery.attributes.event_id.as_deref(),
-                        correlation_id = delivery.attributes.correlation_id.as_deref(),
+                        event_id = ids.event_id.as_ref().map(EventId::as_str),
+                        correlation_id = ids.correlation_id.as_ref().map(CorrelationId::as_str),
                         disposition = name,
                         error.cause_chain = ?e,
                         error.message = %e,

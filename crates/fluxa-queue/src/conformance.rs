@@ -10,7 +10,8 @@ use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use fluxa_core::{ErrorCode, FailureClass, FailureInfo};
+use fluxa_core::ids::DeadLetterId;
+use fluxa_core::{CorrelationId, ErrorCode, EventId, EventType, FailureClass, FailureInfo};
 
 use crate::{
     BlobReferences, Consumer, DeadLetter, DeadLetterAdmin, DeadLetterFilter, EventPurge,
@@ -29,10 +30,10 @@ fn message(n: usize) -> NewMessage {
     NewMessage {
         body: format!("{{\"n\":{n}}}").into_bytes(),
         attributes: MessageAttributes {
-            event_id: Some(format!("e-{n}")),
-            correlation_id: Some("c".into()),
+            event_id: EventId::parse(&format!("e-{n}")).ok(),
+            correlation_id: CorrelationId::parse("c").ok(),
             blob_key: Some(format!("events/e-{n}/blob.json")),
-            event_type: Some("test.event".into()),
+            event_type: EventType::parse("test.event").ok(),
         },
     }
 }
@@ -181,8 +182,11 @@ pub async fn after_max_receives_the_next_receive_reports_the_message_exhausted<Q
     let received = queue.receive(1, Duration::ZERO).await.unwrap();
     assert!(received.deliveries.is_empty());
     assert_eq!(received.exhausted.len(), 1, "the redrive must be reported");
-    assert_eq!(received.exhausted[0].event_id, "e-7");
-    assert_eq!(received.exhausted[0].error.code, "retries_exhausted");
+    assert_eq!(received.exhausted[0].event_id.as_str(), "e-7");
+    assert_eq!(
+        received.exhausted[0].error.code,
+        ErrorCode::RetriesExhausted
+    );
     assert!(
         queue
             .receive(1, Duration::ZERO)
@@ -217,16 +221,16 @@ pub async fn an_exhausted_message_is_kept_in_the_dlq_and_can_be_redriven<Q: Full
         .dead_letters;
     assert_eq!(dead.len(), 1);
     assert_eq!(dead[0].error_class, FailureClass::RetriesExhausted);
-    assert_eq!(dead[0].error.code, "retries_exhausted");
+    assert_eq!(dead[0].error.code, ErrorCode::RetriesExhausted);
     assert!(dead[0].error.message.contains("store_unavailable: db down"));
     assert_eq!(dead[0].receive_count, 3);
     assert_eq!(
         dead[0].body, b"{\"n\":7}",
         "the original bytes must be kept"
     );
-    assert_eq!(dead[0].attributes.event_id.as_deref(), Some("e-7"));
+    assert_eq!(event_id_of(&dead[0].attributes), Some("e-7"));
     assert_eq!(
-        dead[0].attributes.event_type.as_deref(),
+        event_type_of(&dead[0].attributes),
         Some("test.event"),
         "a dead letter keeps its event type"
     );
@@ -255,7 +259,7 @@ pub async fn an_exhausted_message_is_kept_in_the_dlq_and_can_be_redriven<Q: Full
         "a redriven message starts a fresh receive count"
     );
     assert_eq!(
-        again.attributes.event_type.as_deref(),
+        event_type_of(&again.attributes),
         Some("test.event"),
         "a redriven message keeps its event type"
     );
@@ -299,7 +303,7 @@ pub async fn a_dead_lettered_message_keeps_its_reason_and_leaves_the_queue<Q: Fu
 /// Message `n` (event `e-{n}`) of type `event_type`.
 fn typed_message(n: usize, event_type: &str) -> NewMessage {
     let mut message = message(n);
-    message.attributes.event_type = Some(event_type.to_owned());
+    message.attributes.event_type = EventType::parse(event_type).ok();
     message
 }
 
@@ -317,7 +321,7 @@ async fn dead_letter_one<Q: FullQueue + ?Sized>(
     queue.dead_letter(&delivery, &error).await.unwrap();
     tokio::time::sleep(Duration::from_millis(3)).await;
     queue
-        .get_dead_letter(&delivery.message_id)
+        .get_dead_letter(&dead_letter_id(&delivery.message_id))
         .await
         .unwrap()
         .expect("a dead-lettered message must be in the DLQ")
@@ -379,15 +383,29 @@ async fn all_dead_letters<Q: FullQueue + ?Sized>(
     }
     for pair in all.windows(2) {
         assert!(
-            (pair[0].dead_lettered_at, &pair[0].id) < (pair[1].dead_lettered_at, &pair[1].id),
+            (pair[0].dead_lettered_at, pair[0].id.as_str())
+                < (pair[1].dead_lettered_at, pair[1].id.as_str()),
             "dead letters are listed in (dead_lettered_at, id) order, each once"
         );
     }
     all
 }
 
-fn ids(dead_letters: &[DeadLetter]) -> Vec<String> {
+fn ids(dead_letters: &[DeadLetter]) -> Vec<DeadLetterId> {
     dead_letters.iter().map(|d| d.id.clone()).collect()
+}
+
+/// A message id the backend chose, as a dead letter's id (the same id once dead-lettered).
+fn dead_letter_id(message_id: &str) -> DeadLetterId {
+    DeadLetterId::parse(message_id).expect("a backend's message ids are valid dead-letter ids")
+}
+
+fn event_id_of(attributes: &MessageAttributes) -> Option<&str> {
+    attributes.event_id.as_ref().map(EventId::as_str)
+}
+
+fn event_type_of(attributes: &MessageAttributes) -> Option<&str> {
+    attributes.event_type.as_ref().map(EventType::as_str)
 }
 
 /// Checks that `depth` says exactly what the queue and the DLQ hold, given how many messages
@@ -397,7 +415,9 @@ async fn assert_depth_is_exact<Q: FullQueue + ?Sized>(queue: &Q, in_flight: u64,
     let dead = all_dead_letters(queue, &DeadLetterFilter::default()).await;
     let mut by_code = BTreeMap::<String, u64>::new();
     for dead_letter in &dead {
-        *by_code.entry(dead_letter.error.code.clone()).or_default() += 1;
+        *by_code
+            .entry(dead_letter.error.code.as_str().to_owned())
+            .or_default() += 1;
     }
     let expected = QueueDepth {
         pending: queued.len() as u64 - in_flight,
@@ -465,11 +485,11 @@ pub async fn dead_letters_can_be_filtered_by_code_class_type_event_and_time<Q: F
     );
     assert_eq!(d.error_class, FailureClass::RetriesExhausted);
     assert_eq!(
-        d.attributes.event_type.as_deref(),
+        event_type_of(&d.attributes),
         Some("user.deleted"),
         "an exhausted message keeps its event type in the DLQ"
     );
-    assert_eq!(a.attributes.event_type.as_deref(), Some("order.created"));
+    assert_eq!(event_type_of(&a.attributes), Some("order.created"));
 
     let nanosecond = chrono::TimeDelta::nanoseconds(1);
     let cases: Vec<(&str, DeadLetterFilter, Vec<&DeadLetter>)> = vec![
@@ -481,7 +501,7 @@ pub async fn dead_letters_can_be_filtered_by_code_class_type_event_and_time<Q: F
         (
             "error_code",
             DeadLetterFilter {
-                error_code: Some("hash_mismatch".into()),
+                error_code: Some(ErrorCode::HashMismatch),
                 ..DeadLetterFilter::default()
             },
             vec![&a, &c],
@@ -562,7 +582,7 @@ pub async fn dead_letters_can_be_filtered_by_code_class_type_event_and_time<Q: F
         (
             "error_code and event_type",
             DeadLetterFilter {
-                error_code: Some("hash_mismatch".into()),
+                error_code: Some(ErrorCode::HashMismatch),
                 event_type: Some("user.deleted".into()),
                 ..DeadLetterFilter::default()
             },
@@ -572,7 +592,7 @@ pub async fn dead_letters_can_be_filtered_by_code_class_type_event_and_time<Q: F
             "every filter at once",
             DeadLetterFilter {
                 event_id: Some("e-1".into()),
-                error_code: Some("blob_missing".into()),
+                error_code: Some(ErrorCode::BlobMissing),
                 error_class: Some(FailureClass::Permanent),
                 event_type: Some("order.created".into()),
                 since: Some(a.dead_lettered_at),
@@ -583,14 +603,14 @@ pub async fn dead_letters_can_be_filtered_by_code_class_type_event_and_time<Q: F
         (
             "an error code no entry has",
             DeadLetterFilter {
-                error_code: Some("lease_held".into()),
+                error_code: Some(ErrorCode::LeaseHeld),
                 ..DeadLetterFilter::default()
             },
             vec![],
         ),
     ];
     for (name, filter, expected) in cases {
-        let expected: Vec<String> = expected.into_iter().map(|d| d.id.clone()).collect();
+        let expected: Vec<DeadLetterId> = expected.into_iter().map(|d| d.id.clone()).collect();
         let listed = all_dead_letters(queue, &filter).await;
         assert_eq!(
             ids(&listed),
@@ -657,7 +677,8 @@ pub async fn paging_through_dead_letters_returns_each_once_while_more_arrive<Q: 
     );
     for pair in seen.windows(2) {
         assert!(
-            (pair[0].dead_lettered_at, &pair[0].id) < (pair[1].dead_lettered_at, &pair[1].id),
+            (pair[0].dead_lettered_at, pair[0].id.as_str())
+                < (pair[1].dead_lettered_at, pair[1].id.as_str()),
             "pages run in (dead_lettered_at, id) order"
         );
     }
@@ -694,23 +715,32 @@ pub async fn a_redrive_moves_at_most_its_limit_oldest_first_and_only_what_it_sel
     for n in 10..12 {
         invalid.push(dead_letter_one(queue, message(n), ErrorCode::InvalidMessage).await);
     }
-    let by_code = |code: &str| {
+    let by_code = |code: ErrorCode| {
         RedriveSelector::Filter(DeadLetterFilter {
-            error_code: Some(code.into()),
+            error_code: Some(code),
             ..DeadLetterFilter::default()
         })
     };
     assert_eq!(
-        queue.redrive(&by_code("hash_mismatch"), 0).await.unwrap(),
+        queue
+            .redrive(&by_code(ErrorCode::HashMismatch), 0)
+            .await
+            .unwrap(),
         0
     );
     assert_eq!(
-        queue.redrive(&by_code("hash_mismatch"), 3).await.unwrap(),
+        queue
+            .redrive(&by_code(ErrorCode::HashMismatch), 3)
+            .await
+            .unwrap(),
         3,
         "a redrive moves at most its limit"
     );
     let redriven = queue.receive(10, Duration::ZERO).await.unwrap().deliveries;
-    let mut redriven_ids: Vec<String> = redriven.iter().map(|d| d.message_id.clone()).collect();
+    let mut redriven_ids: Vec<DeadLetterId> = redriven
+        .iter()
+        .map(|d| dead_letter_id(&d.message_id))
+        .collect();
     redriven_ids.sort();
     let mut oldest_three = ids(&hash_mismatches[..3]);
     oldest_three.sort();
@@ -720,10 +750,7 @@ pub async fn a_redrive_moves_at_most_its_limit_oldest_first_and_only_what_it_sel
     );
     for delivery in &redriven {
         assert_eq!(delivery.receive_count, 1);
-        assert_eq!(
-            delivery.attributes.event_type.as_deref(),
-            Some("order.created")
-        );
+        assert_eq!(event_type_of(&delivery.attributes), Some("order.created"));
         assert!(delivery.attributes.event_id.is_some());
         assert!(delivery.attributes.blob_key.is_some());
     }
@@ -737,7 +764,10 @@ pub async fn a_redrive_moves_at_most_its_limit_oldest_first_and_only_what_it_sel
         "what was not selected stays in the DLQ"
     );
     assert_eq!(
-        queue.redrive(&by_code("blob_missing"), 10).await.unwrap(),
+        queue
+            .redrive(&by_code(ErrorCode::BlobMissing), 10)
+            .await
+            .unwrap(),
         0
     );
     assert_eq!(
@@ -758,7 +788,7 @@ pub async fn a_redrive_moves_at_most_its_limit_oldest_first_and_only_what_it_sel
     );
     assert_eq!(
         queue
-            .redrive(&RedriveSelector::Id("no-such-id".into()), 10)
+            .redrive(&RedriveSelector::Id(dead_letter_id("no-such-id")), 10)
             .await
             .unwrap(),
         0
@@ -991,7 +1021,10 @@ pub async fn the_depth_counters_stay_exact_through_every_kind_of_change<Q: FullQ
     assert_depth_is_exact(queue, 0, "a repeated dead letter").await;
     assert_eq!(
         queue
-            .redrive(&RedriveSelector::Id(delivery.message_id.clone()), 1)
+            .redrive(
+                &RedriveSelector::Id(dead_letter_id(&delivery.message_id)),
+                1
+            )
             .await
             .unwrap(),
         1
@@ -1051,4 +1084,64 @@ pub async fn the_depth_counters_stay_exact_through_every_kind_of_change<Q: FullQ
         .unwrap();
     assert_eq!(moved, dead - 7);
     assert_depth_is_exact(queue, 0, "a batched redrive").await;
+}
+
+/// Capability (database backends): a dead letter's own record (id, class, code, counts,
+/// times) is parsed when it is read back, and one that does not parse (damage done outside
+/// Fluxa; here `corrupt` runs a plain SQL statement on the backend's database) is
+/// `Error::Corrupt`, never a default or another code. A message attribute that does not parse
+/// is only a hint lost: it reads as absent, and neither the receive nor the DLQ fails over it.
+/// The queue must have a long visibility timeout.
+pub async fn a_dead_letter_that_does_not_parse_is_corrupt_but_a_bad_attribute_reads_as_absent<
+    Q: FullQueue,
+    F,
+    Fut,
+>(
+    queue: Arc<Q>,
+    corrupt: F,
+) where
+    F: Fn(&'static str) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    queue.send(vec![message(1)]).await.unwrap();
+    corrupt("UPDATE queue_messages SET event_id = 'not/an id', event_type = ''").await;
+    let delivery = receive_one(queue.as_ref()).await;
+    assert_eq!(
+        (
+            &delivery.attributes.event_id,
+            &delivery.attributes.event_type
+        ),
+        (&None, &None),
+        "attributes that do not parse read as absent"
+    );
+    assert_eq!(
+        delivery.attributes.correlation_id,
+        CorrelationId::parse("c").ok(),
+        "the attributes that parse are kept"
+    );
+    let error = FailureInfo::new(ErrorCode::HashMismatch, "test");
+    queue.dead_letter(&delivery, &error).await.unwrap();
+    let id = dead_letter_id(&delivery.message_id);
+    let dead = queue
+        .get_dead_letter(&id)
+        .await
+        .unwrap()
+        .expect("a dead-lettered message must be in the DLQ");
+    assert_eq!(dead.attributes.event_id, None);
+    assert_eq!(dead.error, error, "the reason reads back as written");
+
+    corrupt("UPDATE dead_letters SET error_code = 'gremlins'").await;
+    match queue.get_dead_letter(&id).await {
+        Err(crate::Error::Corrupt(_)) => {}
+        other => panic!("a dead letter with an unknown error code must be Corrupt, not {other:?}"),
+    }
+    match queue
+        .list_dead_letters(&DeadLetterFilter::default(), None, 10)
+        .await
+    {
+        Err(crate::Error::Corrupt(_)) => {}
+        other => panic!(
+            "a listing over a dead letter with an unknown error code must be Corrupt, not {other:?}"
+        ),
+    }
 }

@@ -28,7 +28,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
-use fluxa_core::{FailureClass, FailureInfo};
+use fluxa_core::ids::DeadLetterId;
+use fluxa_core::{CorrelationId, ErrorCode, EventId, EventType, FailureClass, FailureInfo};
 
 pub use receivers::Receivers;
 
@@ -44,6 +45,11 @@ pub enum Error {
     /// it says nothing about the queue being down, and the same request will fail again.
     #[error("queue refused a request")]
     Rejected(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// A dead letter's own record does not parse (an unknown error code, an id that cannot be
+    /// one): it was damaged outside Fluxa, which writes only typed values. The backend
+    /// answered, so this is no outage; nothing guesses a value in its place.
+    #[error("queue holds a malformed record: {0}")]
+    Corrupt(String),
 }
 
 impl Error {
@@ -60,14 +66,39 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Ids that travel beside the body (SQS message attributes), so they are known even when the
 /// body cannot be parsed.
+///
+/// They are hints; the body is authoritative (the processor decodes it either way). So every
+/// backend reads an attribute that does not parse as its type as absent, wherever it comes
+/// from: on SQS attributes come from whoever sent the message, and in a database row only
+/// damage could make one unparsable. A receive, a peek or a dead-letter listing never fails
+/// over a hint, and an exhaustion notice without a valid event id is not made.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct MessageAttributes {
-    pub event_id: Option<String>,
-    pub correlation_id: Option<String>,
-    /// The blob holding the payload, for messages that carry only its key.
+    pub event_id: Option<EventId>,
+    pub correlation_id: Option<CorrelationId>,
+    /// The blob holding the payload, for messages that carry only its key. Left as text: it
+    /// names an object in the blob store, which checks keys itself.
     pub blob_key: Option<String>,
     /// The event's type, so dead letters can be filtered by it without parsing bodies.
-    pub event_type: Option<String>,
+    pub event_type: Option<EventType>,
+}
+
+impl MessageAttributes {
+    /// Attributes read from outside text: each value that does not parse (or is absent) is
+    /// `None`, by the rule above.
+    pub fn parse_lenient(
+        event_id: Option<&str>,
+        correlation_id: Option<&str>,
+        blob_key: Option<String>,
+        event_type: Option<&str>,
+    ) -> Self {
+        Self {
+            event_id: event_id.and_then(|id| EventId::parse(id).ok()),
+            correlation_id: correlation_id.and_then(|id| CorrelationId::parse(id).ok()),
+            blob_key,
+            event_type: event_type.and_then(|t| EventType::parse(t).ok()),
+        }
+    }
 }
 
 /// A message to enqueue.
@@ -107,10 +138,11 @@ pub struct Delivery {
 }
 
 /// A message the queue's redrive moved to the DLQ as `retries_exhausted`: its last receiver
-/// may have died without recording anything, so the store should hear of it.
+/// may have died without recording anything, so the store should hear of it. Only messages
+/// whose `event_id` attribute is a valid id get one (see [`MessageAttributes`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ExhaustedNotice {
-    pub event_id: String,
+    pub event_id: EventId,
     pub error: FailureInfo,
 }
 
@@ -118,7 +150,7 @@ pub struct ExhaustedNotice {
 #[derive(Debug, Default)]
 pub struct Received {
     pub deliveries: Vec<Delivery>,
-    /// Messages this receive dead-lettered as `retries_exhausted` (those with an event id).
+    /// Messages this receive dead-lettered as `retries_exhausted` (those with a valid event id).
     pub exhausted: Vec<ExhaustedNotice>,
 }
 
@@ -135,7 +167,7 @@ pub struct PendingMessage {
 /// A dead-lettered message with everything the contract's section 4 asks an entry to show.
 #[derive(Clone, Debug)]
 pub struct DeadLetter {
-    pub id: String,
+    pub id: DeadLetterId,
     pub attributes: MessageAttributes,
     pub error_class: FailureClass,
     pub error: FailureInfo,
@@ -153,7 +185,7 @@ pub struct DeadLetter {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DeadLetterFilter {
     pub event_id: Option<String>,
-    pub error_code: Option<String>,
+    pub error_code: Option<ErrorCode>,
     pub error_class: Option<FailureClass>,
     pub event_type: Option<String>,
     /// Inclusive lower bound on `dead_lettered_at`.
@@ -184,7 +216,7 @@ pub enum RedriveSelector {
     /// Every dead letter the filter matches (the default filter matches all).
     Filter(DeadLetterFilter),
     /// One dead letter by its id.
-    Id(String),
+    Id(DeadLetterId),
 }
 
 /// What [`DeadLetterAdmin::purge_event`] found for one event id.
@@ -270,7 +302,7 @@ pub trait DeadLetterAdmin: Send + Sync + 'static {
     /// How many dead letters match `filter` (a redrive's dry run).
     async fn count_dead_letters(&self, filter: &DeadLetterFilter) -> Result<u64>;
 
-    async fn get_dead_letter(&self, id: &str) -> Result<Option<DeadLetter>>;
+    async fn get_dead_letter(&self, id: &DeadLetterId) -> Result<Option<DeadLetter>>;
 
     /// Moves up to `limit` of the selected dead letters, oldest first, back to the queue with
     /// a fresh receive count, in one transaction; returns how many. [`redrive_in_batches`]

@@ -13,6 +13,7 @@ mod group_commit;
 mod queue;
 #[cfg(test)]
 mod recovery_tests;
+mod rows;
 mod store;
 
 use std::path::Path;

@@ -23,9 +23,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use fluxa_core::ids::DeadLetterId;
 use fluxa_core::time::from_unix_millis;
-use fluxa_core::FailureClass;
-use fluxa_core::{ErrorCode, FailureInfo};
+use fluxa_core::{CorrelationId, ErrorCode, EventId, EventType, FailureClass, FailureInfo};
 use fluxa_queue::{
     BlobReferences, Consumer, DeadLetter, DeadLetterAdmin, DeadLetterFilter, DeadLetterPage,
     DeadLetterPosition, Delivery, Error, EventPurge, ExhaustedNotice, MessageAttributes,
@@ -38,6 +38,7 @@ use sqlx::{QueryBuilder, Row, Sqlite, SqliteConnection};
 use crate::group_commit::GroupCommit;
 use fluxa_queue::QueueSettings;
 
+use crate::rows::{column, lenient, parsed, unsigned};
 use crate::{is_refusal, millis, now_millis, Pools};
 
 /// Most rows one multi-row statement carries, far below SQLite's limit on bound parameters.
@@ -174,13 +175,12 @@ async fn receive(
     })
 }
 
-/// Notices for dead-lettered rows (`event_id`, `error_message`) that carry an event id.
+/// Notices for dead-lettered rows (`event_id`, `error_message`) that carry a valid event id.
 fn exhausted_notices(rows: &[SqliteRow]) -> Vec<ExhaustedNotice> {
     rows.iter()
         .filter_map(|row| {
-            let event_id: Option<String> = row.get("event_id");
             Some(ExhaustedNotice {
-                event_id: event_id?,
+                event_id: lenient(row, "event_id", |text| EventId::parse(text).ok())?,
                 error: FailureInfo::new(
                     ErrorCode::RetriesExhausted,
                     row.get::<String, _>("error_message"),
@@ -190,12 +190,15 @@ fn exhausted_notices(rows: &[SqliteRow]) -> Vec<ExhaustedNotice> {
         .collect()
 }
 
+/// A row's attributes; one that does not parse reads as absent (see [`MessageAttributes`]).
 fn attributes(row: &SqliteRow) -> MessageAttributes {
     MessageAttributes {
-        event_id: row.get("event_id"),
-        correlation_id: row.get("correlation_id"),
-        blob_key: row.get("blob_key"),
-        event_type: row.get("event_type"),
+        event_id: lenient(row, "event_id", |text| EventId::parse(text).ok()),
+        correlation_id: lenient(row, "correlation_id", |text| {
+            CorrelationId::parse(text).ok()
+        }),
+        blob_key: lenient(row, "blob_key", |text| Some(text.to_owned())),
+        event_type: lenient(row, "event_type", |text| EventType::parse(text).ok()),
     }
 }
 
@@ -248,10 +251,17 @@ impl Producer for SqliteQueue {
                                 let attributes = &message.attributes;
                                 row.push_bind(message_id.as_str())
                                     .push_bind(message.body.as_slice())
-                                    .push_bind(attributes.event_id.as_deref())
-                                    .push_bind(attributes.correlation_id.as_deref())
+                                    .push_bind(attributes.event_id.as_ref().map(EventId::as_str))
+                                    .push_bind(
+                                        attributes
+                                            .correlation_id
+                                            .as_ref()
+                                            .map(CorrelationId::as_str),
+                                    )
                                     .push_bind(attributes.blob_key.as_deref())
-                                    .push_bind(attributes.event_type.as_deref())
+                                    .push_bind(
+                                        attributes.event_type.as_ref().map(EventType::as_str),
+                                    )
                                     .push_bind(now)
                                     .push_bind(now);
                             },
@@ -338,7 +348,7 @@ impl Consumer for SqliteQueue {
                         .bind(receipt)
                         .bind(now)
                         .bind(now.saturating_add(millis(delay)))
-                        .bind(error.code)
+                        .bind(error.code.as_str())
                         .bind(error.message)
                         .execute(&mut *connection)
                         .await
@@ -363,7 +373,7 @@ impl Consumer for SqliteQueue {
                         .bind(&message_id)
                         .bind(&receipt)
                         .bind(now)
-                        .bind(&error.code)
+                        .bind(error.code.as_str())
                         .bind(&error.message)
                         .execute(&mut *connection)
                         .await?;
@@ -447,7 +457,7 @@ impl DeadLetterAdmin for SqliteQueue {
             .fetch_all(&self.pools.reader)
             .await
             .map_err(queue_error)?;
-        let dead_letters: Vec<DeadLetter> = rows.iter().map(dead_letter).collect();
+        let dead_letters = rows.iter().map(dead_letter).collect::<Result<Vec<_>>>()?;
         Ok(page(dead_letters, limit))
     }
 
@@ -455,7 +465,7 @@ impl DeadLetterAdmin for SqliteQueue {
         // The counters answer the common questions (everything, one error code) at once; other
         // filters count over their index.
         let code_only = DeadLetterFilter {
-            error_code: filter.error_code.clone(),
+            error_code: filter.error_code,
             ..DeadLetterFilter::default()
         };
         let n: i64 = if *filter == code_only {
@@ -463,7 +473,7 @@ impl DeadLetterAdmin for SqliteQueue {
                 "SELECT COALESCE(SUM(n), 0) FROM dead_letter_counts \
                  WHERE ?1 IS NULL OR error_code = ?1",
             )
-            .bind(filter.error_code.as_deref())
+            .bind(filter.error_code.map(ErrorCode::as_str))
             .fetch_one(&self.pools.reader)
             .await
         } else {
@@ -478,13 +488,13 @@ impl DeadLetterAdmin for SqliteQueue {
         Ok(count(n))
     }
 
-    async fn get_dead_letter(&self, id: &str) -> Result<Option<DeadLetter>> {
+    async fn get_dead_letter(&self, id: &DeadLetterId) -> Result<Option<DeadLetter>> {
         let row = sqlx::query("SELECT * FROM dead_letters WHERE message_id = ?1")
-            .bind(id)
+            .bind(id.as_str())
             .fetch_optional(&self.pools.reader)
             .await
             .map_err(queue_error)?;
-        Ok(row.as_ref().map(dead_letter))
+        row.as_ref().map(dead_letter).transpose()
     }
 
     async fn redrive(&self, selector: &RedriveSelector, limit: usize) -> Result<u64> {
@@ -493,7 +503,7 @@ impl DeadLetterAdmin for SqliteQueue {
         }
         let selection = match selector {
             RedriveSelector::Filter(filter) => Selection::Filter(filter.clone()),
-            RedriveSelector::Id(id) => Selection::Id(id.clone()),
+            RedriveSelector::Id(id) => Selection::Id(id.to_string()),
         };
         let n_moved = self
             .writes
@@ -651,7 +661,10 @@ fn push_conditions(
     };
     let equalities = [
         ("event_id", filter.event_id.clone()),
-        ("error_code", filter.error_code.clone()),
+        (
+            "error_code",
+            filter.error_code.map(|c| c.as_str().to_owned()),
+        ),
         (
             "error_class",
             filter.error_class.map(|c| c.as_str().to_owned()),
@@ -701,7 +714,7 @@ fn page(dead_letters: Vec<DeadLetter>, limit: usize) -> DeadLetterPage {
     let next = match dead_letters.last() {
         Some(last) if dead_letters.len() >= limit => Some(DeadLetterPosition {
             dead_lettered_at: last.dead_lettered_at,
-            id: last.id.clone(),
+            id: last.id.to_string(),
         }),
         _ => None,
     };
@@ -736,23 +749,32 @@ impl BlobReferences for SqliteQueue {
     }
 }
 
-fn dead_letter(row: &SqliteRow) -> DeadLetter {
-    DeadLetter {
-        id: row.get("message_id"),
-        attributes: attributes(row),
-        error_class: FailureClass::parse(&row.get::<String, _>("error_class"))
-            .unwrap_or(FailureClass::Permanent),
-        error: FailureInfo {
-            code: row.get("error_code"),
-            message: row.get("error_message"),
-        },
-        receive_count: u32::try_from(row.get::<i64, _>("receive_count")).unwrap_or(0),
-        enqueued_at: from_unix_millis(row.get("enqueued_at")),
-        first_failure_at: from_unix_millis(row.get("first_failure_at")),
-        last_failure_at: from_unix_millis(row.get("last_failure_at")),
-        dead_lettered_at: from_unix_millis(row.get("dead_lettered_at")),
-        body: row.get("body"),
-    }
+/// A `dead_letters` row. Its own record (id, class, code, counts, times) must parse, or it is
+/// `Corrupt`; its attributes are hints and read as absent when they do not parse.
+fn dead_letter(row: &SqliteRow) -> Result<DeadLetter> {
+    let read = || -> std::result::Result<DeadLetter, String> {
+        Ok(DeadLetter {
+            id: parsed(row, "message_id", |text| DeadLetterId::parse(text).ok())?,
+            attributes: attributes(row),
+            error_class: parsed(row, "error_class", FailureClass::parse)?,
+            error: FailureInfo {
+                code: parsed(row, "error_code", ErrorCode::parse)?,
+                message: column(row, "error_message")?,
+            },
+            receive_count: unsigned(row, "receive_count")?,
+            enqueued_at: from_unix_millis(column(row, "enqueued_at")?),
+            first_failure_at: from_unix_millis(column(row, "first_failure_at")?),
+            last_failure_at: from_unix_millis(column(row, "last_failure_at")?),
+            dead_lettered_at: from_unix_millis(column(row, "dead_lettered_at")?),
+            body: column(row, "body")?,
+        })
+    };
+    read().map_err(|reason| {
+        let id = row
+            .try_get::<String, _>("message_id")
+            .unwrap_or_else(|_| "(unreadable)".to_owned());
+        Error::Corrupt(format!("dead_letters row {id:?}: {reason}"))
+    })
 }
 
 #[cfg(test)]
@@ -803,7 +825,9 @@ mod tests {
                   dead_lettered_at)
                SELECT 'd' || i, x'31', 'e' || i, 'type-' || (i % 5),
                       CASE WHEN i % 4 = 0 THEN 'retries_exhausted' ELSE 'permanent' END,
-                      'code-' || (i % 4), 'm', 1, 0, 0, 0, 1800000000000 + i
+                      CASE i % 4 WHEN 0 THEN 'retries_exhausted' WHEN 1 THEN 'hash_mismatch'
+                                 WHEN 2 THEN 'blob_missing' ELSE 'event_id_conflict' END,
+                      'm', 1, 0, 0, 0, 1800000000000 + i
                FROM n"#,
         )
         .execute(&queue.pools.writer)
@@ -880,7 +904,7 @@ mod tests {
             ),
             (
                 DeadLetterFilter {
-                    error_code: Some("code-1".into()),
+                    error_code: Some(ErrorCode::HashMismatch),
                     ..DeadLetterFilter::default()
                 },
                 "dead_letters_error_code",
@@ -909,7 +933,7 @@ mod tests {
             ),
             (
                 DeadLetterFilter {
-                    error_code: Some("code-1".into()),
+                    error_code: Some(ErrorCode::HashMismatch),
                     event_type: Some("type-1".into()),
                     since: Some(at),
                     ..DeadLetterFilter::default()

@@ -165,7 +165,8 @@ async fn a_queue_that_cannot_grow_fails_sends_and_redrives_as_unavailable_and_wo
         .dead_letter(&received.deliveries[0], &failure)
         .await
         .unwrap();
-    let dead_letter_id = received.deliveries[0].message_id.clone();
+    let dead_letter_id =
+        fluxa_core::ids::DeadLetterId::parse(&received.deliveries[0].message_id).unwrap();
 
     file.fill().await;
     for attempt in 0..3 {
@@ -206,7 +207,7 @@ async fn a_queue_that_cannot_grow_fails_sends_and_redrives_as_unavailable_and_wo
     assert!(received
         .deliveries
         .iter()
-        .any(|delivery| delivery.message_id == dead_letter_id));
+        .any(|delivery| delivery.message_id == dead_letter_id.as_str()));
 }
 
 #[tokio::test]

@@ -15,7 +15,9 @@ use std::collections::HashSet;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use fluxa_core::time::{format_rfc3339, from_unix_millis};
-use fluxa_core::{EventId, FailureInfo};
+use fluxa_core::{
+    CorrelationId, ErrorCode, EventId, EventType, FailureInfo, PayloadHash, PayloadMode, Source,
+};
 use fluxa_store::{
     decide, Decision, Erasure, Error, EventFilter, EventPage, EventPosition, EventReader,
     EventStatus, Eviction, IdempotencyRecord, Lease, NewEvent, RecordState, Result, Status, Store,
@@ -25,11 +27,29 @@ use sqlx::sqlite::SqliteRow;
 use sqlx::{Row, SqliteConnection};
 
 use crate::group_commit::GroupCommit;
+use crate::rows::{column, parsed, parsed_optional, unsigned};
 use crate::{is_refusal, millis, now_millis, Pools};
 
-/// A statement the database refused (see [`is_refusal`]) is `Rejected`; anything else (a full
-/// disk, an I/O error, a timed-out pool, a failed commit) means the store is `Unavailable`.
+/// A record that does not parse, found inside a group-commit job. Jobs answer `sqlx::Error`,
+/// so it travels as a decode error carrying this, and [`store_error`] turns it back into
+/// `Error::Corrupt` (the job's savepoint is rolled back like any failed write's).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct CorruptRecord(String);
+
+fn corrupt_in_job(reason: String) -> sqlx::Error {
+    sqlx::Error::Decode(Box::new(CorruptRecord(reason)))
+}
+
+/// A record that does not parse is `Corrupt`; a statement the database refused (see
+/// [`is_refusal`]) is `Rejected`; anything else (a full disk, an I/O error, a timed-out pool, a
+/// failed commit) means the store is `Unavailable`.
 fn store_error(error: sqlx::Error) -> Error {
+    if let sqlx::Error::Decode(source) = &error {
+        if let Some(CorruptRecord(reason)) = source.downcast_ref::<CorruptRecord>() {
+            return Error::Corrupt(reason.clone());
+        }
+    }
     if is_refusal(&error) {
         Error::rejected(error)
     } else {
@@ -79,7 +99,7 @@ impl Store for SqliteStore {
                            WHERE idempotency_keys.status <> 'erased'"#,
                     )
                     .bind(event_id.as_str())
-                    .bind(&error.code)
+                    .bind(error.code.as_str())
                     .bind(&error.message)
                     .bind(now_millis())
                     .execute(&mut *connection)
@@ -109,7 +129,7 @@ impl Store for SqliteStore {
                                  AND (lease_expires_at IS NULL OR lease_expires_at <= ?4)"#,
                         )
                         .bind(event_id.as_str())
-                        .bind(&error.code)
+                        .bind(error.code.as_str())
                         .bind(&error.message)
                         .bind(now)
                         .execute(&mut *connection)
@@ -461,10 +481,14 @@ async fn apply_one(
     .bind(write.event_id.as_str())
     .fetch_optional(&mut *connection)
     .await?;
-    let existing = row.map(|row| record_state(&row, now)).transpose()?;
+    let existing = row
+        .map(|row| record_state(&row, now))
+        .transpose()
+        .map_err(|reason| corrupt_in_job(record_corrupt(write, &reason)))?;
     let decision = decide(write, existing.as_ref());
     let attempts = match decision {
         Decision::Skip(result) => return Ok(result),
+        Decision::Corrupt(reason) => return Err(corrupt_in_job(record_corrupt(write, reason))),
         Decision::Insert => 1,
         Decision::Update { take_over } => {
             existing.as_ref().map_or(0, |record| record.attempts) + u32::from(take_over)
@@ -528,19 +552,27 @@ fn held_lease_expired(record: &RecordState) -> bool {
     record.status == Status::Processing && record.lease_token.is_some()
 }
 
-fn record_state(row: &SqliteRow, now: i64) -> std::result::Result<RecordState, sqlx::Error> {
-    let status: String = row.try_get("status")?;
-    let status = Status::parse(&status).ok_or_else(|| {
-        sqlx::Error::Decode(format!("idempotency record has unknown status {status:?}").into())
-    })?;
-    let lease_expires_at: Option<i64> = row.try_get("lease_expires_at")?;
+/// Why the record `write` meets is corrupt, as `Error::Corrupt` says it.
+fn record_corrupt(write: &Write, reason: &str) -> String {
+    format!(
+        "idempotency_keys row of {:?}: {reason}",
+        write.event_id.as_str()
+    )
+}
+
+/// The record a write meets; `Err` says why it is corrupt.
+fn record_state(row: &SqliteRow, now: i64) -> std::result::Result<RecordState, String> {
+    let status = parsed(row, "status", Status::parse)?;
+    let lease_expires_at: Option<i64> = column(row, "lease_expires_at")?;
     Ok(RecordState {
         status,
-        payload_sha256: row.try_get("payload_sha256")?,
-        lease_token: row.try_get("lease_token")?,
+        payload_sha256: parsed_optional(row, "payload_sha256", |text| {
+            PayloadHash::parse(text).ok()
+        })?,
+        lease_token: column(row, "lease_token")?,
         lease_live: status == Status::Processing && lease_expires_at.is_some_and(|at| at > now),
         lease_expires_at: lease_expires_at.map(from_unix_millis),
-        attempts: u32::try_from(row.try_get::<i64, _>("attempts")?).unwrap_or(0),
+        attempts: unsigned(row, "attempts")?,
     })
 }
 
@@ -609,8 +641,7 @@ impl EventReader for SqliteReader {
         let next = match events.last() {
             Some(last) if events.len() == limit => Some(EventPosition {
                 received_at: last.received_at,
-                event_id: EventId::parse(&last.event_id)
-                    .map_err(|_| Error::Corrupt(format!("bad event id {:?}", last.event_id)))?,
+                event_id: last.event_id.clone(),
             }),
             _ => None,
         };
@@ -687,76 +718,95 @@ async fn ping(pool: &sqlx::SqlitePool) -> Result<()> {
     Ok(())
 }
 
-fn parse_status(row: &SqliteRow) -> Result<Status> {
-    let text: String = row.get("status");
-    Status::parse(&text).ok_or_else(|| Error::Corrupt(format!("unknown status {text:?}")))
+/// `Error::Corrupt` for the row of `table` that `row` is.
+fn corrupt(table: &str, row: &SqliteRow) -> impl FnOnce(String) -> Error {
+    let event_id = row
+        .try_get::<String, _>("event_id")
+        .unwrap_or_else(|_| "(unreadable)".to_owned());
+    let table = table.to_owned();
+    move |reason| Error::Corrupt(format!("{table} row of {event_id:?}: {reason}"))
 }
 
-fn parse_time(text: Option<String>) -> Result<Option<DateTime<Utc>>> {
-    text.map(|text| {
-        DateTime::parse_from_rfc3339(&text)
+/// An RFC 3339 timestamp column that may be NULL.
+fn parsed_time(row: &SqliteRow, name: &str) -> std::result::Result<Option<DateTime<Utc>>, String> {
+    parsed_optional(row, name, |text| {
+        DateTime::parse_from_rfc3339(text)
+            .ok()
             .map(|at| at.with_timezone(&Utc))
-            .map_err(|_| Error::Corrupt(format!("bad timestamp {text:?}")))
     })
-    .transpose()
 }
 
 /// An events row; `with_payload` says whether the query selected the payload.
 fn stored_event(row: &SqliteRow, with_payload: bool) -> Result<StoredEvent> {
-    Ok(StoredEvent {
-        event_id: row.get("event_id"),
-        event_type: row.get("event_type"),
-        source: row.get("source"),
-        occurred_at: parse_time(row.get("occurred_at"))?,
-        payload: if with_payload {
-            row.get("payload")
-        } else {
-            None
-        },
-        payload_sha256: row.get("payload_sha256"),
-        payload_size: u64::try_from(row.get::<i64, _>("payload_size")).unwrap_or(0),
-        payload_mode: row.get("payload_mode"),
-        correlation_id: row.get("correlation_id"),
-        received_at: from_unix_millis(row.get("received_at")),
-        processed_at: from_unix_millis(row.get("processed_at")),
-    })
+    let read = || -> std::result::Result<StoredEvent, String> {
+        Ok(StoredEvent {
+            event_id: parsed(row, "event_id", |text| EventId::parse(text).ok())?,
+            event_type: parsed(row, "event_type", |text| EventType::parse(text).ok())?,
+            source: parsed_optional(row, "source", |text| Source::parse(text).ok())?,
+            occurred_at: parsed_time(row, "occurred_at")?,
+            payload: if with_payload {
+                column(row, "payload")?
+            } else {
+                None
+            },
+            payload_sha256: parsed(row, "payload_sha256", |text| PayloadHash::parse(text).ok())?,
+            payload_size: unsigned(row, "payload_size")?,
+            payload_mode: parsed(row, "payload_mode", PayloadMode::parse)?,
+            correlation_id: parsed(row, "correlation_id", |text| {
+                CorrelationId::parse(text).ok()
+            })?,
+            received_at: from_unix_millis(column(row, "received_at")?),
+            processed_at: from_unix_millis(column(row, "processed_at")?),
+        })
+    };
+    read().map_err(corrupt("events", row))
+}
+
+/// A record's last error: its code must be one Fluxa knows (every code it ever wrote is).
+fn last_error(row: &SqliteRow) -> std::result::Result<Option<FailureInfo>, String> {
+    let code = parsed_optional(row, "last_error_code", ErrorCode::parse)?;
+    let message: Option<String> = column(row, "last_error_message")?;
+    Ok(code.map(|code| FailureInfo {
+        code,
+        message: message.unwrap_or_default(),
+    }))
 }
 
 fn event_status(row: &SqliteRow) -> Result<EventStatus> {
-    let code: Option<String> = row.get("last_error_code");
-    let message: Option<String> = row.get("last_error_message");
-    Ok(EventStatus {
-        event_id: row.get("event_id"),
-        status: parse_status(row)?,
-        attempts: u32::try_from(row.get::<i64, _>("attempts")).unwrap_or(0),
-        last_error: code.map(|code| FailureInfo {
-            code,
-            message: message.unwrap_or_default(),
-        }),
-        correlation_id: row.get("correlation_id"),
-        updated_at: from_unix_millis(row.get("updated_at")),
-    })
+    let read = || -> std::result::Result<EventStatus, String> {
+        Ok(EventStatus {
+            event_id: parsed(row, "event_id", |text| EventId::parse(text).ok())?,
+            status: parsed(row, "status", Status::parse)?,
+            attempts: unsigned(row, "attempts")?,
+            last_error: last_error(row)?,
+            correlation_id: parsed_optional(row, "correlation_id", |text| {
+                CorrelationId::parse(text).ok()
+            })?,
+            updated_at: from_unix_millis(column(row, "updated_at")?),
+        })
+    };
+    read().map_err(corrupt("idempotency_keys", row))
 }
 
 fn idempotency_record(row: &SqliteRow) -> Result<IdempotencyRecord> {
-    let code: Option<String> = row.get("last_error_code");
-    let message: Option<String> = row.get("last_error_message");
-    Ok(IdempotencyRecord {
-        event_id: row.get("event_id"),
-        status: parse_status(row)?,
-        attempts: u32::try_from(row.get::<i64, _>("attempts")).unwrap_or(0),
-        payload_sha256: row.get("payload_sha256"),
-        lease_expires_at: row
-            .get::<Option<i64>, _>("lease_expires_at")
-            .map(from_unix_millis),
-        last_error: code.map(|code| FailureInfo {
-            code,
-            message: message.unwrap_or_default(),
-        }),
-        correlation_id: row.get("correlation_id"),
-        created_at: from_unix_millis(row.get("created_at")),
-        updated_at: from_unix_millis(row.get("updated_at")),
-    })
+    let read = || -> std::result::Result<IdempotencyRecord, String> {
+        Ok(IdempotencyRecord {
+            event_id: parsed(row, "event_id", |text| EventId::parse(text).ok())?,
+            status: parsed(row, "status", Status::parse)?,
+            attempts: unsigned(row, "attempts")?,
+            payload_sha256: parsed_optional(row, "payload_sha256", |text| {
+                PayloadHash::parse(text).ok()
+            })?,
+            lease_expires_at: column::<Option<i64>>(row, "lease_expires_at")?.map(from_unix_millis),
+            last_error: last_error(row)?,
+            correlation_id: parsed_optional(row, "correlation_id", |text| {
+                CorrelationId::parse(text).ok()
+            })?,
+            created_at: from_unix_millis(column(row, "created_at")?),
+            updated_at: from_unix_millis(column(row, "updated_at")?),
+        })
+    };
+    read().map_err(corrupt("idempotency_keys", row))
 }
 
 #[cfg(test)]

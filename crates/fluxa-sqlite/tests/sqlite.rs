@@ -298,6 +298,40 @@ async fn the_depth_counters_stay_exact_through_every_kind_of_change() {
     .await;
 }
 
+/// Runs one statement on the database file `name` in `dir` from a connection of its own, as
+/// damage done outside Fluxa would.
+async fn run_sql_on(dir: &std::path::Path, name: &str, sql: &str) {
+    let options = sqlx::sqlite::SqliteConnectOptions::new().filename(dir.join(name));
+    let pool = sqlx::SqlitePool::connect_with(options).await.unwrap();
+    sqlx::query(sql).execute(&pool).await.unwrap();
+    pool.close().await;
+}
+
+#[tokio::test]
+async fn stored_values_that_do_not_parse_are_corrupt_never_defaults() {
+    let dir = tempfile::tempdir().unwrap();
+    let backends = open(dir.path(), Duration::from_secs(1)).await;
+    let store = Arc::new(backends.store);
+    store_conformance::stored_values_that_do_not_parse_are_corrupt_never_defaults(
+        store.clone(),
+        Arc::new(backends.reader),
+        store,
+        |sql| run_sql_on(dir.path(), "store.db", sql),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_dead_letter_that_does_not_parse_is_corrupt_but_a_bad_attribute_reads_as_absent() {
+    let dir = tempfile::tempdir().unwrap();
+    let queue = open(dir.path(), Duration::from_secs(60)).await.queue;
+    conformance::a_dead_letter_that_does_not_parse_is_corrupt_but_a_bad_attribute_reads_as_absent(
+        Arc::new(queue),
+        |sql| run_sql_on(dir.path(), "queue.db", sql),
+    )
+    .await;
+}
+
 /// Right to erasure on disk: SQLite keeps deleted content in free space until it is reused, so
 /// without `secure_delete` an erased payload could still be read from `store.db` with a hex
 /// editor. Once the WAL is checkpointed, none of its bytes may remain, on b-tree pages or on

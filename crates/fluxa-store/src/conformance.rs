@@ -230,8 +230,8 @@ pub async fn mark_exhausted_fails_only_abandoned_records(
         "an abandoned record must end failed"
     );
     assert_eq!(
-        abandoned_status.last_error.map(|e| e.code).as_deref(),
-        Some("retries_exhausted")
+        abandoned_status.last_error.map(|e| e.code),
+        Some(ErrorCode::RetriesExhausted)
     );
     let live_status = reader.status(&live.event_id).await.unwrap().unwrap();
     assert_eq!(
@@ -340,7 +340,7 @@ async fn list_ids(
                 "a listing carries the payload exactly when asked to"
             );
         }
-        ids.extend(page.events.iter().map(|event| event.event_id.clone()));
+        ids.extend(page.events.iter().map(|event| event.event_id.to_string()));
         match page.next {
             Some(next) => {
                 let last = page.events.last().expect("a page with a next has events");
@@ -472,11 +472,14 @@ pub async fn listing_filters_by_type_source_and_time_window_in_received_order(
     assert_eq!(page.events.len(), 6);
     let first = &page.events[0];
     assert_eq!(
-        (first.event_type.as_str(), first.source.as_deref()),
+        (
+            first.event_type.as_str(),
+            first.source.as_ref().map(Source::as_str)
+        ),
         ("order.created", Some("checkout"))
     );
     assert_eq!(first.received_at, at(1_000), "received_at round-trips");
-    assert_eq!(first.payload_sha256, PayloadHash::of(b"\"ev-1\"").as_str());
+    assert_eq!(first.payload_sha256, PayloadHash::of(b"\"ev-1\""));
     assert_eq!(first.payload_size, 6);
     let next = page.next.expect("a full page has a next position");
     let rest = reader
@@ -521,7 +524,7 @@ pub async fn paging_returns_every_event_once_while_new_events_arrive(
         seen.extend(
             page.events
                 .iter()
-                .map(|event| (event.received_at, event.event_id.clone())),
+                .map(|event| (event.received_at, event.event_id.to_string())),
         );
         // New arrivals between pages: one late (received before the page in hand, as a
         // message that waited in the queue is), one at the same instant as the page's last
@@ -1008,5 +1011,88 @@ pub async fn an_erasure_racing_a_store_never_leaves_the_event_behind(
             Some(Status::Erased),
             "{id}"
         );
+    }
+}
+
+/// The read side's types: every value a backend reads back is parsed into its domain type
+/// once, and one that does not parse (damage done outside Fluxa; here `corrupt` runs a plain
+/// SQL statement on the backend's database) is reported as `Error::Corrupt` by whatever reads
+/// it, never replaced by a default. In particular a malformed stored hash never stands in for
+/// the payload's (a redelivery would otherwise be called a conflict), and an unknown error
+/// code never becomes another. An operator can still evict a failed record that is corrupt.
+pub async fn stored_values_that_do_not_parse_are_corrupt_never_defaults<F, Fut>(
+    store: Arc<dyn Store>,
+    reader: Arc<dyn EventReader>,
+    admin: Arc<dyn StoreAdmin>,
+    corrupt: F,
+) where
+    F: Fn(&'static str) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    store
+        .apply(vec![store_write("bad-hash", b"1")])
+        .await
+        .unwrap();
+    corrupt(
+        "UPDATE idempotency_keys SET payload_sha256 = 'not-a-hash' WHERE event_id = 'bad-hash'",
+    )
+    .await;
+    assert_corrupt(
+        store.apply(vec![store_write("bad-hash", b"1")]).await,
+        "a redelivery meeting a record with a malformed hash",
+    );
+    assert_corrupt(
+        admin.idempotency_record(&event_id("bad-hash")).await,
+        "a record with a malformed hash",
+    );
+
+    let mut failing = store_write("bad-code", b"2");
+    failing.action = WriteAction::Fail(FailureInfo::new(ErrorCode::HashMismatch, "x"));
+    store.apply(vec![failing]).await.unwrap();
+    corrupt("UPDATE idempotency_keys SET last_error_code = 'gremlins' WHERE event_id = 'bad-code'")
+        .await;
+    assert_corrupt(
+        reader.status(&event_id("bad-code")).await,
+        "the status of a record with an unknown error code",
+    );
+    assert_corrupt(
+        admin.idempotency_record(&event_id("bad-code")).await,
+        "a record with an unknown error code",
+    );
+    assert_eq!(
+        admin.evict(&event_id("bad-code")).await.unwrap(),
+        Eviction::Evicted,
+        "a corrupt failed record can still be evicted"
+    );
+    assert!(reader
+        .status(&event_id("bad-code"))
+        .await
+        .unwrap()
+        .is_none());
+
+    store
+        .apply(vec![store_write("bad-type", b"3")])
+        .await
+        .unwrap();
+    corrupt("UPDATE events SET event_type = '' WHERE event_id = 'bad-type'").await;
+    assert_corrupt(
+        reader.event(&event_id("bad-type")).await,
+        "an event row with an empty event type",
+    );
+    assert_corrupt(
+        reader
+            .list_events(&EventFilter::default(), None, 10, false)
+            .await,
+        "a listing over an event row with an empty event type",
+    );
+}
+
+/// Panics unless `result` is `Error::Corrupt`, saying what was read instead.
+#[track_caller]
+fn assert_corrupt<T: std::fmt::Debug>(result: crate::Result<T>, what: &str) {
+    match result {
+        Err(crate::Error::Corrupt(_)) => {}
+        Err(other) => panic!("{what} must be Corrupt, not {other:?}"),
+        Ok(value) => panic!("{what} must be Corrupt, not read as {value:?}"),
     }
 }

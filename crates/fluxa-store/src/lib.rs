@@ -32,6 +32,9 @@ pub enum Error {
     /// refuses. Never a sign that the database is down.
     #[error("store refused a statement")]
     Rejected(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// A stored value does not parse as its domain type (an unknown error code, a malformed
+    /// hash): the record was damaged outside Fluxa, since Fluxa writes only typed values. The
+    /// database answered, so this is no outage; nothing guesses a value in its place.
     #[error("store holds a malformed record: {0}")]
     Corrupt(String),
 }
@@ -181,31 +184,35 @@ pub struct NewEvent {
     pub received_at: DateTime<Utc>,
 }
 
-/// A persisted event, as the query API returns it.
+/// A persisted event, as the query API returns it. Each backend's row mapper parses every
+/// column into its domain type once; a value that does not parse is [`Error::Corrupt`], never
+/// a default.
 #[derive(Clone, Debug)]
 pub struct StoredEvent {
-    pub event_id: String,
-    pub event_type: String,
-    pub source: Option<String>,
+    pub event_id: EventId,
+    pub event_type: EventType,
+    pub source: Option<Source>,
     pub occurred_at: Option<DateTime<Utc>>,
     /// The exact payload bytes; `None` when a listing did not ask for them.
     pub payload: Option<Vec<u8>>,
-    pub payload_sha256: String,
+    pub payload_sha256: PayloadHash,
     pub payload_size: u64,
-    pub payload_mode: String,
-    pub correlation_id: String,
+    pub payload_mode: PayloadMode,
+    pub correlation_id: CorrelationId,
     pub received_at: DateTime<Utc>,
     pub processed_at: DateTime<Utc>,
 }
 
-/// An idempotency record, as the status API returns it.
+/// An idempotency record, as the status API returns it (parsed as [`StoredEvent`] is).
 #[derive(Clone, Debug)]
 pub struct EventStatus {
-    pub event_id: String,
+    pub event_id: EventId,
     pub status: Status,
     pub attempts: u32,
     pub last_error: Option<FailureInfo>,
-    pub correlation_id: Option<String>,
+    /// `None` for a record written without a message to take it from (an erasure's tombstone,
+    /// an undecodable message's note).
+    pub correlation_id: Option<CorrelationId>,
     pub updated_at: DateTime<Utc>,
 }
 
@@ -304,14 +311,14 @@ pub trait EventReader: Send + Sync + 'static {
 /// An idempotency record in full, as the operator API shows it (contract section 8).
 #[derive(Clone, Debug)]
 pub struct IdempotencyRecord {
-    pub event_id: String,
+    pub event_id: EventId,
     pub status: Status,
     pub attempts: u32,
     /// `None` for an erased record (no hash is kept) or one that never learnt it.
-    pub payload_sha256: Option<String>,
+    pub payload_sha256: Option<PayloadHash>,
     pub lease_expires_at: Option<DateTime<Utc>>,
     pub last_error: Option<FailureInfo>,
-    pub correlation_id: Option<String>,
+    pub correlation_id: Option<CorrelationId>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }

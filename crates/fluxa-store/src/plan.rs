@@ -2,15 +2,17 @@
 //! apply, so the SQL in each backend only reads the record and carries out the decision.
 
 use chrono::{DateTime, Utc};
-use fluxa_core::FailureInfo;
+use fluxa_core::{FailureInfo, PayloadHash};
 
 use crate::{Status, Write, WriteAction, WriteResult};
 
-/// The parts of an existing idempotency record that decide a write.
+/// The parts of an existing idempotency record that decide a write. A backend reads it from
+/// the record's row; a row whose hash does not parse is `Error::Corrupt` there, so a decision
+/// never rests on a guessed hash.
 #[derive(Clone, Debug)]
 pub struct RecordState {
     pub status: Status,
-    pub payload_sha256: Option<String>,
+    pub payload_sha256: Option<PayloadHash>,
     pub lease_token: Option<String>,
     /// `processing` with a lease that has not expired, by the database's clock.
     pub lease_live: bool,
@@ -27,6 +29,9 @@ pub enum Decision {
     Update { take_over: bool },
     /// Write nothing and answer this.
     Skip(WriteResult),
+    /// The record breaks a rule every write keeps, so no answer is right: the backend reports
+    /// `Error::Corrupt` with this reason and writes nothing.
+    Corrupt(&'static str),
 }
 
 /// The rules of contract section 3 and seed invariants 1 and 2, in one place.
@@ -42,20 +47,23 @@ pub fn decide(write: &Write, existing: Option<&RecordState>) -> Decision {
         }
         (Some(_), _) => Decision::Skip(WriteResult::LeaseLost),
         (None, None) => Decision::Insert,
-        (None, Some(record)) => match record.status {
-            Status::Processed => Decision::Skip(WriteResult::AlreadyProcessed {
-                payload_sha256: record
-                    .payload_sha256
-                    .as_deref()
-                    .and_then(|hash| fluxa_core::PayloadHash::parse(hash).ok())
-                    .unwrap_or_else(|| fluxa_core::PayloadHash::of(b"")),
-            }),
-            Status::Processing if record.lease_live => Decision::Skip(WriteResult::Busy {
+        (None, Some(record)) => match (record.status, &record.payload_sha256) {
+            (Status::Processed, Some(payload_sha256)) => {
+                Decision::Skip(WriteResult::AlreadyProcessed {
+                    payload_sha256: payload_sha256.clone(),
+                })
+            }
+            // Every write that makes a record `processed` sets its hash, so one without is
+            // damaged: answering with a made-up hash would turn a duplicate into a conflict.
+            (Status::Processed, None) => {
+                Decision::Corrupt("a processed record has no payload hash")
+            }
+            (Status::Processing, _) if record.lease_live => Decision::Skip(WriteResult::Busy {
                 until: record.lease_expires_at.unwrap_or_else(Utc::now),
             }),
             // An expired lease (its worker died or gave up) or a failed record: take over.
-            Status::Processing | Status::Failed => Decision::Update { take_over: true },
-            Status::Erased => Decision::Skip(WriteResult::Erased),
+            (Status::Processing | Status::Failed, _) => Decision::Update { take_over: true },
+            (Status::Erased, _) => Decision::Skip(WriteResult::Erased),
         },
     }
 }
@@ -107,7 +115,7 @@ mod tests {
     fn record(status: Status, token: Option<&str>, lease_live: bool) -> RecordState {
         RecordState {
             status,
-            payload_sha256: Some(PayloadHash::of(b"1").to_string()),
+            payload_sha256: Some(PayloadHash::of(b"1")),
             lease_token: token.map(str::to_owned),
             lease_live,
             lease_expires_at: None,
@@ -141,6 +149,19 @@ mod tests {
                 payload_sha256: PayloadHash::of(b"1")
             })
         );
+    }
+
+    #[test]
+    fn a_processed_record_without_a_hash_is_corrupt_rather_than_answered_with_a_made_up_one() {
+        let damaged = RecordState {
+            payload_sha256: None,
+            ..record(Status::Processed, None, false)
+        };
+        let lease = write(None, WriteAction::Lease(Duration::from_secs(1)));
+        assert!(matches!(
+            decide(&lease, Some(&damaged)),
+            Decision::Corrupt(_)
+        ));
     }
 
     #[test]

@@ -4,7 +4,10 @@
 
 use aws_sdk_sqs::types::{Message, MessageAttributeValue, MessageSystemAttributeName};
 use chrono::{DateTime, SecondsFormat, Utc};
-use fluxa_core::{ErrorCode, FailureClass, FailureInfo, PayloadMode};
+use fluxa_core::ids::DeadLetterId;
+use fluxa_core::{
+    CorrelationId, ErrorCode, EventId, EventType, FailureClass, FailureInfo, PayloadMode,
+};
 use fluxa_queue::{DeadLetter, Error, MessageAttributes, Result};
 
 use super::SqsError;
@@ -78,13 +81,16 @@ impl ReceivedMessage {
         self.attributes.get(name).filter(|v| !v.is_empty()).cloned()
     }
 
+    /// The ids among the attributes. They come from whoever sent the message, so one that does
+    /// not parse is left out rather than failing the receive (the body is authoritative; see
+    /// [`MessageAttributes`]).
     pub(super) fn ids(&self) -> MessageAttributes {
-        MessageAttributes {
-            event_id: self.attribute("event_id"),
-            correlation_id: self.attribute("correlation_id"),
-            blob_key: self.attribute("blob_key"),
-            event_type: self.attribute("event_type"),
-        }
+        MessageAttributes::parse_lenient(
+            self.attribute("event_id").as_deref(),
+            self.attribute("correlation_id").as_deref(),
+            self.attribute("blob_key"),
+            self.attribute("event_type").as_deref(),
+        )
     }
 
     pub(super) fn receive_count(&self) -> u32 {
@@ -108,23 +114,35 @@ impl ReceivedMessage {
     /// `max_receives` receives: its last receiver gave up or died, so it is
     /// `retries_exhausted`. SQS keeps no earlier failure times, so those fall back to
     /// `now`, the time the drain read it.
-    pub fn dead_letter(&self, max_receives: u32, now: DateTime<Utc>) -> DeadLetter {
+    ///
+    /// The reason's attributes come from outside too, and the drain must not stall on one
+    /// message: a permanent failure without an `error_code` Fluxa knows is recorded as
+    /// `internal`, its message saying which code it carried. A message id that cannot be a
+    /// dead letter's id (SQS's are UUIDs) is an error: the message stays in the SQS DLQ.
+    pub fn dead_letter(&self, max_receives: u32, now: DateTime<Utc>) -> Result<DeadLetter> {
+        let id = DeadLetterId::parse(&self.message_id).map_err(|rule| {
+            Error::unavailable(SqsError {
+                operation: "ReceiveMessage",
+                detail: format!(
+                    "a dead letter's message id {:?} cannot be an id: {rule}",
+                    self.message_id
+                ),
+            })
+        })?;
         let time = |name: &str| {
             self.attribute(name)
                 .and_then(|text| DateTime::parse_from_rfc3339(&text).ok())
                 .map(|at| at.with_timezone(&Utc))
         };
-        let permanent =
-            self.attribute("error_class").as_deref() == Some(FailureClass::Permanent.as_str());
+        let permanent = self
+            .attribute("error_class")
+            .as_deref()
+            .and_then(FailureClass::parse)
+            == Some(FailureClass::Permanent);
         let (error_class, error, receive_count) = if permanent {
             (
                 FailureClass::Permanent,
-                FailureInfo {
-                    code: self
-                        .attribute("error_code")
-                        .unwrap_or_else(|| ErrorCode::Internal.as_str().to_owned()),
-                    message: self.attribute("error_message").unwrap_or_default(),
-                },
+                self.permanent_failure(),
                 self.attribute("receive_count")
                     .and_then(|count| count.parse().ok())
                     .unwrap_or(1),
@@ -143,8 +161,8 @@ impl ReceivedMessage {
             )
         };
         let dead_lettered_at = time("dead_lettered_at").unwrap_or(now);
-        DeadLetter {
-            id: self.message_id.clone(),
+        Ok(DeadLetter {
+            id,
             attributes: self.ids(),
             error_class,
             error,
@@ -154,6 +172,24 @@ impl ReceivedMessage {
             last_failure_at: dead_lettered_at,
             dead_lettered_at,
             body: self.body.clone().into_bytes(),
+        })
+    }
+
+    /// The reason Fluxa wrote on a permanent failure's attributes.
+    fn permanent_failure(&self) -> FailureInfo {
+        let message = self.attribute("error_message").unwrap_or_default();
+        match self.attribute("error_code") {
+            Some(text) => match ErrorCode::parse(&text) {
+                Some(code) => FailureInfo { code, message },
+                None => FailureInfo::new(
+                    ErrorCode::Internal,
+                    format!("unknown error code {text:?} on the SQS message: {message}"),
+                ),
+            },
+            None => FailureInfo::new(
+                ErrorCode::Internal,
+                format!("no error code on the SQS message: {message}"),
+            ),
         }
     }
 }
@@ -170,7 +206,7 @@ pub struct DrainedDeadLetter {
 /// refuses an empty value).
 pub(super) fn message_attributes(attributes: &MessageAttributes) -> Vec<(&'static str, String)> {
     let payload_mode = if attributes.blob_key.is_some() {
-        PayloadMode::S3
+        PayloadMode::Blob
     } else {
         PayloadMode::Inline
     };
@@ -185,12 +221,24 @@ pub(super) fn message_attributes(attributes: &MessageAttributes) -> Vec<(&'stati
 /// The ids of a message, absent and empty ones left out.
 fn push_ids(out: &mut Vec<(&'static str, String)>, attributes: &MessageAttributes) {
     for (name, value) in [
-        ("correlation_id", &attributes.correlation_id),
-        ("event_id", &attributes.event_id),
-        ("blob_key", &attributes.blob_key),
-        ("event_type", &attributes.event_type),
+        (
+            "correlation_id",
+            attributes
+                .correlation_id
+                .as_ref()
+                .map(CorrelationId::as_str),
+        ),
+        (
+            "event_id",
+            attributes.event_id.as_ref().map(EventId::as_str),
+        ),
+        ("blob_key", attributes.blob_key.as_deref()),
+        (
+            "event_type",
+            attributes.event_type.as_ref().map(EventType::as_str),
+        ),
     ] {
-        if let Some(value) = value.as_deref().filter(|v| !v.is_empty()) {
+        if let Some(value) = value.filter(|v| !v.is_empty()) {
             out.push((name, sqs_text(value)));
         }
     }
@@ -216,7 +264,7 @@ pub(super) fn dead_letter_attributes(
         .chars()
         .take(MAX_ERROR_MESSAGE_CHARS)
         .collect();
-    out.push(("error_code", sqs_text(&error.code)));
+    out.push(("error_code", error.code.as_str().to_owned()));
     // An empty value is refused; an empty message says so.
     out.push((
         "error_message",

@@ -154,7 +154,7 @@ impl SqsQueue {
             .map(|message| {
                 let message = ReceivedMessage::of(message)?;
                 Ok(DrainedDeadLetter {
-                    dead_letter: message.dead_letter(self.max_receives, now),
+                    dead_letter: message.dead_letter(self.max_receives, now)?,
                     receipt: message.receipt,
                 })
             })
@@ -290,7 +290,7 @@ fn entry_error(
 
 #[cfg(test)]
 mod tests {
-    use fluxa_core::{ErrorCode, FailureInfo};
+    use fluxa_core::{CorrelationId, ErrorCode, EventId, EventType, FailureClass, FailureInfo};
     use fluxa_queue::MessageAttributes;
 
     use super::message::{
@@ -354,10 +354,10 @@ mod tests {
     #[test]
     fn a_dead_letter_with_every_id_stays_within_the_sqs_attribute_limit() {
         let attributes = MessageAttributes {
-            event_id: Some("e-1".into()),
-            correlation_id: Some("c-1".into()),
+            event_id: EventId::parse("e-1").ok(),
+            correlation_id: CorrelationId::parse("c-1").ok(),
             blob_key: Some("events/e-1".into()),
-            event_type: Some("order.created".into()),
+            event_type: EventType::parse("order.created").ok(),
         };
         let error = FailureInfo::new(ErrorCode::HashMismatch, "x".repeat(10_000));
         let dead = dead_letter_attributes(&attributes, &error, 2, Utc::now());
@@ -375,6 +375,74 @@ mod tests {
         assert_eq!(visibility_seconds(Duration::ZERO), 0);
         assert_eq!(visibility_seconds(Duration::from_millis(1_001)), 2);
         assert_eq!(visibility_seconds(Duration::from_secs(86_400)), 43_200);
+    }
+
+    /// A message's attributes come from whoever sent it: an id that does not parse is left
+    /// out, and the receive goes on (the processor decodes the body either way).
+    #[test]
+    fn attributes_that_do_not_parse_are_read_as_absent_not_as_a_failed_receive() {
+        let message = ReceivedMessage {
+            message_id: "3b241101-e2bb-4255-8caf-4136c566a962".into(),
+            attributes: [
+                ("event_id", "not/an id"),
+                ("correlation_id", "c-1"),
+                ("blob_key", "events/x"),
+                ("event_type", "bad\u{1}type"),
+            ]
+            .into_iter()
+            .map(|(name, value)| (name.to_owned(), value.to_owned()))
+            .collect(),
+            ..ReceivedMessage::default()
+        };
+        assert_eq!(
+            message.ids(),
+            MessageAttributes {
+                event_id: None,
+                correlation_id: CorrelationId::parse("c-1").ok(),
+                blob_key: Some("events/x".into()),
+                event_type: None,
+            }
+        );
+    }
+
+    /// The DLQ drain must not stall on one message, nor record an unknown code as another
+    /// silently: it becomes `internal`, and the message says which code it carried.
+    #[test]
+    fn a_dead_letter_with_an_unknown_error_code_is_recorded_as_internal_naming_the_code() {
+        let message = |code: &str| ReceivedMessage {
+            message_id: "3b241101-e2bb-4255-8caf-4136c566a962".into(),
+            attributes: [
+                ("error_class", "permanent"),
+                ("error_code", code),
+                ("error_message", "why"),
+            ]
+            .into_iter()
+            .map(|(name, value)| (name.to_owned(), value.to_owned()))
+            .collect(),
+            ..ReceivedMessage::default()
+        };
+        let known = message("hash_mismatch").dead_letter(3, Utc::now()).unwrap();
+        assert_eq!(known.error_class, FailureClass::Permanent);
+        assert_eq!(
+            known.error,
+            FailureInfo::new(ErrorCode::HashMismatch, "why")
+        );
+        let unknown = message("gremlins").dead_letter(3, Utc::now()).unwrap();
+        assert_eq!(unknown.error.code, ErrorCode::Internal);
+        assert!(
+            unknown.error.message.contains("\"gremlins\""),
+            "{}",
+            unknown.error.message
+        );
+    }
+
+    #[test]
+    fn a_dead_letter_whose_message_id_cannot_be_an_id_stays_in_the_sqs_dlq() {
+        let message = ReceivedMessage {
+            message_id: String::new(),
+            ..ReceivedMessage::default()
+        };
+        assert!(message.dead_letter(3, Utc::now()).is_err());
     }
 
     #[test]

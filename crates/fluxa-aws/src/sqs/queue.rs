@@ -232,7 +232,7 @@ impl Consumer for SqsQueue {
             Err(e) if e.code() == Some("AWS.SimpleQueueService.MessageNotInflight") => {
                 tracing::debug!(
                     message_id = delivery.message_id,
-                    error.code = error.code,
+                    error.code = error.code.as_str(),
                     "message visible again before its retry was scheduled"
                 );
                 Ok(())

@@ -418,12 +418,12 @@ impl TestData {
                 |(message_id, body, attributes)| fluxa_queue::PendingMessage {
                     message_id,
                     body,
-                    attributes: fluxa_queue::MessageAttributes {
-                        event_id: attributes.get("event_id").cloned(),
-                        correlation_id: attributes.get("correlation_id").cloned(),
-                        blob_key: attributes.get("blob_key").cloned(),
-                        event_type: attributes.get("event_type").cloned(),
-                    },
+                    attributes: fluxa_queue::MessageAttributes::parse_lenient(
+                        attributes.get("event_id").map(String::as_str),
+                        attributes.get("correlation_id").map(String::as_str),
+                        attributes.get("blob_key").cloned(),
+                        attributes.get("event_type").map(String::as_str),
+                    ),
                     receive_count: 0,
                     enqueued_at: chrono::Utc::now(),
                 },

@@ -99,10 +99,10 @@ async fn an_inline_payload_that_does_not_match_its_hash_goes_to_the_dlq_and_writ
         .send(vec![NewMessage {
             body: FluxaTask::EventV1(message).encode(),
             attributes: MessageAttributes {
-                event_id: Some("corrupt-1".into()),
-                correlation_id: Some("corrupt-corr".into()),
+                event_id: EventId::parse("corrupt-1").ok(),
+                correlation_id: CorrelationId::parse("corrupt-corr").ok(),
                 blob_key: None,
-                event_type: Some("test.corrupt".into()),
+                event_type: EventType::parse("test.corrupt").ok(),
             },
         }])
         .await
@@ -180,8 +180,8 @@ async fn an_unparsable_message_is_dead_lettered_at_once_with_its_original_bytes(
         .send(vec![NewMessage {
             body: b"{\"type\":\"event.v1\",\"garbage\":true}".to_vec(),
             attributes: MessageAttributes {
-                event_id: Some("garbled-1".into()),
-                correlation_id: Some("garbled-corr".into()),
+                event_id: EventId::parse("garbled-1").ok(),
+                correlation_id: CorrelationId::parse("garbled-corr").ok(),
                 blob_key: None,
                 event_type: None,
             },

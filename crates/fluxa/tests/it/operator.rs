@@ -114,8 +114,8 @@ async fn enqueue(data: &TestData, event_id: &str, body: Vec<u8>) {
         .send(vec![NewMessage {
             body,
             attributes: MessageAttributes {
-                event_id: Some(event_id.into()),
-                correlation_id: Some(format!("{event_id}-corr")),
+                event_id: EventId::parse(event_id).ok(),
+                correlation_id: CorrelationId::parse(&format!("{event_id}-corr")).ok(),
                 ..MessageAttributes::default()
             },
         }])
