@@ -12,7 +12,6 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
-use chrono::Utc;
 use fluxa_core::cursor::{Listing, Position};
 use fluxa_core::ids::DeadLetterId;
 use fluxa_core::time::format_rfc3339;
@@ -24,6 +23,8 @@ use serde_json::value::RawValue;
 
 use crate::auth::{self, Scope};
 use crate::body::{read_body, require_json};
+use fluxa_operations::EraseError;
+
 use crate::error::{path_id, ApiError, ApiErrorCode};
 use crate::{listing, AppState};
 
@@ -451,72 +452,13 @@ async fn redrive(
             )))
         }
     };
-    let queue_error = |e: fluxa_queue::Error| ApiError::from_queue(&e);
-    let (matched, redriven) = match &selector {
-        RedriveSelector::Id(id) => {
-            let matched = u64::from(
-                state
-                    .dead_letters()?
-                    .get_dead_letter(id)
-                    .await
-                    .map_err(queue_error)?
-                    .is_some(),
-            );
-            let redriven = if dry_run || matched == 0 {
-                0
-            } else {
-                state
-                    .dead_letters()?
-                    .redrive(&selector, 1)
-                    .await
-                    .map_err(queue_error)?
-            };
-            (matched, redriven)
-        }
-        RedriveSelector::Filter(filter) => {
-            // One cutoff for the count and the moves, so the two agree and an entry that
-            // fails again during the redrive is not picked up a second time.
-            let mut filter = filter.clone();
-            let now = Utc::now();
-            filter.until = Some(filter.until.map_or(now, |until| until.min(now)));
-            let matched = state
-                .dead_letters()?
-                .count_dead_letters(&filter)
-                .await
-                .map_err(queue_error)?;
-            let redriven = match (dry_run || matched == 0, limit) {
-                (true, _) => 0,
-                (false, None) => fluxa_queue::redrive_in_batches(
-                    state.dead_letters()?,
-                    &filter,
-                    fluxa_queue::REDRIVE_BATCH,
-                    |_| {},
-                )
-                .await
-                .map_err(queue_error)?,
-                // At most one batch's worth per call: a client loops with its own cutoff.
-                (false, Some(limit)) => state
-                    .dead_letters()?
-                    .redrive(&RedriveSelector::Filter(filter.clone()), limit as usize)
-                    .await
-                    .map_err(queue_error)?,
-            };
-            (matched, redriven)
-        }
-    };
-    tracing::info!(
-        target: "fluxa::audit",
-        action = "dlq.redrive",
-        selector = ?selector,
-        dry_run,
-        limit,
-        matched,
-        redriven,
-        "operator action"
-    );
+    let options = fluxa_operations::RedriveOptions { dry_run, limit };
+    let report = fluxa_operations::redrive(state.dead_letters()?, &selector, options)
+        .await
+        .map_err(|e| ApiError::from_queue(&e))?;
     Ok(Json(RedriveOut {
-        matched,
-        redriven,
+        matched: report.matched,
+        redriven: report.redriven,
         dry_run,
     })
     .into_response())
@@ -666,38 +608,22 @@ async fn erase_event(
     event_id: Result<Path<String>, PathRejection>,
 ) -> Result<Response, ApiError> {
     let event_id = parse_event_id(event_id)?;
-    let purge = state
-        .dead_letters()?
-        .purge_event(event_id.as_str())
-        .await
-        .map_err(|e| ApiError::from_queue(&e))?;
-    // A message still queued would store the event after this erasure without a tombstone.
-    let in_queue = purge.dead_letters > 0 || purge.queued > 0;
-    let erasure = state
-        .store_admin()?
-        .erase(&event_id, in_queue || purge.queue_unsearchable)
-        .await
-        .map_err(|e| ApiError::from_store(&e))?;
-    let blobs = state
-        .blobs()?
-        .delete_event_blobs(&event_id)
-        .await
-        .map_err(|e| {
+    let report = fluxa_operations::erase(
+        state.dead_letters()?,
+        state.store_admin()?,
+        state.blobs()?,
+        &event_id,
+    )
+    .await
+    .map_err(|e| match e {
+        EraseError::Queue(e) => ApiError::from_queue(&e),
+        EraseError::Store(e) => ApiError::from_store(&e),
+        EraseError::BlobStore(e) => {
             tracing::warn!(error.message = %e, "could not delete an erased event's blobs");
             ApiError::unavailable("blob store")
-        })?;
-    tracing::info!(
-        target: "fluxa::audit",
-        action = "event.erase",
-        event_id = event_id.as_str(),
-        event_deleted = erasure.event_deleted,
-        had_record = erasure.had_record,
-        dead_letters_deleted = purge.dead_letters,
-        messages_queued = purge.queued,
-        blobs_deleted = blobs,
-        "operator action"
-    );
-    if !erasure.event_deleted && !erasure.had_record && !in_queue && blobs == 0 {
+        }
+    })?;
+    if !report.found_anything() {
         return Err(ApiError::not_found(format!(
             "nothing with event id {event_id} exists"
         )));

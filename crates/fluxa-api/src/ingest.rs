@@ -8,10 +8,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
 use bytes::Bytes;
-use chrono::Utc;
 use fluxa_core::ingest::{parse_batch, parse_event, ValidatedEvent};
-use fluxa_core::{CorrelationId, EventMessageV1, FluxaTask, PayloadMode};
-use fluxa_queue::{MessageAttributes, NewMessage};
+use fluxa_core::CorrelationId;
+use fluxa_operations::{AcceptError, Accepted};
 
 use crate::auth::{self, Scope};
 use crate::body::{read_body, require_json};
@@ -34,122 +33,35 @@ pub fn router(state: &AppState) -> Router<AppState> {
         ))
 }
 
-/// What ingest knows about one accepted event once its message is built.
-struct Prepared {
-    /// Taken by [`enqueue`], which hands it to the queue without a copy.
-    message: Option<NewMessage>,
-    blob_key: Option<String>,
-    mode: PayloadMode,
-    event_id: String,
-    payload_sha256: String,
-    payload_size: u64,
+/// The answer for an event the queue did not take, or for a request none of whose events it
+/// took: an outage is a 503 to retry; a refusal (which validated input cannot cause) is our
+/// bug, a 500 that retrying would not cure.
+fn queue_error(error: &fluxa_queue::Error) -> ApiError {
+    ApiError::from_queue(error)
 }
 
-/// Builds one event's queue message, storing its payload in the blob store first if it is
-/// over the inline limit.
-/// `body` is the request body `event` was parsed from, so the payload can be handed to the
-/// blob store as a slice of it, without a copy.
-async fn prepare(
+fn accept_error(error: &AcceptError) -> ApiError {
+    match error {
+        AcceptError::BlobStore(e) => {
+            tracing::warn!(error.cause_chain = ?e, error.message = %e, "blob write failed");
+            ApiError::unavailable("blob store")
+        }
+        AcceptError::Queue(e) => queue_error(e),
+    }
+}
+
+/// Accepts `events`, parsed from `body`, with the state's queue and blob store.
+async fn accept_all(
     state: &AppState,
     body: &Bytes,
-    event: &ValidatedEvent<'_>,
+    events: &[ValidatedEvent<'_>],
     correlation_id: &CorrelationId,
-) -> Result<Prepared, ApiError> {
-    let header = event.header(correlation_id.clone(), Utc::now());
-    let mode = event.payload_mode();
-    let (message, blob_key) = match mode {
-        PayloadMode::Inline => (EventMessageV1::inline(header, event.payload), None),
-        PayloadMode::Blob => {
-            let key = fluxa_blob::BlobStore::new_key(&event.event_id);
-            let bytes = body.slice_ref(event.payload.get().as_bytes());
-            let blob = state.blobs()?.put(&key, bytes).await.map_err(|e| {
-                tracing::warn!(error.cause_chain = ?e, error.message = %e, "blob write failed");
-                ApiError::unavailable("blob store")
-            })?;
-            // The whole key, as the message body names it (the attribute is what the
-            // sweeper and the SQS attributes go by).
-            let key = blob.key.clone();
-            (EventMessageV1::in_blob(header, blob), Some(key))
-        }
-    };
-    Ok(Prepared {
-        message: Some(NewMessage {
-            body: FluxaTask::EventV1(message).encode(),
-            attributes: MessageAttributes {
-                event_id: Some(event.event_id.clone()),
-                correlation_id: Some(correlation_id.clone()),
-                blob_key: blob_key.clone(),
-                event_type: Some(event.event_type.clone()),
-            },
-        }),
-        blob_key,
-        mode,
-        event_id: event.event_id.to_string(),
-        payload_sha256: event.payload_sha256.to_string(),
-        payload_size: event.payload_size() as u64,
-    })
-}
-
-/// Sends the prepared messages in one call and says, per message, whether it was sent. The
-/// blobs of messages that were not sent are deleted (best effort: a leftover blob is
-/// unreferenced and swept later); a message that was sent keeps its blob.
-async fn enqueue(state: &AppState, prepared: &mut [&mut Prepared]) -> Enqueued {
-    let messages = prepared
-        .iter_mut()
-        .filter_map(|p| p.message.take())
-        .collect();
-    let queue = match state.queue() {
-        Ok(queue) => queue,
-        Err(e) => {
-            return Enqueued {
-                sent: vec![false; prepared.len()],
-                error: Some(e),
-            }
-        }
-    };
-    let (sent, error): (Vec<bool>, _) = match queue.send(messages).await {
-        Ok(_) => (vec![true; prepared.len()], None),
-        // An outage is a 503 to retry; a refusal (which validated input cannot cause) is
-        // our bug, a 500 that retrying would not cure. Either is logged once, here.
-        Err(e) => (
-            e.sent.iter().map(Option::is_some).collect(),
-            Some(ApiError::from_queue(&e.source)),
-        ),
-    };
-    let unsent_blobs = prepared
-        .iter()
-        .zip(&sent)
-        .filter(|(_, sent)| !**sent)
-        .filter_map(|(p, _)| p.blob_key.as_deref());
-    delete_blobs(state, unsent_blobs).await;
-    for (p, _) in prepared.iter().zip(&sent).filter(|(_, sent)| **sent) {
-        metrics::counter!("fluxa_events_ingested_total", "payload_mode" => p.mode.as_str())
-            .increment(1);
-    }
-    Enqueued { sent, error }
-}
-
-/// Which prepared messages [`enqueue`] sent, and the answer for those it could not.
-struct Enqueued {
-    sent: Vec<bool>,
-    error: Option<ApiError>,
-}
-
-impl Enqueued {
-    fn error(&self) -> ApiError {
-        self.error
-            .clone()
-            .unwrap_or_else(|| ApiError::unavailable("queue"))
-    }
-}
-
-async fn delete_blobs(state: &AppState, keys: impl Iterator<Item = &str>) {
-    let Ok(blobs) = state.blobs() else { return };
-    for key in keys {
-        if let Err(e) = blobs.delete(key).await {
-            tracing::warn!(blob_key = key, error.message = %e, "could not delete an orphaned blob");
-        }
-    }
+) -> Result<fluxa_operations::Acceptance, ApiError> {
+    let producer = state.queue()?;
+    let blobs = state.blobs()?;
+    fluxa_operations::accept(producer, blobs, body, events, correlation_id)
+        .await
+        .map_err(|e| accept_error(&e))
 }
 
 fn current_correlation_id() -> CorrelationId {
@@ -213,23 +125,25 @@ async fn ingest_one_inner(
     let bytes = read_body(headers, body, limit).await?;
     let event = parse_event(&bytes, state.limits.payload())?;
     let correlation_id = current_correlation_id();
-    let mut prepared = prepare(state, &bytes, &event, &correlation_id).await?;
-    let enqueued = enqueue(state, &mut [&mut prepared]).await;
-    if enqueued.sent != [true] {
-        return Err(enqueued.error());
-    }
+    let mut results =
+        accept_all(state, &bytes, std::slice::from_ref(&event), &correlation_id).await?;
+    let accepted = match results.pop() {
+        Some(Ok(accepted)) => accepted,
+        Some(Err(e)) => return Err(queue_error(&e)),
+        None => return Err(ApiError::unavailable("queue")),
+    };
     tracing::info!(
-        event_id = event.event_id.as_str(),
-        payload_size = event.payload_size(),
-        payload_mode = event.payload_mode().as_str(),
+        event_id = accepted.event_id.as_str(),
+        payload_size = accepted.payload_size,
+        payload_mode = accepted.payload_mode.as_str(),
         "event accepted"
     );
     let body = IngestAccepted {
-        event_id: prepared.event_id,
+        event_id: accepted.event_id.to_string(),
         correlation_id: correlation_id.to_string(),
-        payload_sha256: prepared.payload_sha256,
-        payload_size: prepared.payload_size,
-        payload_mode: prepared.mode.as_str(),
+        payload_sha256: accepted.payload_sha256.to_string(),
+        payload_size: accepted.payload_size,
+        payload_mode: accepted.payload_mode.as_str(),
     };
     Ok((StatusCode::ACCEPTED, Json(body)).into_response())
 }
@@ -276,63 +190,65 @@ async fn ingest_batch_inner(
 ) -> Result<Response, ApiError> {
     require_json(headers)?;
     let bytes = read_body(headers, body, state.limits.max_batch_bytes).await?;
-    let events = parse_batch(&bytes, state.limits.payload())?;
+    let parsed = parse_batch(&bytes, state.limits.payload())?;
     let correlation_id = current_correlation_id();
-    let mut items: Vec<Result<Prepared, ApiError>> = Vec::with_capacity(events.len());
-    for parsed in events {
-        let item = match parsed {
-            Ok(event) => prepare(state, &bytes, &event, &correlation_id).await,
+    // Each item's answer: refused now (invalid), or the index of its event among the valid.
+    let mut events = Vec::with_capacity(parsed.len());
+    let slots: Vec<Result<usize, ApiError>> = parsed
+        .into_iter()
+        .map(|item| match item {
+            Ok(event) => {
+                events.push(event);
+                Ok(events.len() - 1)
+            }
             Err(e) => Err(ApiError::from(e)),
-        };
-        // A blob store outage is the whole request's problem, not this item's.
-        if let Err(error) = &item {
-            if error.status() == StatusCode::SERVICE_UNAVAILABLE {
-                let written = items.iter().flatten().filter_map(|p| p.blob_key.as_deref());
-                delete_blobs(state, written).await;
-                return Err(error.clone());
-            }
-        }
-        items.push(item);
-    }
-    let mut accepted: Vec<&mut Prepared> = items.iter_mut().flatten().collect();
-    if !accepted.is_empty() {
-        let enqueued = enqueue(state, &mut accepted).await;
-        if !enqueued.sent.contains(&true) {
-            // Nothing reached the queue: the whole request's problem (contract section 1b).
-            return Err(enqueued.error());
-        }
-        // A partial send (SQS sends per entry): the unsent items carry the error in their
-        // results (503 for an outage).
-        let mut sent = enqueued.sent.iter();
-        for item in &mut items {
-            if item.is_ok() && sent.next() == Some(&false) {
-                *item = Err(enqueued.error());
-            }
-        }
-    }
-    let n_accepted = items.iter().filter(|item| item.is_ok()).count();
-    let results: Vec<BatchItemOut> = items
+        })
+        .collect();
+    // A blob store outage, or a queue that took nothing, is the whole request's problem
+    // (contract section 1b); a partial send (SQS sends per entry) is the unsent items' own.
+    let mut accepted: Vec<Option<Result<Accepted, ApiError>>> = if events.is_empty() {
+        Vec::new()
+    } else {
+        accept_all(state, &bytes, &events, &correlation_id)
+            .await?
+            .into_iter()
+            .map(|result| Some(result.map_err(|e| queue_error(&e))))
+            .collect()
+    };
+    let mut n_accepted = 0;
+    let results: Vec<BatchItemOut> = slots
         .into_iter()
         .enumerate()
-        .map(|(event_idx, item)| match item {
-            Ok(prepared) => BatchItemOut::Accepted(BatchItemAccepted {
-                index: event_idx as u64,
-                status: StatusCode::ACCEPTED.as_u16(),
-                event_id: prepared.event_id,
-                payload_sha256: prepared.payload_sha256,
-                payload_size: prepared.payload_size,
-                payload_mode: prepared.mode.as_str(),
-            }),
-            Err(error) => {
-                count_rejection(&error);
-                BatchItemOut::Rejected(BatchItemRejected {
-                    index: event_idx as u64,
-                    status: error.status().as_u16(),
-                    error: ApiCodeMessage {
-                        code: error.code,
-                        message: error.message,
-                    },
-                })
+        .map(|(event_idx, slot)| {
+            let answer = slot.and_then(|i| {
+                accepted
+                    .get_mut(i)
+                    .and_then(Option::take)
+                    .unwrap_or_else(|| Err(ApiError::unavailable("queue")))
+            });
+            match answer {
+                Ok(accepted) => {
+                    n_accepted += 1;
+                    BatchItemOut::Accepted(BatchItemAccepted {
+                        index: event_idx as u64,
+                        status: StatusCode::ACCEPTED.as_u16(),
+                        event_id: accepted.event_id.to_string(),
+                        payload_sha256: accepted.payload_sha256.to_string(),
+                        payload_size: accepted.payload_size,
+                        payload_mode: accepted.payload_mode.as_str(),
+                    })
+                }
+                Err(error) => {
+                    count_rejection(&error);
+                    BatchItemOut::Rejected(BatchItemRejected {
+                        index: event_idx as u64,
+                        status: error.status().as_u16(),
+                        error: ApiCodeMessage {
+                            code: error.code,
+                            message: error.message,
+                        },
+                    })
+                }
             }
         })
         .collect();

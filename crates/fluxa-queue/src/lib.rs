@@ -194,6 +194,25 @@ pub struct DeadLetterFilter {
     pub until: Option<DateTime<Utc>>,
 }
 
+/// The one cutoff rule of a redrive: it takes only what was dead-lettered before it started
+/// (and before the `until` it was given). So an entry that fails again while a redrive runs is
+/// not picked up a second time, a redrive always ends, and a dry run's count and the moves
+/// that follow agree. Every redrive applies it: [`DeadLetterFilter::as_of`] for the servers, and
+/// the CLI for the `until` it fixes before its chunked requests.
+pub fn redrive_cutoff(until: Option<DateTime<Utc>>, started: DateTime<Utc>) -> DateTime<Utc> {
+    until.map_or(started, |until| until.min(started))
+}
+
+impl DeadLetterFilter {
+    /// This filter as a redrive that started at `started` sees it ([`redrive_cutoff`]).
+    pub fn as_of(&self, started: DateTime<Utc>) -> Self {
+        Self {
+            until: Some(redrive_cutoff(self.until, started)),
+            ..self.clone()
+        }
+    }
+}
+
 /// Where a page of dead letters ends: listings run in `(dead_lettered_at, id)` order and the
 /// next page starts strictly after this key.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -332,10 +351,7 @@ pub async fn redrive_in_batches(
     batch: usize,
     mut progress: impl FnMut(u64) + Send,
 ) -> Result<u64> {
-    let mut filter = filter.clone();
-    let started = Utc::now();
-    filter.until = Some(filter.until.map_or(started, |until| until.min(started)));
-    let selector = RedriveSelector::Filter(filter);
+    let selector = RedriveSelector::Filter(filter.as_of(Utc::now()));
     let mut total = 0;
     loop {
         let moved = admin.redrive(&selector, batch.max(1)).await?;

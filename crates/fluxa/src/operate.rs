@@ -390,11 +390,15 @@ async fn redrive(
     let mut filter = filter;
     let started = Utc::now();
     let until = match filter.until.as_deref() {
-        Some(text) => DateTime::parse_from_rfc3339(text)
-            .map(|at| at.with_timezone(&Utc).min(started))
-            .with_context(|| format!("--until {text:?} is not an RFC 3339 time"))?,
-        None => started,
+        Some(text) => Some(
+            DateTime::parse_from_rfc3339(text)
+                .map(|at| at.with_timezone(&Utc))
+                .with_context(|| format!("--until {text:?} is not an RFC 3339 time"))?,
+        ),
+        None => None,
     };
+    // Fixed before the first request, so every chunk moves only what had failed by then.
+    let until = fluxa_queue::redrive_cutoff(until, started);
     filter.until = Some(until.to_rfc3339_opts(chrono::SecondsFormat::Micros, true));
     let count = post(json!({"filter": filter.to_json(), "dry_run": true})).await?;
     if dry_run {
