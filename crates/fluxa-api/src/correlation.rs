@@ -13,20 +13,10 @@ use fluxa_core::CorrelationId;
 use futures::FutureExt;
 use tracing::Instrument;
 
+use crate::context;
 use crate::error::{ApiError, ApiErrorCode};
 
 pub const HEADER: HeaderName = HeaderName::from_static("x-correlation-id");
-
-tokio::task_local! {
-    /// The current request's correlation id, so an [`ApiError`] can put it in its body wherever
-    /// it is created.
-    static CURRENT: CorrelationId;
-}
-
-/// The correlation id of the request being handled, if any.
-pub fn current() -> Option<String> {
-    CURRENT.try_with(|id| id.to_string()).ok()
-}
 
 pub async fn middleware(request: Request, next: Next) -> Response {
     let started = Instant::now();
@@ -51,7 +41,7 @@ pub async fn middleware(request: Request, next: Next) -> Response {
         http.path = %path,
     );
 
-    let handled = CURRENT.scope(correlation_id.clone(), async move {
+    let handled = context::scope(correlation_id.clone(), async move {
         if let Some(error) = header_error {
             return error.into_response();
         }

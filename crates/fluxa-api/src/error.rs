@@ -10,7 +10,7 @@ use serde::Serialize;
 use utoipa::openapi::{ObjectBuilder, RefOr, Schema, Type};
 use utoipa::{PartialSchema, ToSchema};
 
-use crate::correlation;
+use crate::context;
 
 /// The error codes of contract section 6. Each owns its status, so an answer cannot pair a
 /// code with another code's status; its text, its status and the OpenAPI document's tables
@@ -264,7 +264,9 @@ impl From<IngestError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let correlation_id = correlation::current().unwrap_or_default();
+        let correlation_id = context::correlation_id()
+            .map(|id| id.to_string())
+            .unwrap_or_default();
         let status = self.status();
         let mut response = (status, axum::Json(self.body(&correlation_id))).into_response();
         match status {

@@ -18,7 +18,7 @@ use crate::dto::{
     ApiCodeMessage, BatchItemAccepted, BatchItemOut, BatchItemRejected, BatchOut, IngestAccepted,
 };
 use crate::error::ApiError;
-use crate::{correlation, AppState};
+use crate::{context, AppState};
 
 /// Room for the envelope around a payload of the maximum size (ids, type, hash, whitespace).
 pub(crate) const ENVELOPE_ALLOWANCE: usize = 64 * 1024;
@@ -65,9 +65,7 @@ async fn accept_all(
 }
 
 fn current_correlation_id() -> CorrelationId {
-    correlation::current()
-        .and_then(|id| CorrelationId::parse(&id).ok())
-        .unwrap_or_else(CorrelationId::generate)
+    context::correlation_id().unwrap_or_else(CorrelationId::generate)
 }
 
 fn count_rejection(error: &ApiError) {

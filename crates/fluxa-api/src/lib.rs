@@ -17,6 +17,7 @@
 mod admin;
 mod auth;
 mod body;
+mod context;
 mod correlation;
 mod dto;
 pub mod error;

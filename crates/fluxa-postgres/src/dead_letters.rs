@@ -18,9 +18,8 @@ use fluxa_queue::{
 use sqlx::postgres::PgRow;
 use sqlx::{PgPool, Postgres, QueryBuilder, Row};
 
-use crate::queue::{attributes, queue_error};
-use crate::rows::{column, parsed, unsigned};
-use crate::sql_limit;
+use crate::rows::{attributes, column, parsed, unsigned};
+use crate::{queue_error, sql_limit};
 
 /// The dead letters of one database. Cheap to clone (it holds the pool).
 #[derive(Clone, Debug)]

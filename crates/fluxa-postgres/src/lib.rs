@@ -237,6 +237,16 @@ fn pool_options(max_connections: u32) -> PgPoolOptions {
         .after_release(|connection, _| Box::pin(async move { Ok(!connection.is_in_transaction()) }))
 }
 
+/// A statement the database refused (see [`is_refusal`]) is `Rejected`; anything else (no
+/// connection, a timed-out pool, a shutdown, a full disk) means the queue is `Unavailable`.
+pub(crate) fn queue_error(error: sqlx::Error) -> fluxa_queue::Error {
+    if is_refusal(&error) {
+        fluxa_queue::Error::rejected(error)
+    } else {
+        fluxa_queue::Error::unavailable(error)
+    }
+}
+
 /// Whether a failed statement was refused for what it asked (a constraint, a value PostgreSQL
 /// cannot take such as a NUL in text, a missing table) rather than failed for the state of the
 /// server (a lost connection, a shutdown, a full disk, a read-only failover, a cancelled or

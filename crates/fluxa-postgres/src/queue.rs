@@ -19,22 +19,21 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use fluxa_core::ids::DeadLetterId;
-use fluxa_core::{CorrelationId, ErrorCode, EventId, EventType, FailureInfo};
+use fluxa_core::{ErrorCode, EventId, FailureInfo};
 use fluxa_queue::{
     BlobReferences, Consumer, DeadLetter, DeadLetterAdmin, DeadLetterFilter, DeadLetterPage,
-    DeadLetterPosition, Delivery, Error, EventPurge, ExhaustedNotice, MessageAttributes,
-    NewMessage, PendingMessage, Producer, QueueDepth, Received, Receivers, RedriveSelector, Result,
-    SendError,
+    DeadLetterPosition, Delivery, EventPurge, ExhaustedNotice, NewMessage, PendingMessage,
+    Producer, QueueDepth, Received, Receivers, RedriveSelector, Result, SendError,
 };
-use sqlx::postgres::{PgListener, PgRow};
+use sqlx::postgres::PgListener;
 use sqlx::{PgPool, QueryBuilder, Row};
 use tokio::sync::Notify;
 
 use crate::dead_letters::{count, push_conditions, DeadLetterTable, Selection};
 use fluxa_queue::QueueSettings;
 
-use crate::rows::lenient;
-use crate::{is_refusal, seconds};
+use crate::rows::{attributes, lenient};
+use crate::{queue_error, seconds};
 
 /// How often an idle receiver looks again for messages whose retry delay or visibility timeout
 /// has passed (new messages wake it at once through `LISTEN`/`NOTIFY`).
@@ -42,16 +41,6 @@ const IDLE_POLL: Duration = Duration::from_millis(250);
 
 /// The `NOTIFY` channel on which every send and redrive announces new messages.
 pub(crate) const ENQUEUED_CHANNEL: &str = "fluxa_enqueued";
-
-/// A statement the database refused (see [`is_refusal`]) is `Rejected`; anything else (no
-/// connection, a timed-out pool, a shutdown, a full disk) means the queue is `Unavailable`.
-pub(crate) fn queue_error(error: sqlx::Error) -> Error {
-    if is_refusal(&error) {
-        Error::rejected(error)
-    } else {
-        Error::unavailable(error)
-    }
-}
 
 /// The shared queue.
 #[derive(Clone, Debug)]
@@ -248,18 +237,6 @@ async fn relay_notifications(pool: PgPool, mut listener: PgListener, receivers: 
                 receivers.wake_one();
             }
         }
-    }
-}
-
-/// A row's attributes; one that does not parse reads as absent (see [`MessageAttributes`]).
-pub(crate) fn attributes(row: &PgRow) -> MessageAttributes {
-    MessageAttributes {
-        event_id: lenient(row, "event_id", |text| EventId::parse(text).ok()),
-        correlation_id: lenient(row, "correlation_id", |text| {
-            CorrelationId::parse(text).ok()
-        }),
-        blob_key: lenient(row, "blob_key", |text| Some(text.to_owned())),
-        event_type: lenient(row, "event_type", |text| EventType::parse(text).ok()),
     }
 }
 

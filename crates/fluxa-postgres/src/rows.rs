@@ -3,6 +3,8 @@
 //! does not parse makes the record corrupt (the reason is returned for the caller's `Corrupt`
 //! error), and is never replaced by a default. Attributes are the exception ([`lenient`]).
 
+use fluxa_core::{CorrelationId, EventId, EventType};
+use fluxa_queue::MessageAttributes;
 use sqlx::postgres::PgRow;
 use sqlx::{Postgres, Row};
 
@@ -59,4 +61,16 @@ where
 
 fn invalid(name: &str, text: &str) -> String {
     format!("column {name} holds {text:?}, which is not a valid value")
+}
+
+/// A row's attributes; one that does not parse reads as absent (see [`MessageAttributes`]).
+pub(crate) fn attributes(row: &PgRow) -> MessageAttributes {
+    MessageAttributes {
+        event_id: lenient(row, "event_id", |text| EventId::parse(text).ok()),
+        correlation_id: lenient(row, "correlation_id", |text| {
+            CorrelationId::parse(text).ok()
+        }),
+        blob_key: lenient(row, "blob_key", |text| Some(text.to_owned())),
+        event_type: lenient(row, "event_type", |text| EventType::parse(text).ok()),
+    }
 }
