@@ -12,9 +12,63 @@ use fluxa_core::{
 };
 
 use crate::{
-    Claim, ClaimRequest, Erasure, EventFilter, EventPosition, EventReader, Eviction, Lease,
-    NewEvent, Status, Store, StoreAdmin, Write, WriteAction, WriteResult,
+    Erasure, EventFilter, EventPosition, EventReader, Eviction, Lease, NewEvent, Status, Store,
+    StoreAdmin, Write, WriteAction, WriteResult,
 };
+
+/// What [`ClaimExt::claim`] asks for: a lease on one event.
+#[derive(Clone, Debug)]
+pub struct ClaimRequest<'a> {
+    pub event_id: &'a EventId,
+    pub payload_sha256: &'a PayloadHash,
+    pub correlation_id: &'a CorrelationId,
+    pub lease: Duration,
+}
+
+/// The answer to a claim.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Claim {
+    /// Go ahead: no one has processed this event and no live lease is held on it.
+    Acquired(Lease),
+    /// The event is already stored, with this payload hash.
+    AlreadyProcessed { payload_sha256: PayloadHash },
+    /// Another worker holds a live lease until `until`.
+    Busy { until: DateTime<Utc> },
+    /// The event was erased by an operator: drop the message.
+    Erased,
+}
+
+/// A lease on one event at a time, for tests: the processor takes its leases in batches with
+/// [`Store::apply`], so this is test surface, kept out of the production trait.
+#[async_trait::async_trait]
+pub trait ClaimExt {
+    /// Takes a lease on one event: [`Store::apply`] with one [`WriteAction::Lease`].
+    async fn claim(&self, request: ClaimRequest<'_>) -> crate::Result<Claim>;
+}
+
+#[async_trait::async_trait]
+impl<S: Store + ?Sized> ClaimExt for S {
+    async fn claim(&self, request: ClaimRequest<'_>) -> crate::Result<Claim> {
+        let write = Write {
+            event_id: request.event_id.clone(),
+            payload_sha256: request.payload_sha256.clone(),
+            correlation_id: request.correlation_id.clone(),
+            lease: None,
+            action: WriteAction::Lease(request.lease),
+        };
+        match self.apply(vec![write]).await?.pop() {
+            Some(WriteResult::Applied { lease: Some(lease) }) => Ok(Claim::Acquired(lease)),
+            Some(WriteResult::AlreadyProcessed { payload_sha256 }) => {
+                Ok(Claim::AlreadyProcessed { payload_sha256 })
+            }
+            Some(WriteResult::Busy { until }) => Ok(Claim::Busy { until }),
+            Some(WriteResult::Erased) => Ok(Claim::Erased),
+            other => Err(crate::Error::Corrupt(format!(
+                "a lease write answered {other:?}"
+            ))),
+        }
+    }
+}
 
 fn new_event(payload: &'static [u8]) -> NewEvent {
     NewEvent {

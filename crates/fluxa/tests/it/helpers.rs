@@ -351,7 +351,12 @@ impl TestData {
     async fn backends(&self) -> &fluxa_host::Backends {
         self.backends
             .get_or_init(|| async {
-                fluxa_host::open_backends(&self.config())
+                // Validated as a server's would be, so the test opens what a server opens.
+                let config = self
+                    .config()
+                    .validate()
+                    .expect("a valid test configuration");
+                fluxa_host::open_validated(&config)
                     .await
                     .expect("open backends")
             })
