@@ -90,11 +90,6 @@ impl StoreHandles {
     }
 }
 
-/// Opens (and migrates) the backends `config` names.
-pub async fn open_backends(config: &Config) -> anyhow::Result<Backends> {
-    open_chosen(config, &config.backends()?).await
-}
-
 /// Opens (and migrates) the backends a validated configuration names.
 pub async fn open_validated(validated: &ValidatedConfig) -> anyhow::Result<Backends> {
     open_chosen(validated.config(), validated.backends()).await

@@ -15,6 +15,9 @@ mod dead_letters;
 mod queue;
 mod rows;
 mod store;
+/// Scratch databases for tests (feature `testing`).
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 
 use std::str::FromStr;
 use std::time::Duration;

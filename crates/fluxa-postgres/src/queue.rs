@@ -536,48 +536,12 @@ impl BlobReferences for PgQueue {
 #[cfg(test)]
 mod tests {
     use chrono::TimeZone;
-    use secrecy::SecretString;
 
     use fluxa_core::FailureClass;
     use sqlx::Postgres;
 
     use super::*;
-
-    fn admin_url() -> String {
-        std::env::var("FLUXA_TEST_PG_URL")
-            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
-    }
-
-    /// A scratch database for one test, dropped with it (as in `tests/postgres.rs`).
-    struct ScratchDatabase {
-        name: String,
-    }
-
-    impl ScratchDatabase {
-        fn new() -> Self {
-            Self {
-                name: format!("fluxa_test_{}", uuid::Uuid::new_v4().simple()),
-            }
-        }
-
-        fn url(&self) -> SecretString {
-            let admin = admin_url();
-            let (server, _) = admin.rsplit_once('/').unwrap();
-            SecretString::from(format!("{server}/{}", self.name))
-        }
-    }
-
-    impl Drop for ScratchDatabase {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("psql")
-                .arg(admin_url())
-                .args([
-                    "-qc",
-                    &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name),
-                ])
-                .output();
-        }
-    }
+    use crate::testing::ScratchDatabase;
 
     /// The plan PostgreSQL picks for `query` (an `EXPLAIN`), one line per node.
     async fn plan_of<'q>(
@@ -654,7 +618,7 @@ mod tests {
     /// inserts (one statement each, so one trigger call each).
     #[tokio::test]
     async fn depth_reads_counters_and_index_ranges_and_never_scans_the_queue_or_the_dlq() {
-        let db = ScratchDatabase::new();
+        let db = ScratchDatabase::named();
         let queue = big_queue(&db).await;
         let plan = plan_of(&queue.pool, sqlx::query(&format!("EXPLAIN {DEPTH_SQL}"))).await;
         for table in ["queue_messages", "dead_letters"] {
@@ -687,7 +651,7 @@ mod tests {
     /// page costs about `limit / share` rows whatever the DLQ's size), as the planner sees fit.
     #[tokio::test]
     async fn every_dead_letter_filter_is_served_by_an_index_in_page_order() {
-        let db = ScratchDatabase::new();
+        let db = ScratchDatabase::named();
         let queue = big_queue(&db).await;
         let start = Utc.with_ymd_and_hms(2027, 1, 15, 8, 0, 0).unwrap();
         let cursor = DeadLetterPosition {

@@ -840,39 +840,9 @@ fn idempotency_record(row: &PgRow) -> Result<IdempotencyRecord> {
 mod tests {
     use chrono::TimeZone;
     use fluxa_core::{EventType, Source};
-    use secrecy::SecretString;
 
     use super::*;
-
-    fn admin_url() -> String {
-        std::env::var("FLUXA_TEST_PG_URL")
-            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
-    }
-
-    /// A scratch database for one test, dropped with it (as in `tests/postgres.rs`).
-    struct ScratchDatabase {
-        name: String,
-    }
-
-    impl ScratchDatabase {
-        fn url(&self) -> SecretString {
-            let admin = admin_url();
-            let (server, _) = admin.rsplit_once('/').unwrap();
-            SecretString::from(format!("{server}/{}", self.name))
-        }
-    }
-
-    impl Drop for ScratchDatabase {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("psql")
-                .arg(admin_url())
-                .args([
-                    "-qc",
-                    &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name),
-                ])
-                .output();
-        }
-    }
+    use crate::testing::ScratchDatabase;
 
     /// The plan PostgreSQL picks for the listing query, one line per node.
     async fn plan_of(pool: &PgPool, filter: &EventFilter, after: Option<&EventPosition>) -> String {
@@ -903,9 +873,7 @@ mod tests {
     /// bitmap scan and a sort of what it expects to be less than a page.)
     #[tokio::test]
     async fn every_filter_combination_of_the_listing_is_served_by_its_index_without_sorting() {
-        let db = ScratchDatabase {
-            name: format!("fluxa_test_{}", uuid::Uuid::new_v4().simple()),
-        };
+        let db = ScratchDatabase::named();
         let config = fluxa_queue::QueueSettings {
             visibility_timeout: std::time::Duration::from_secs(1),
             max_receives: 3,

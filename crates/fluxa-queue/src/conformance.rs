@@ -1145,3 +1145,136 @@ pub async fn a_dead_letter_that_does_not_parse_is_corrupt_but_a_bad_attribute_re
         ),
     }
 }
+
+/// Generates one `#[tokio::test]` per core check, under the check's own name (the names are
+/// what `ARCHITECTURE.md` and `docs/RELIABILITY.md` cite), for a backend that is only a
+/// [`CoreQueue`] (SQS). Each test makes its own database with `database`, then opens as many
+/// handles on it as the check needs (two play two processes) with `open`, given the
+/// visibility timeout the check needs:
+///
+/// ```ignore
+/// fluxa_queue::core_queue_conformance_tests! {
+///     database: dir = tempfile::tempdir().unwrap(),
+///     open: |visibility| open(dir.path(), visibility).await.queue,
+/// }
+/// ```
+///
+/// The `database` binding is the backend file's own name, so `open` can use it.
+#[macro_export]
+macro_rules! core_queue_conformance_tests {
+    (
+        database: $db:ident = $database:expr,
+        open: |$visibility:ident| $open:expr $(,)?
+    ) => {
+        #[::tokio::test]
+        async fn concurrent_receivers_never_get_the_same_message() {
+            let $db = $database;
+            let $visibility = ::std::time::Duration::from_secs(60);
+            let first = ::std::sync::Arc::new($open);
+            let second = ::std::sync::Arc::new($open);
+            $crate::conformance::concurrent_receivers_never_get_the_same_message(first, second)
+                .await;
+        }
+
+        #[::tokio::test]
+        async fn a_message_reappears_after_its_visibility_timeout_and_delete_removes_it() {
+            let $db = $database;
+            let $visibility = ::std::time::Duration::from_millis(100);
+            let queue = ::std::sync::Arc::new($open);
+            $crate::conformance::a_message_reappears_after_its_visibility_timeout_and_delete_removes_it(queue)
+                .await;
+        }
+
+        #[::tokio::test]
+        async fn after_max_receives_the_next_receive_reports_the_message_exhausted() {
+            let $db = $database;
+            let $visibility = ::std::time::Duration::from_secs(60);
+            let queue = ::std::sync::Arc::new($open);
+            $crate::conformance::after_max_receives_the_next_receive_reports_the_message_exhausted(queue)
+                .await;
+        }
+    };
+}
+
+/// Generates one `#[tokio::test]` per check, core and capability, under the check's own name,
+/// for a backend that is a [`FullQueue`] (the database backends). `database` and `open` are as
+/// for [`core_queue_conformance_tests!`]; `run_sql` runs a plain SQL statement on the queue's
+/// database (damage done outside Fluxa):
+///
+/// ```ignore
+/// fluxa_queue::queue_conformance_tests! {
+///     database: dir = tempfile::tempdir().unwrap(),
+///     open: |visibility| open(dir.path(), visibility).await.queue,
+///     run_sql: |sql| run_sql_on(dir.path(), "queue.db", sql),
+/// }
+/// ```
+#[macro_export]
+macro_rules! queue_conformance_tests {
+    (
+        database: $db:ident = $database:expr,
+        open: |$visibility:ident| $open:expr,
+        run_sql: |$sql:ident| $run_sql:expr $(,)?
+    ) => {
+        $crate::core_queue_conformance_tests! {
+            database: $db = $database,
+            open: |$visibility| $open,
+        }
+
+        $crate::queue_conformance_tests!(@one $db = $database, |$visibility| $open;
+            a_stale_receipt_settles_nothing_and_a_deleted_message_releases_its_blob, from_millis(100));
+        $crate::queue_conformance_tests!(@one $db = $database, |$visibility| $open;
+            an_exhausted_message_is_kept_in_the_dlq_and_can_be_redriven, from_secs(60));
+        $crate::queue_conformance_tests!(@one $db = $database, |$visibility| $open;
+            a_dead_lettered_message_keeps_its_reason_and_leaves_the_queue, from_secs(60));
+        $crate::queue_conformance_tests!(@one $db = $database, |$visibility| $open;
+            dead_letters_can_be_filtered_by_code_class_type_event_and_time, from_secs(60));
+        $crate::queue_conformance_tests!(@one $db = $database, |$visibility| $open;
+            paging_through_dead_letters_returns_each_once_while_more_arrive, from_secs(60));
+        $crate::queue_conformance_tests!(@one $db = $database, |$visibility| $open;
+            a_redrive_moves_at_most_its_limit_oldest_first_and_only_what_it_selects, from_secs(60));
+        $crate::queue_conformance_tests!(@one $db = $database, |$visibility| $open;
+            purging_an_event_deletes_its_dead_letters_and_counts_its_queued_messages, from_secs(60));
+        $crate::queue_conformance_tests!(@one $db = $database, |$visibility| $open;
+            pruning_deletes_the_oldest_dead_letters_before_a_time_in_bounded_batches, from_secs(60));
+        $crate::queue_conformance_tests!(@two $db = $database, |$visibility| $open;
+            redriving_in_batches_moves_every_entry_once_even_when_two_run_at_once);
+        $crate::queue_conformance_tests!(@two $db = $database, |$visibility| $open;
+            the_depth_counters_stay_exact_through_every_kind_of_change);
+
+        #[::tokio::test]
+        async fn a_dead_letter_that_does_not_parse_is_corrupt_but_a_bad_attribute_reads_as_absent() {
+            let $db = $database;
+            let $visibility = ::std::time::Duration::from_secs(60);
+            let queue = ::std::sync::Arc::new($open);
+            $crate::conformance::a_dead_letter_that_does_not_parse_is_corrupt_but_a_bad_attribute_reads_as_absent(
+                queue,
+                |$sql| $run_sql,
+            )
+            .await;
+        }
+    };
+
+    // A check on one handle, with the visibility timeout it needs.
+    (@one $db:ident = $database:expr, |$visibility:ident| $open:expr;
+        $check:ident, $visible_for:ident($amount:literal)) => {
+        #[::tokio::test]
+        async fn $check() {
+            let $db = $database;
+            let $visibility = ::std::time::Duration::$visible_for($amount);
+            let queue = ::std::sync::Arc::new($open);
+            $crate::conformance::$check(queue).await;
+        }
+    };
+
+    // A check on two handles (two processes), with a long visibility timeout.
+    (@two $db:ident = $database:expr, |$visibility:ident| $open:expr; $check:ident) => {
+        #[::tokio::test]
+        async fn $check() {
+            let $db = $database;
+            let $visibility = ::std::time::Duration::from_secs(60);
+            let first = ::std::sync::Arc::new($open);
+            let second = ::std::sync::Arc::new($open);
+            $crate::conformance::$check(first, second).await;
+        }
+    };
+}

@@ -12,9 +12,63 @@ use fluxa_core::{
 };
 
 use crate::{
-    Claim, ClaimRequest, Erasure, EventFilter, EventPosition, EventReader, Eviction, Lease,
-    NewEvent, Status, Store, StoreAdmin, Write, WriteAction, WriteResult,
+    Erasure, EventFilter, EventPosition, EventReader, Eviction, Lease, NewEvent, Status, Store,
+    StoreAdmin, Write, WriteAction, WriteResult,
 };
+
+/// What [`ClaimExt::claim`] asks for: a lease on one event.
+#[derive(Clone, Debug)]
+pub struct ClaimRequest<'a> {
+    pub event_id: &'a EventId,
+    pub payload_sha256: &'a PayloadHash,
+    pub correlation_id: &'a CorrelationId,
+    pub lease: Duration,
+}
+
+/// The answer to a claim.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Claim {
+    /// Go ahead: no one has processed this event and no live lease is held on it.
+    Acquired(Lease),
+    /// The event is already stored, with this payload hash.
+    AlreadyProcessed { payload_sha256: PayloadHash },
+    /// Another worker holds a live lease until `until`.
+    Busy { until: DateTime<Utc> },
+    /// The event was erased by an operator: drop the message.
+    Erased,
+}
+
+/// A lease on one event at a time, for tests: the processor takes its leases in batches with
+/// [`Store::apply`], so this is test surface, kept out of the production trait.
+#[async_trait::async_trait]
+pub trait ClaimExt {
+    /// Takes a lease on one event: [`Store::apply`] with one [`WriteAction::Lease`].
+    async fn claim(&self, request: ClaimRequest<'_>) -> crate::Result<Claim>;
+}
+
+#[async_trait::async_trait]
+impl<S: Store + ?Sized> ClaimExt for S {
+    async fn claim(&self, request: ClaimRequest<'_>) -> crate::Result<Claim> {
+        let write = Write {
+            event_id: request.event_id.clone(),
+            payload_sha256: request.payload_sha256.clone(),
+            correlation_id: request.correlation_id.clone(),
+            lease: None,
+            action: WriteAction::Lease(request.lease),
+        };
+        match self.apply(vec![write]).await?.pop() {
+            Some(WriteResult::Applied { lease: Some(lease) }) => Ok(Claim::Acquired(lease)),
+            Some(WriteResult::AlreadyProcessed { payload_sha256 }) => {
+                Ok(Claim::AlreadyProcessed { payload_sha256 })
+            }
+            Some(WriteResult::Busy { until }) => Ok(Claim::Busy { until }),
+            Some(WriteResult::Erased) => Ok(Claim::Erased),
+            other => Err(crate::Error::Corrupt(format!(
+                "a lease write answered {other:?}"
+            ))),
+        }
+    }
+}
 
 fn new_event(payload: &'static [u8]) -> NewEvent {
     NewEvent {
@@ -1095,4 +1149,110 @@ fn assert_corrupt<T: std::fmt::Debug>(result: crate::Result<T>, what: &str) {
         Err(other) => panic!("{what} must be Corrupt, not {other:?}"),
         Ok(value) => panic!("{what} must be Corrupt, not read as {value:?}"),
     }
+}
+
+/// Generates one `#[tokio::test]` per check under the check's own name (the names are what
+/// `ARCHITECTURE.md` and `docs/RELIABILITY.md` cite). Each test makes its own database with
+/// `database` and opens the backend on it with `open`, which gives the store (a [`Store`] and
+/// [`StoreAdmin`]) and its reader; `run_sql` runs a plain SQL statement on the store's database
+/// (damage done outside Fluxa):
+///
+/// ```ignore
+/// fluxa_store::store_conformance_tests! {
+///     database: dir = tempfile::tempdir().unwrap(),
+///     open: {
+///         let backends = open(dir.path()).await;
+///         (backends.store, backends.reader)
+///     },
+///     run_sql: |sql| run_sql_on(dir.path(), "store.db", sql),
+/// }
+/// ```
+///
+/// The `database` binding is the backend file's own name, so `open` and `run_sql` can use it.
+#[macro_export]
+macro_rules! store_conformance_tests {
+    (
+        database: $db:ident = $database:expr,
+        open: $open:expr,
+        run_sql: |$sql:ident| $run_sql:expr $(,)?
+    ) => {
+        $crate::store_conformance_tests!(@store $db = $database, $open;
+            only_one_of_many_concurrent_claims_on_an_event_wins,
+            an_expired_lease_is_taken_over_and_the_old_holder_cannot_complete,
+        );
+        $crate::store_conformance_tests!(@store_reader $db = $database, $open;
+            mark_exhausted_fails_only_abandoned_records,
+            a_batch_stores_new_events_and_reports_repeats_as_already_processed,
+            a_failed_record_is_taken_over_by_the_next_write,
+            listing_filters_by_type_source_and_time_window_in_received_order,
+            paging_returns_every_event_once_while_new_events_arrive,
+        );
+        $crate::store_conformance_tests!(@store_admin $db = $database, $open;
+            erasing_an_unknown_event_without_a_tombstone_writes_nothing,
+            evict_deletes_processing_and_failed_records_and_refuses_the_rest,
+            record_error_and_mark_exhausted_leave_an_erased_record_alone,
+        );
+        $crate::store_conformance_tests!(@store_admin_reader $db = $database, $open;
+            an_erased_event_is_gone_and_no_later_write_brings_it_back,
+            pruning_events_deletes_only_older_ones_at_most_limit_per_call,
+            pruning_idempotency_records_deletes_only_stale_ones_without_an_event_or_live_lease,
+            an_erasure_racing_a_store_never_leaves_the_event_behind,
+        );
+
+        #[::tokio::test]
+        async fn stored_values_that_do_not_parse_are_corrupt_never_defaults() {
+            let $db = $database;
+            let (store, reader) = $open;
+            let store = ::std::sync::Arc::new(store);
+            $crate::conformance::stored_values_that_do_not_parse_are_corrupt_never_defaults(
+                store.clone(),
+                ::std::sync::Arc::new(reader),
+                store,
+                |$sql| $run_sql,
+            )
+            .await;
+        }
+    };
+
+    // Checks that take the store alone, the store and its reader, the store as `Store` and as
+    // `StoreAdmin`, or all three.
+    (@store $db:ident = $database:expr, $open:expr; $($check:ident,)+) => {$(
+        #[::tokio::test]
+        async fn $check() {
+            let $db = $database;
+            let (store, _reader) = $open;
+            $crate::conformance::$check(::std::sync::Arc::new(store)).await;
+        }
+    )+};
+    (@store_reader $db:ident = $database:expr, $open:expr; $($check:ident,)+) => {$(
+        #[::tokio::test]
+        async fn $check() {
+            let $db = $database;
+            let (store, reader) = $open;
+            $crate::conformance::$check(
+                ::std::sync::Arc::new(store),
+                ::std::sync::Arc::new(reader),
+            )
+            .await;
+        }
+    )+};
+    (@store_admin $db:ident = $database:expr, $open:expr; $($check:ident,)+) => {$(
+        #[::tokio::test]
+        async fn $check() {
+            let $db = $database;
+            let (store, _reader) = $open;
+            let store = ::std::sync::Arc::new(store);
+            $crate::conformance::$check(store.clone(), store).await;
+        }
+    )+};
+    (@store_admin_reader $db:ident = $database:expr, $open:expr; $($check:ident,)+) => {$(
+        #[::tokio::test]
+        async fn $check() {
+            let $db = $database;
+            let (store, reader) = $open;
+            let store = ::std::sync::Arc::new(store);
+            $crate::conformance::$check(store.clone(), store, ::std::sync::Arc::new(reader))
+                .await;
+        }
+    )+};
 }

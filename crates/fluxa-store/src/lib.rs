@@ -150,28 +150,6 @@ pub enum WriteResult {
     Erased,
 }
 
-/// What [`Store::claim`] asks for: a lease on one event.
-#[derive(Clone, Debug)]
-pub struct ClaimRequest<'a> {
-    pub event_id: &'a EventId,
-    pub payload_sha256: &'a PayloadHash,
-    pub correlation_id: &'a CorrelationId,
-    pub lease: Duration,
-}
-
-/// The answer to a claim.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Claim {
-    /// Go ahead: no one has processed this event and no live lease is held on it.
-    Acquired(Lease),
-    /// The event is already stored, with this payload hash.
-    AlreadyProcessed { payload_sha256: PayloadHash },
-    /// Another worker holds a live lease until `until`.
-    Busy { until: DateTime<Utc> },
-    /// The event was erased by an operator: drop the message.
-    Erased,
-}
-
 /// The event columns a [`WriteAction::Store`] inserts beside the write's ids and hash.
 #[derive(Clone, Debug)]
 pub struct NewEvent {
@@ -237,26 +215,6 @@ pub trait Store: Send + Sync + 'static {
     async fn mark_exhausted(&self, exhausted: &[(EventId, FailureInfo)]) -> Result<()>;
 
     async fn ping(&self) -> Result<()>;
-
-    /// Takes a lease on one event: [`Store::apply`] with one [`WriteAction::Lease`].
-    async fn claim(&self, request: ClaimRequest<'_>) -> Result<Claim> {
-        let write = Write {
-            event_id: request.event_id.clone(),
-            payload_sha256: request.payload_sha256.clone(),
-            correlation_id: request.correlation_id.clone(),
-            lease: None,
-            action: WriteAction::Lease(request.lease),
-        };
-        match self.apply(vec![write]).await?.pop() {
-            Some(WriteResult::Applied { lease: Some(lease) }) => Ok(Claim::Acquired(lease)),
-            Some(WriteResult::AlreadyProcessed { payload_sha256 }) => {
-                Ok(Claim::AlreadyProcessed { payload_sha256 })
-            }
-            Some(WriteResult::Busy { until }) => Ok(Claim::Busy { until }),
-            Some(WriteResult::Erased) => Ok(Claim::Erased),
-            other => Err(Error::Corrupt(format!("a lease write answered {other:?}"))),
-        }
-    }
 }
 
 /// Which events a listing returns (contract section 2): every filter is optional, and they

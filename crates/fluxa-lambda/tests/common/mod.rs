@@ -7,6 +7,8 @@
 use std::collections::HashMap;
 
 use aws_sdk_sqs::types::{Message, MessageSystemAttributeName, QueueAttributeName};
+use fluxa_postgres::testing::ScratchDatabase;
+use secrecy::ExposeSecret;
 use serde_json::{json, Value};
 
 /// The token every test's functions accept, with every scope.
@@ -14,7 +16,8 @@ pub const TOKEN: &str = "lambda-test-token-0123456789";
 
 /// One test's resources.
 pub struct Deployment {
-    pub database: String,
+    /// Dropped with the deployment (the moto resources go with the emulator).
+    pub database: ScratchDatabase,
     pub database_url: String,
     pub secret_id: String,
     pub secret_arn: String,
@@ -24,11 +27,6 @@ pub struct Deployment {
     pub dlq_url: String,
     pub dlq_arn: String,
     pub sqs: aws_sdk_sqs::Client,
-}
-
-fn pg_admin_url() -> String {
-    std::env::var("FLUXA_TEST_PG_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
 }
 
 async fn queue_arn(sqs: &aws_sdk_sqs::Client, url: &str) -> String {
@@ -51,20 +49,8 @@ impl Deployment {
         let config = fluxa_aws::sdk_config().await;
         let sqs = aws_sdk_sqs::Client::new(&config);
 
-        let database = format!("fluxa_lambda_{unique}");
-        let admin = sqlx::PgPool::connect(&pg_admin_url())
-            .await
-            .expect("PostgreSQL is not reachable; ./test starts it");
-        sqlx::query(&format!("CREATE DATABASE {database}"))
-            .execute(&admin)
-            .await
-            .expect("create the test database");
-        admin.close().await;
-        let database_url = {
-            let admin = pg_admin_url();
-            let (server, _) = admin.rsplit_once('/').expect("a URL with a database");
-            format!("{server}/{database}")
-        };
+        let database = ScratchDatabase::create().await;
+        let database_url = database.url().expose_secret().to_owned();
         let url = url_parts(&database_url);
         let secret_id = format!("fluxa-lambda-test/{unique}");
         let secret_arn = aws_sdk_secretsmanager::Client::new(&config)
@@ -77,7 +63,7 @@ impl Deployment {
                     "engine": "postgres",
                     "host": url.1,
                     "port": url.2,
-                    "dbname": database,
+                    "dbname": database.name(),
                 })
                 .to_string(),
             )

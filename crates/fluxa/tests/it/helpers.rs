@@ -8,7 +8,9 @@ use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use fluxa_postgres::testing::ScratchDatabase;
 use fluxa_queue::{Consumer, DeadLetterAdmin, Producer};
+use secrecy::ExposeSecret;
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
@@ -148,25 +150,11 @@ pub async fn create_test_secret(value: &str) -> String {
     name
 }
 
-/// The PostgreSQL server tests create their databases on (`FLUXA_TEST_PG_URL`, default the
-/// local server with trust authentication); `./test` makes sure it is running.
-pub fn pg_admin_url() -> String {
-    std::env::var("FLUXA_TEST_PG_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
-}
-
-/// The same server, another database.
-fn pg_url_for(database: &str) -> String {
-    let admin = pg_admin_url();
-    let (server, _) = admin.rsplit_once('/').expect("a URL with a database");
-    format!("{server}/{database}")
-}
-
 /// A data directory (and, for PostgreSQL, a database; for S3, a bucket) shared by the server
 /// processes of one test, dropped with it (the bucket goes with the emulator).
 pub struct TestData {
     pub dir: tempfile::TempDir,
-    database: Option<String>,
+    database: Option<ScratchDatabase>,
     bucket: Option<String>,
     queue_url: Option<String>,
     /// A Secrets Manager secret holding the database's credentials, which servers then read
@@ -207,16 +195,7 @@ impl TestData {
         let database = match backend {
             Backend::Embedded => None,
             Backend::Postgres | Backend::PostgresS3 | Backend::SqsS3 => {
-                let name = format!("fluxa_test_{}", uuid::Uuid::new_v4().simple());
-                let admin = sqlx::PgPool::connect(&pg_admin_url()).await.expect(
-                    "PostgreSQL for the tests is not reachable; run ./test, which starts it",
-                );
-                sqlx::query(&format!("CREATE DATABASE {name}"))
-                    .execute(&admin)
-                    .await
-                    .expect("create test database");
-                admin.close().await;
-                Some(name)
+                Some(ScratchDatabase::create().await)
             }
         };
         let bucket = match backend {
@@ -229,7 +208,7 @@ impl TestData {
         };
         let database_secret = match (backend, &database) {
             (Backend::SqsS3, Some(database)) => {
-                let url = url::Url::parse(&pg_url_for(database)).expect("a database URL");
+                let url = url::Url::parse(database.url().expose_secret()).expect("a database URL");
                 // The suite's PostgreSQL trusts local connections: the password is a stand-in.
                 let secret = serde_json::json!({
                     "username": url.username(),
@@ -237,7 +216,7 @@ impl TestData {
                     "engine": "postgres",
                     "host": url.host_str().unwrap_or("127.0.0.1"),
                     "port": url.port().unwrap_or(5432),
-                    "dbname": database,
+                    "dbname": database.name(),
                 });
                 Some(create_test_secret(&secret.to_string()).await)
             }
@@ -260,7 +239,9 @@ impl TestData {
 
     /// The database URL servers of this test use, if any.
     pub fn database_url(&self) -> Option<String> {
-        self.database.as_deref().map(pg_url_for)
+        self.database
+            .as_ref()
+            .map(|database| database.url().expose_secret().to_owned())
     }
 
     /// The blob store URL servers of this test use, if not the default folder.
@@ -370,7 +351,12 @@ impl TestData {
     async fn backends(&self) -> &fluxa_host::Backends {
         self.backends
             .get_or_init(|| async {
-                fluxa_host::open_backends(&self.config())
+                // Validated as a server's would be, so the test opens what a server opens.
+                let config = self
+                    .config()
+                    .validate()
+                    .expect("a valid test configuration");
+                fluxa_host::open_validated(&config)
                     .await
                     .expect("open backends")
             })
@@ -675,23 +661,6 @@ impl TestData {
     pub async fn remove_blob(&self, key: &str) {
         let blobs = fluxa_host::open_blobs(&self.blob_backend()).expect("open the blob store");
         blobs.delete(key).await.expect("delete a blob");
-    }
-}
-
-impl Drop for TestData {
-    fn drop(&mut self) {
-        if let Some(name) = &self.database {
-            // Best effort; ./test also sweeps leftover fluxa_test_ databases.
-            let _ = std::process::Command::new("psql")
-                .arg(pg_admin_url())
-                .args([
-                    "-qc",
-                    &format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
-                ])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status();
-        }
     }
 }
 

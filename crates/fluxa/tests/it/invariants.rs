@@ -7,7 +7,7 @@ use chrono::Utc;
 use fluxa_core::task::EventHeader;
 use fluxa_core::{CorrelationId, EventId, EventMessageV1, EventType, FluxaTask, PayloadHash};
 use fluxa_queue::{MessageAttributes, NewMessage};
-use fluxa_store::{Claim, ClaimRequest};
+use fluxa_store::conformance::{Claim, ClaimExt, ClaimRequest};
 use serde_json::value::RawValue;
 use serde_json::{json, Value};
 
